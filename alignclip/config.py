@@ -1,0 +1,362 @@
+"""Typed configuration: dataclass schema <- YAML file(s) <- ``key=value`` overrides.
+
+The schema below is the single source of defaults. ``load_config`` merges a YAML file (which may name
+``defaults:`` files to inherit from, relative to itself) and a dotlist of overrides on top of it, in OmegaConf
+struct mode, so an unknown key or a value of the wrong type fails *before* anything is built, with a
+``ConfigError`` that names the key and the file. ``python -m alignclip.config`` prints a resolved config and
+exits with code 2 on such an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and, where known, the file."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408  # CLIP BPE: 256 bytes x 2 + 48,894 merges + <start>, <end>
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    # clip: two towers, each with its own projection. sharedclip: one block stack, final norm and projection.
+    arch: str = "clip"
+    embed_dim: int = 768
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_temperature: float = 0.07  # logit_scale starts at ln(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)  # clamp s = exp(logit_scale) <= 100, as CLIP
+    grad_checkpointing: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- loss
+@dataclass
+class LossConfig:
+    """Weights of each term of DESIGN.md section 5; a zero weight switches a term off.
+
+    clip:      L_clip = 1/2 [CE(sP, y) + CE(sP^T, y)]                  (seeds/001 eq. 4)
+    crsep:     L_CRsep = CE(sP, y) + CE(sP^T, y), a sum                  (eq. 12, AlignCLIP's alpha)
+    imsep:     L_IMsep = CE(s [diag(P) + X X^T (1 - S)], y)              (eq. 7-11, AlignCLIP's beta)
+    uniform / xuniform / align: the contrastive-gap terms               (seeds/002 eq. 2-5)
+    """
+
+    impl: str = "auto"  # dense | chunked | triton | auto
+    clip_weight: float = 1.0
+    crsep_weight: float = 0.0
+    imsep_weight: float = 0.0
+    imsep_sides: str = "image"  # image | text | both (both = sum of the two, appendix A.2)
+    imsep_rescale: bool = True  # False: D = 1 (Table 7 ablation)
+    uniform_weight: float = 0.0
+    xuniform_weight: float = 0.0
+    align_weight: float = 0.0
+    chunk_size: int = 1024  # tile edge of the chunked implementation
+    # Sentence encoder that produces E_s (name or local path); used online when a shard has no embedding.
+    semantic_model: str = "sentence-transformers/all-mpnet-base-v2"
+    semantic_batch_size: int = 256
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class GeneratedDataConfig:
+    """The procedurally rendered dataset that the embedded default and the tests train on."""
+
+    num_shards: int = 8
+    samples_per_shard: int = 512
+    image_size: int = 64
+    val_samples: int = 256
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # Shard specs: a brace pattern or several joined with '::' (e.g. "a/{00000..00099}.tar::b/{0..9}.tar").
+    # A path ending in '/' or naming a folder takes its *.tar files. "generated" means the built-in dataset.
+    train: str = ""
+    val: str = ""
+    resampled: bool = False  # sample shards with replacement (infinite stream); needs samples_per_epoch
+    samples_per_epoch: int = 0  # 0: counted from the shards (sizes in their json or by reading them)
+    workers: int = 2
+    shuffle_buffer: int = 1000  # sample-level shuffle inside each worker; larger = better mixing, more memory
+    image_key: str = "jpg;png;jpeg;webp"
+    text_key: str = "txt"
+    semantic_key: str = "sem.npy"  # precomputed sentence embedding, when the shard has one
+    semantic_dir: str = ""  # sidecar folder of per-shard embeddings, when not stored in the shards
+    cache_dir: str = ""  # where generated shards go; "" = <repo>/data/generated
+    generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 30
+    max_steps: int = 0  # > 0 stops early (tests, smoke runs); 0 = epochs x steps per epoch
+    global_batch_size: int = 512
+    micro_batch_size: int = 0  # per device; 0 = global / world size (no gradient accumulation)
+    lr: float = 1e-3
+    warmup_steps: int = 10_000
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cuda | cpu
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 3
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+    overlap_comm: bool = True
+    universal_checkpoint: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    log_every_steps: int = 10
+    gap_every_steps: int = 200  # live gap metrics on the fixed held-out batch
+    gap_batch_size: int = 256
+    progress_bar: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    executor: str = "slurm"  # slurm | local
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 12
+    mem_gb: int = 0  # 0 = the partition's default
+    timeout_min: int = 60 * 24
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    signal_lead_s: int = 120  # SIGUSR1 this long before the time limit
+    array_parallelism: int = 16
+    max_requeues: int = 20
+    env_file: str = ""  # cluster environment (NCCL and friends); "" = slurm/env.sh
+
+
+@dataclass
+class Config:
+    name: str = "default"  # the experiment; names the run directory
+    output_dir: str = "runs"
+    run_dir: str = ""  # "" = <output_dir>/<name>; stable across restarts, so requeued jobs find checkpoints
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+_CHOICES = {
+    "model.arch": ("clip", "sharedclip"),
+    "loss.impl": ("dense", "chunked", "triton", "auto"),
+    "loss.imsep_sides": ("image", "text", "both"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "train.nonfinite": ("stop", "skip"),
+    "deepspeed.zero_stage": (0, 1, 2),
+    "launch.executor": ("slurm", "local"),
+}
+
+
+# -------------------------------------------------------------------------------------------- loading
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The file and, first, the files its ``defaults:`` list names (depth first), as (source, config) pairs."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'defaults' forms a cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # a YAML syntax error
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    parents = raw.pop("defaults", [])
+    layers: list[tuple[str, DictConfig]] = []
+    for parent in parents if isinstance(parents, (list, tuple)) or OmegaConf.is_list(parents) else [parents]:
+        parent_path = (path.parent / str(parent)).with_suffix(".yaml") if not str(parent).endswith(".yaml") \
+            else path.parent / str(parent)
+        layers += _read_yaml(parent_path, seen + (path,))
+    layers.append((str(path), raw))
+    return layers
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """Accept a path, or a name under configs/ (``experiment/embedded_default``)."""
+    p = Path(name_or_path)
+    for candidate in (p, p.with_suffix(".yaml"), CONFIG_DIR / p, (CONFIG_DIR / p).with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name_or_path} (looked as a path and under {CONFIG_DIR})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML (with its ``defaults:`` chain) <- ``key=value`` overrides, validated."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    layers = _read_yaml(resolve_config_path(path)) if path else []
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{source}: {_describe(err)}") from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command-line override '{item}': {_describe(err)}") from err
+    try:
+        OmegaConf.resolve(cfg)
+        config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from err
+    validate(config, source=str(path) if path else "defaults")
+    return config
+
+
+def _get(config: Config, dotted: str) -> Any:
+    obj: Any = config
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(config: Config, source: str = "config") -> None:
+    """Checks that types alone cannot express; each error names the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise ConfigError(f"{source}: key '{key}' is {value!r}; expected one of {list(choices)}")
+    m = config.model
+    if m.arch == "sharedclip":
+        for attr in ("width", "layers", "heads", "mlp_ratio"):
+            if getattr(m.vision, attr) != getattr(m.text, attr):
+                raise ConfigError(
+                    f"{source}: sharedclip shares one block stack, so 'model.vision.{attr}' "
+                    f"({getattr(m.vision, attr)}) must equal 'model.text.{attr}' ({getattr(m.text, attr)})")
+    for tower in ("vision", "text"):
+        t = getattr(m, tower)
+        if t.width % t.heads:
+            raise ConfigError(f"{source}: key 'model.{tower}.width' ({t.width}) must be divisible by "
+                              f"'model.{tower}.heads' ({t.heads})")
+    if m.vision.image_size % m.vision.patch_size:
+        raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
+                          f"of 'model.vision.patch_size' ({m.vision.patch_size})")
+    positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size"]
+    for key in positive:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{source}: key '{key}' must be > 0, got {_get(config, key)}")
+    nonneg = ["loss.clip_weight", "loss.crsep_weight", "loss.imsep_weight", "loss.uniform_weight",
+              "loss.xuniform_weight", "loss.align_weight", "train.warmup_steps", "train.max_steps",
+              "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "data.workers"]
+    for key in nonneg:
+        if _get(config, key) < 0:
+            raise ConfigError(f"{source}: key '{key}' must be >= 0, got {_get(config, key)}")
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def from_yaml_text(text: str) -> Config:
+    """Rebuild a Config from a resolved YAML dump (a run directory's config.yaml, an export's metadata)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def config_hash(config: Config) -> str:
+    """A short digest of the resolved config; checkpoints record it so a resume can tell what changed."""
+    return hashlib.sha256(to_yaml(config).encode()).hexdigest()[:16]
+
+
+def run_dir_of(config: Config) -> Path:
+    return Path(config.run_dir) if config.run_dir else Path(config.output_dir) / config.name
+
+
+def save_config(config: Config, run_dir: str | Path) -> Path:
+    """Write the fully resolved config into the run directory (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(config))
+    tmp.replace(target)
+    return target
+
+
+def parse_cli(argv: Optional[list[str]] = None, prog: str = "alignclip") -> tuple[Config, list[str]]:
+    """``--config PATH key=value ...`` -> (config, overrides). On a config error: message on stderr, exit 2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", default=None, help="YAML file or a name under configs/")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides), list(args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    config, _ = parse_cli(argv, prog="python -m alignclip.config")
+    print(to_yaml(config), end="")
+
+
+if __name__ == "__main__":
+    main()
