@@ -1,0 +1,1 @@
+"""Analysis of embedding spaces: gap metrics, plots and reports."""
