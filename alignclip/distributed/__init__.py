@@ -1,0 +1,1 @@
+"""Cross-rank helpers: the one feature gather (``gather``) and rank set-up (``env``)."""
