@@ -1,0 +1,3 @@
+from .factory import main
+
+main()

@@ -1,0 +1,73 @@
+"""One model class for CLIP and SharedCLIP: they differ only in whether the two modalities share a trunk."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .layers import ImageStem, TextStem, Trunk, l2_normalize
+
+
+class ContrastiveModel(nn.Module):
+    """Image and text encoders into one embedding space, plus the learnable temperature.
+
+    ``shared_trunk`` is False for CLIP (``image_trunk`` and ``text_trunk``) and True for SharedCLIP (one ``trunk``:
+    one block stack, one final LayerNorm, one projection). Text runs with a causal mask and is pooled at the
+    end-of-text token, the largest id of each row; images run unmasked and are pooled at the class token.
+    """
+
+    def __init__(self, image_stem: ImageStem, text_stem: TextStem, image_trunk: Trunk, text_trunk: Trunk | None,
+                 init_temperature: float, max_logit_scale: float):
+        super().__init__()
+        self.image_stem = image_stem
+        self.text_stem = text_stem
+        self.shared_trunk = text_trunk is None
+        if self.shared_trunk:
+            self.trunk = image_trunk
+        else:
+            self.image_trunk = image_trunk
+            self.text_trunk = text_trunk
+        self.max_logit_scale = max_logit_scale
+        # logit_scale = ln(1 / temperature); the loss uses s = exp(logit_scale), clamped in forward (see below).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        for module in (self.image_stem, self.text_stem, *self._trunks()):
+            module.init_weights()
+
+    def _trunks(self) -> tuple[Trunk, ...]:
+        return (self.trunk,) if self.shared_trunk else (self.image_trunk, self.text_trunk)
+
+    def _trunk_for(self, modality: str) -> Trunk:
+        if self.shared_trunk:
+            return self.trunk
+        return self.image_trunk if modality == "image" else self.text_trunk
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for trunk in self._trunks():
+            trunk.grad_checkpointing = enable
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self._trunk_for("image")(self.image_stem(images), pool_index=None, causal=False)
+        return l2_normalize(x) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        eot_index = tokens.argmax(dim=-1)
+        x = self._trunk_for("text")(self.text_stem(tokens), pool_index=eot_index, causal=True)
+        return l2_normalize(x) if normalize else x
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        # Clamping in forward (not in place on the parameter) holds under ZeRO + bf16, where an in-place clamp of
+        # the module's copy would be overwritten from the optimizer's fp32 master weights at the next step.
+        return self.logit_scale.clamp(max=self.max_logit_scale)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "image_embeds": self.encode_image(images),
+            "text_embeds": self.encode_text(tokens),
+            "logit_scale": self.clamped_logit_scale(),
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

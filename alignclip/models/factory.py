@@ -1,0 +1,49 @@
+"""Build any variant from its ModelConfig alone; print their sizes with ``python -m alignclip.models``."""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import ModelConfig
+from .contrastive import ContrastiveModel, count_parameters
+from .layers import ImageStem, TextStem, Trunk
+
+
+def build_model(cfg: ModelConfig) -> ContrastiveModel:
+    v, t = cfg.vision, cfg.text
+    image_stem = ImageStem(v.image_size, v.patch_size, v.width)
+    text_stem = TextStem(t.vocab_size, t.context_length, t.width)
+    image_trunk = Trunk(v.width, v.layers, v.heads, v.mlp_ratio, cfg.embed_dim)
+    if cfg.arch == "sharedclip":
+        text_trunk = None  # the config validator has checked that both towers have the same shape
+    elif cfg.arch == "clip":
+        text_trunk = Trunk(t.width, t.layers, t.heads, t.mlp_ratio, cfg.embed_dim)
+    else:
+        raise ValueError(f"model.arch must be 'clip' or 'sharedclip', got {cfg.arch!r}")
+    model = ContrastiveModel(image_stem, text_stem, image_trunk, text_trunk, cfg.init_temperature,
+                             cfg.max_logit_scale)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build each model config named (default: every file under configs/model) and print its size."""
+    from ..config import CONFIG_DIR, ConfigError, load_config
+
+    names = argv if argv is not None else sys.argv[1:]
+    paths = names or sorted(str(p) for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    print(f"{'config':<28} {'arch':<11} {'parameters':>14}  {'token table':>12}")
+    for path in paths:
+        try:
+            cfg = load_config(path).model
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        model = build_model(cfg)
+        table = model.text_stem.token_embed.weight.numel()
+        name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
+        print(f"{name:<28} {cfg.arch:<11} {count_parameters(model):>14,}  {table:>12,}")
+
+
+if __name__ == "__main__":
+    main()

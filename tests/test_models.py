@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignclip.config import load_config
+from alignclip.models import build_model, count_parameters
+from alignclip.tokenizer import get_tokenizer
+
+TINY = ["model/clip_tiny", "model/sharedclip_tiny", "model/alignclip_tiny"]
+
+
+def block_params(w: int, mlp: int) -> int:
+    # LN (2w) + qkv (3w^2 + 3w) + out proj (w^2 + w) + LN (2w) + fc1 (w*mlp + mlp) + fc2 (mlp*w + w)
+    return 2 * w + 3 * w * w + 3 * w + w * w + w + 2 * w + w * mlp + mlp + mlp * w + w
+
+
+def expected_params(m) -> int:
+    v, t = m.vision, m.text
+    grid = (v.image_size // v.patch_size) ** 2
+    image_stem = 3 * v.patch_size ** 2 * v.width + v.width + (grid + 1) * v.width + 2 * v.width
+    text_stem = t.vocab_size * t.width + t.context_length * t.width
+
+    def trunk(w, layers):
+        return layers * block_params(w, int(w * 4)) + 2 * w + w * m.embed_dim
+
+    trunks = trunk(v.width, v.layers) if m.arch == "sharedclip" else trunk(v.width, v.layers) + trunk(t.width, t.layers)
+    return image_stem + text_stem + trunks + 1  # + logit_scale
+
+
+@pytest.mark.parametrize("name,approx_millions", [("model/sharedclip_vit_b16", 124.4), ("model/alignclip_vit_b16", 124.4),
+                                                  ("model/clip_vit_b16_openclip", 149.6), ("model/clip_vit_b16", 210.0)])
+def test_paper_scale_parameter_counts_match_arithmetic(name, approx_millions):
+    m = load_config(name).model
+    with torch.device("meta"):
+        model = build_model(m)
+    n = count_parameters(model)
+    assert n == expected_params(m)
+    assert abs(n / 1e6 - approx_millions) < 0.1
+
+
+def _batch(m, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, m.vision.image_size, m.vision.image_size, generator=g)
+    tokens = get_tokenizer(m.text.context_length)(["a red circle", "two blue squares left of a star", "x"][:b])
+    return images, tokens
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_forward_backward_gives_every_parameter_a_gradient(name):
+    m = load_config(name).model
+    torch.manual_seed(0)
+    model = build_model(m)
+    images, tokens = _batch(m)
+    out = model(images, tokens)
+    assert out["image_embeds"].shape == (3, m.embed_dim) and out["text_embeds"].shape == (3, m.embed_dim)
+    assert torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(out["text_embeds"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert math.isclose(out["logit_scale"].item(), math.log(1 / 0.07), rel_tol=1e-6)
+    # a joint contrastive step
+    logits = out["logit_scale"].exp() * out["image_embeds"] @ out["text_embeds"].T
+    y = torch.arange(3)
+    loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # token rows of words not in this batch get no gradient by construction; the table itself must
+    assert missing == [], missing
+
+
+def test_sharedclip_has_one_trunk_and_text_alone_trains_it():
+    m = load_config("model/sharedclip_tiny").model
+    model = build_model(m)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith(("image_trunk", "text_trunk")) for n in names)
+    assert sum(n.startswith("trunk.blocks.0.attn.qkv.weight") for n in names) == 1
+    _, tokens = _batch(m)
+    model.encode_text(tokens).sum().backward()
+    assert model.trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.trunk.proj.weight.grad.abs().sum() > 0
+    assert model.image_stem.patch_embed.weight.grad is None  # the image-only stem is not touched by text
+
+
+def test_clip_towers_are_separate():
+    model = build_model(load_config("model/clip_tiny").model)
+    assert model.image_trunk is not model.text_trunk
+    assert model.image_trunk.blocks[0].attn.qkv.weight.data_ptr() != model.text_trunk.blocks[0].attn.qkv.weight.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["model/clip_tiny", "model/sharedclip_tiny"])
+def test_text_is_causal_a_later_token_does_not_change_earlier_positions(name):
+    m = load_config(name).model
+    torch.manual_seed(0)
+    model = build_model(m).eval()
+    tokens = get_tokenizer(m.text.context_length)(["a red circle left of a blue square"])
+    changed = tokens.clone()
+    changed[0, 5] = 1000  # a token after position 3
+    captured = []
+    trunk = model._trunk_for("text")
+    hook = trunk.blocks[-1].register_forward_hook(lambda mod, inp, out: captured.append(out.detach()))
+    with torch.no_grad():
+        model.encode_text(tokens)
+        model.encode_text(changed)
+    hook.remove()
+    a, b = captured
+    assert torch.allclose(a[0, :5], b[0, :5], atol=1e-6)
+    assert not torch.allclose(a[0, 5:], b[0, 5:], atol=1e-4)
+
+
+def test_images_are_not_causal():
+    m = load_config("model/clip_tiny").model
+    torch.manual_seed(0)
+    model = build_model(m).eval()
+    images, _ = _batch(m, b=1)
+    changed = images.clone()
+    changed[..., -8:, -8:] += 1.0  # only the last patch
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_image(images), model.encode_image(changed), atol=1e-5)
+
+
+def test_logit_scale_is_clamped_in_forward_at_ln_100():
+    m = load_config("model/clip_tiny").model
+    model = build_model(m)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    images, tokens = _batch(m)
+    assert math.isclose(model(images, tokens)["logit_scale"].exp().item(), 100.0, rel_tol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    m = load_config("model/sharedclip_tiny").model
+    images, tokens = _batch(m)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(m)
+        model.set_grad_checkpointing(ckpt)
+        out = model(images, tokens)
+        (out["image_embeds"] * out["text_embeds"]).sum().backward()
+        grads.append(model.trunk.blocks[0].mlp.fc1.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_size_command_prints_every_model_config():
+    import subprocess
+    import sys
+
+    from alignclip.config import REPO_ROOT
+
+    out = subprocess.run([sys.executable, "-m", "alignclip.models"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         check=True).stdout
+    assert "sharedclip_vit_b16" in out and "124,393,729" in out
