@@ -1,0 +1,1 @@
+"""Downstream evaluation on embeddings: zero-shot classification, retrieval, linear probe, multimodal arithmetic."""

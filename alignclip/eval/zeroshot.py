@@ -1,0 +1,56 @@
+"""Zero-shot classification with prompt-template ensembles (CLIP, Radford et al. 2021, section 3.1.4)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from alignclip.analysis.metrics import as_numpy, l2_normalize
+
+
+def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, class-major: [c0t0, c0t1, ..., c1t0, ...].
+
+    A template holds ``{c}`` (CLIP_benchmark style) or ``{}`` where the class name goes."""
+    if not templates:
+        raise ValueError("zero-shot classification needs at least one prompt template")
+    out = []
+    for name in classnames:
+        for template in templates:
+            out.append(template.replace("{c}", name) if "{c}" in template else template.format(name))
+    return out
+
+
+def ensemble_class_embeddings(prompt_embeddings, num_classes: int) -> np.ndarray:
+    """w_c = normalise(mean_t normalise(e_{c,t})): the template ensemble of each class, from class-major rows."""
+    emb = l2_normalize(prompt_embeddings)
+    if emb.shape[0] % num_classes:
+        raise ValueError(f"{emb.shape[0]} prompt embeddings do not split evenly into {num_classes} classes")
+    return l2_normalize(emb.reshape(num_classes, -1, emb.shape[1]).mean(axis=1))
+
+
+def build_classifier(encode_text: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
+                     templates: Sequence[str]) -> np.ndarray:
+    """Class weight matrix [C, d] from a text encoder (list of strings -> embeddings)."""
+    return ensemble_class_embeddings(encode_text(class_prompts(classnames, templates)), len(classnames))
+
+
+def classification_metrics(logits, labels, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """top-k accuracies and the mean per-class recall (balanced accuracy) of class scores [n, C]."""
+    scores, y = as_numpy(logits), np.asarray(labels, dtype=np.int64)
+    order = np.argsort(-scores, axis=1)
+    out = {}
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        out[f"acc{k}"] = float(np.mean(np.any(order[:, :kk] == y[:, None], axis=1)))
+    pred = order[:, 0]
+    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
+    out["mean_per_class_recall"] = float(np.mean(recalls))
+    return out
+
+
+def zero_shot_classification(image_embeddings, labels, class_embeddings) -> dict[str, float]:
+    """Predict argmax_c cos(image, w_c); report acc1, acc5 and the mean per-class recall."""
+    logits = l2_normalize(image_embeddings) @ l2_normalize(class_embeddings).T
+    return classification_metrics(logits, labels)
