@@ -163,6 +163,7 @@ class LaunchConfig:
     executor: str = "slurm"  # slurm | local
     nodes: int = 1
     gpus_per_node: int = 8
+    tasks_per_node: int = 0  # 0 = gpus_per_node (one task per GPU); set it for CPU-only nodes (gpus_per_node=0)
     cpus_per_task: int = 12
     mem_gb: int = 0  # 0 = the partition's default
     timeout_min: int = 60 * 24
