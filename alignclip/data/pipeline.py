@@ -1,0 +1,455 @@
+"""The training input pipeline: shards -> raw samples -> shuffle -> decode + augment -> tokenise -> batches.
+
+How an epoch is laid out (all of it a pure function of (data.train, train.seed, epoch, rank, world size)):
+
+* **Length.** ``batches_per_epoch = samples_per_epoch // (per_rank_batch x world_size)`` (rounded down to whole
+  optimiser steps when gradient accumulation is on), the same on every rank. ``samples_per_epoch`` is
+  ``data.samples_per_epoch`` or, when 0, counted from the shards.
+* **Readers.** Each rank runs ``R = max(data.workers, 1)`` readers. The rank's batch ``i`` comes from reader
+  ``i mod R``, so reader ``r`` owns a quota of ``len(range(r, N, R))`` batches. PyTorch's DataLoader takes batches
+  from its workers round-robin, in order, so the rank sees batches 0, 1, 2 ... in exactly this order.
+* **Shards.** Plain lists: the list is permuted by (seed, epoch) and reader ``(rank, r)`` takes every
+  ``(world x R)``-th shard of it, so one epoch reads every shard once across all readers. A reader whose shards run
+  out before its quota wraps around: it reads its own shards again in a new order (counted as ``wrapped_passes``),
+  so a few samples repeat; a reader with more samples than its quota leaves the rest for another epoch. With
+  equally sized shards and ``samples_per_epoch`` a multiple of the global batch, each sample is seen exactly once.
+  Resampled lists (``data.resampled``): each reader draws shards with replacement from the whole list, forever,
+  with a generator seeded by (seed, epoch, reader).
+* **Shuffle.** Raw (undecoded) samples pass a shuffle buffer of ``data.shuffle_buffer`` per reader; the buffer is
+  drained at the end of each pass, so a pass never mixes with the next.
+* **Augmentation.** Every raw sample leaving the buffer consumes the same fixed number of uniforms from the
+  reader's augmentation generator (seeded by (seed, epoch, reader)), valid or not, decoded or skipped; so the
+  crops of a batch depend only on its position in the epoch.
+* **Resume.** ``start_batch = k`` makes each reader skip its first batches by reading and checking raw samples
+  without decoding them (JPEGs are entropy-decoded at 1/8 scale to tell a corrupt image, see
+  ``transforms.check_decodable``): the batches that follow equal those of an uninterrupted epoch.
+* **Errors.** An undecodable image, a missing image, an empty caption, a missing precomputed embedding, a truncated
+  or unreadable tar are counted, logged (first few per reader) and skipped. Each batch carries its reader's
+  running counts; ``TrainLoader.stats()`` sums them over readers (``reduce_stats`` sums over ranks).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from alignclip.data import shards as shardlib
+from alignclip.data import transforms as T
+
+log = logging.getLogger(__name__)
+
+_MAX_INVALID_IN_A_ROW = 100_000  # a reader that finds nothing usable in this many samples has no data at all
+
+
+@dataclass
+class ReaderSettings:
+    """Everything a reader needs; picklable, so a DataLoader worker rebuilds its state from it."""
+
+    shards: list[str]
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    num_readers: int
+    batch_size: int
+    batches_per_epoch: int
+    start_batch: int
+    image_size: int
+    context_length: int
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    image_keys: tuple[str, ...] = ("jpg", "png", "jpeg", "webp")
+    text_key: str = "txt"
+    semantic_key: str = "sem.npy"
+    semantic_dir: str = ""
+    with_semantic: bool = False
+
+
+# ------------------------------------------------------------------------------------------- sample level
+@dataclass
+class _Sample:
+    image: bytes
+    caption: str
+    key: str
+    semantic: Optional[np.ndarray] = None
+
+
+def _attach_sidecar(raw_samples: Iterator[dict], table: dict[str, np.ndarray] | None) -> Iterator[dict]:
+    for raw in raw_samples:
+        if table is not None and raw["__key__"] in table:
+            raw["__semantic__"] = table[raw["__key__"]]
+        yield raw
+
+
+def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardErrors) -> Optional[_Sample]:
+    """The image bytes, caption and embedding of a raw sample, or None (counted) when one is missing or empty."""
+    where = f"{raw['__shard__']}:{raw['__key__']}"
+    image = next((raw[k] for k in settings.image_keys if k in raw), None)
+    if image is None:
+        errors.add("missing_image", where)
+        return None
+    caption = raw.get(settings.text_key, b"").decode("utf-8", errors="replace").strip()
+    if not caption:
+        errors.add("empty_caption", where)
+        return None
+    semantic = None
+    if settings.with_semantic:
+        if "__semantic__" in raw:
+            semantic = raw["__semantic__"]
+        elif settings.semantic_key in raw:
+            semantic = np.load(io.BytesIO(raw[settings.semantic_key]), allow_pickle=False)
+        else:
+            errors.add("missing_semantic", where)
+            return None
+    return _Sample(image, caption, raw["__key__"], semantic)
+
+
+def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Reservoir-style shuffle: hold ``buffer_size`` samples, emit a random one as each new one arrives, then drain."""
+    buffer: list[dict] = []
+    for item in stream:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(len(buffer)))
+        buffer[j], item = item, buffer[j]
+        yield item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+# ------------------------------------------------------------------------------------------- reader level
+class ShardReader:
+    """One reader's batches for one epoch: reader ``r`` of rank ``settings.rank``."""
+
+    def __init__(self, settings: ReaderSettings, reader: int):
+        self.s = settings
+        self.reader = reader
+        self.slot = shardlib.Slot(settings.rank, reader, settings.num_readers, settings.world_size)
+        self.errors = shardlib.ShardErrors()
+        base = [settings.seed, settings.epoch, self.slot.index]
+        self._shuffle_rng = np.random.default_rng(base + [1])
+        self._augment_rng = np.random.default_rng(base + [2])
+        self._resample_rng = np.random.default_rng(base + [3])
+        self.quota = len(range(reader, settings.batches_per_epoch, settings.num_readers))
+        self.skip = len(range(reader, min(settings.start_batch, settings.batches_per_epoch), settings.num_readers))
+
+    def _pass_shards(self, pass_index: int) -> list[str]:
+        mine = shardlib.slot_shards(self.s.shards, self.slot, self.s.seed, self.s.epoch)
+        if pass_index == 0:
+            return mine
+        rng = np.random.default_rng([self.s.seed, self.s.epoch, self.slot.index, 4, pass_index])
+        return [mine[i] for i in rng.permutation(len(mine))]
+
+    def _read_shard(self, shard: str) -> Iterator[dict]:
+        table = None
+        if self.s.with_semantic and self.s.semantic_dir:
+            from alignclip.semantic import read_sidecar
+
+            try:
+                table = read_sidecar(self.s.semantic_dir, shard)
+            except FileNotFoundError as err:
+                log.warning("data: no semantic sidecar for %s (%s): its samples are skipped", shard, err)
+                table = {}
+        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors), table):
+            self.errors.add("samples_read")
+            yield raw
+
+    def raw_samples(self) -> Iterator[dict]:
+        """Shuffled raw samples, pass after pass (plain) or from an endless resampled shard stream."""
+        if self.s.resampled:
+            def endless() -> Iterator[dict]:
+                while True:
+                    yield from self._read_shard(self.s.shards[int(self._resample_rng.integers(len(self.s.shards)))])
+            yield from shuffled(endless(), self.s.shuffle_buffer, self._shuffle_rng)
+            return
+        for pass_index in itertools.count():
+            if pass_index:
+                self.errors.add("wrapped_passes")
+            read_before = self.errors.counts["samples_read"]
+            pass_stream = (raw for shard in self._pass_shards(pass_index) for raw in self._read_shard(shard))
+            yield from shuffled(pass_stream, self.s.shuffle_buffer, self._shuffle_rng)
+            if self.errors.counts["samples_read"] == read_before:
+                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} read no sample at all from its "
+                                   f"shards {self._pass_shards(0)}; are they empty or unreadable?")
+
+    def __iter__(self) -> Iterator[dict]:
+        from alignclip.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer(self.s.context_length)
+        batch: list[tuple[_Sample, np.ndarray]] = []
+        batches_done, skipped_valid, invalid_in_a_row = 0, 0, 0
+        skip_samples = self.skip * self.s.batch_size
+        if self.quota - self.skip <= 0:
+            return
+        for raw in self.raw_samples():
+            draws = T.crop_draws(self._augment_rng)  # drawn for every sample, valid or not, skipped or not
+            sample = extract_fields(raw, self.s, self.errors)
+            if sample is not None:
+                try:
+                    if skipped_valid < skip_samples:
+                        T.check_decodable(sample.image)
+                        skipped_valid += 1
+                        invalid_in_a_row = 0
+                        continue
+                    image = T.decode_image(sample.image, min_size=self.s.image_size)
+                    pixels = T.train_transform(image, self.s.image_size, draws)
+                except T.DecodeError as err:
+                    self.errors.add("corrupt_image", f"{raw['__shard__']}:{raw['__key__']}: {err}")
+                    sample = None
+            if sample is None:
+                invalid_in_a_row += 1
+                if invalid_in_a_row > _MAX_INVALID_IN_A_ROW:
+                    raise RuntimeError(f"data: {invalid_in_a_row} unusable samples in a row; counts "
+                                       f"{self.errors.counts}")
+                continue
+            invalid_in_a_row = 0
+            batch.append((sample, pixels))
+            if len(batch) == self.s.batch_size:
+                yield self._collate(batch, tokenizer)
+                batch = []
+                batches_done += 1
+                if batches_done == self.quota - self.skip:
+                    return
+
+    def _collate(self, batch: list[tuple[_Sample, np.ndarray]], tokenizer) -> dict:
+        samples = [s for s, _ in batch]
+        captions = [s.caption for s in samples]
+        out = {
+            "image": T.normalize_batch([p for _, p in batch]),
+            "text": tokenizer(captions),
+            "caption": captions,
+            "key": [s.key for s in samples],
+            "_stats": dict(self.errors.counts, reader=self.reader),
+        }
+        if self.s.with_semantic:
+            out["semantic"] = torch.from_numpy(np.stack([s.semantic for s in samples]).astype(np.float32))
+        return out
+
+
+class ShardBatches(IterableDataset):
+    """The DataLoader-facing dataset: worker ``j`` plays reader ``(j + start_batch) mod R``, so that the round-robin
+    order of the DataLoader, which always starts at worker 0, resumes at batch ``start_batch``."""
+
+    def __init__(self, settings: ReaderSettings):
+        super().__init__()
+        self.settings = settings
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        s = self.settings
+        if info is None:  # in-process: one reader
+            yield from ShardReader(s, 0)
+            return
+        yield from ShardReader(s, (info.id + s.start_batch) % s.num_readers)
+
+
+# ------------------------------------------------------------------------------------------- loader level
+@dataclass
+class EpochPlan:
+    per_rank_batch: int
+    batches_per_epoch: int
+    samples_per_epoch: int
+    accumulation_steps: int = 1
+
+
+def plan_epoch(config, world_size: int, shards: list[str]) -> EpochPlan:
+    """Per-rank batch size and the number of batches per epoch, identical on every rank."""
+    from alignclip.config import ConfigError
+
+    train, data = config.train, config.data
+    if train.global_batch_size % world_size:
+        raise ConfigError(f"key 'train.global_batch_size' ({train.global_batch_size}) must be divisible by the "
+                          f"world size ({world_size})")
+    per_rank = train.micro_batch_size or train.global_batch_size // world_size
+    accumulation = train.global_batch_size // (per_rank * world_size)
+    if accumulation < 1 or accumulation * per_rank * world_size != train.global_batch_size:
+        raise ConfigError(f"key 'train.micro_batch_size' ({train.micro_batch_size}) x world size ({world_size}) must "
+                          f"divide 'train.global_batch_size' ({train.global_batch_size})")
+    samples = data.samples_per_epoch or shardlib.count_samples(shards)
+    batches = samples // (per_rank * world_size) // accumulation * accumulation
+    if batches == 0:
+        raise ConfigError(f"{samples} samples per epoch ('data.samples_per_epoch' or counted from 'data.train') is "
+                          f"less than one global batch ('train.global_batch_size' = {train.global_batch_size})")
+    return EpochPlan(per_rank, batches, samples, accumulation)
+
+
+def _probe_semantic(shards: list[str], data_cfg) -> bool:
+    """Precomputed embeddings are used when a sidecar folder is configured or the first shard's first sample has
+    one; every rank probes the same shard, so they agree."""
+    if data_cfg.semantic_dir:
+        return True
+    first = next(shardlib.iter_raw_samples(shards[0]), None)
+    return first is not None and data_cfg.semantic_key in first
+
+
+def _split_keys(keys: str) -> tuple[str, ...]:
+    return tuple(k.strip().lower() for k in keys.split(";") if k.strip())
+
+
+def reader_settings(config, shards: list[str], rank: int, world_size: int, epoch: int, start_batch: int,
+                    plan: EpochPlan) -> ReaderSettings:
+    data = config.data
+    return ReaderSettings(
+        shards=shards, seed=config.train.seed, epoch=epoch, rank=rank, world_size=world_size,
+        num_readers=max(data.workers, 1), batch_size=plan.per_rank_batch,
+        batches_per_epoch=plan.batches_per_epoch, start_batch=start_batch,
+        image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
+        resampled=data.resampled, shuffle_buffer=data.shuffle_buffer, image_keys=_split_keys(data.image_key),
+        text_key=data.text_key, semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
+        with_semantic=_probe_semantic(shards, data))
+
+
+class TrainLoader:
+    """An epoch of batches for one rank. ``len()`` is the full epoch's number of batches (equal on every rank);
+    iterating yields batches ``start_batch .. len() - 1``. ``stats()`` gives the skip counters so far."""
+
+    def __init__(self, settings: ReaderSettings, plan: EpochPlan, num_workers: int, pin_memory: bool = False):
+        self.settings = settings
+        self.plan = plan
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._reader_stats: dict[int, dict[str, int]] = {}
+        self.batches_yielded = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch
+
+    @property
+    def start_batch(self) -> int:
+        return self.settings.start_batch
+
+    @property
+    def has_semantic(self) -> bool:
+        return self.settings.with_semantic
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = ShardBatches(self.settings)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+        for batch in loader:
+            stats = batch.pop("_stats")
+            self._reader_stats[stats.pop("reader")] = stats
+            self.batches_yielded += 1
+            yield batch
+
+    def stats(self) -> dict[str, int]:
+        """Counts summed over this rank's readers (as of the last batch each reader delivered)."""
+        total = {name: 0 for name in shardlib.ShardErrors.FIELDS}
+        for counts in self._reader_stats.values():
+            for name, value in counts.items():
+                total[name] += value
+        total["batches"] = self.batches_yielded
+        return total
+
+
+def reduce_stats(stats: dict[str, int]) -> dict[str, int]:
+    """Sum ``TrainLoader.stats()`` over ranks (a collective: call it on every rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(stats)
+    names = sorted(stats)
+    values = torch.tensor([stats[n] for n in names], dtype=torch.int64)
+    dist.all_reduce(values)
+    return dict(zip(names, values.tolist()))
+
+
+# ------------------------------------------------------------------------------------------- entry points
+def resolve_spec(data_cfg, split: str) -> str:
+    """``data.train`` / ``data.val`` as a shard spec; "generated" is rendered under the cache dir if absent."""
+    from alignclip.config import ConfigError
+    from alignclip.data import generated
+
+    spec = data_cfg.train if split == "train" else data_cfg.val
+    if split == "val" and not spec and data_cfg.train == "generated":
+        spec = "generated"
+    if spec == "generated":
+        return generated.ensure_generated(data_cfg).spec(split)
+    if not spec:
+        raise ConfigError(f"key 'data.{split}' is empty: name shards (a brace pattern, a folder, or 'generated')")
+    return spec
+
+
+def build_train_loader(config, rank: int, world_size: int, epoch: int, start_batch: int = 0) -> TrainLoader:
+    """The training batches of one epoch for ``rank`` (see the module docstring for the layout)."""
+    from alignclip.config import ConfigError
+
+    spec = resolve_spec(config.data, "train")
+    try:
+        shards = shardlib.expand_spec(spec)
+    except FileNotFoundError as err:
+        raise ConfigError(f"key 'data.train': {err}") from err
+    if not config.data.resampled:
+        shardlib.check_enough_shards(shards, world_size, config.data.workers)
+    plan = plan_epoch(config, world_size, shards)
+    if not 0 <= start_batch <= plan.batches_per_epoch:
+        raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
+    settings = reader_settings(config, shards, rank, world_size, epoch, start_batch, plan)
+    return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=torch.cuda.is_available())
+
+
+def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: int = 0) -> Iterator[dict]:
+    """Every usable sample of a shard spec (default: the validation split) once, in shard order, with the eval
+    transform; in-process. ``limit`` > 0 stops after that many samples."""
+    from alignclip.tokenizer import get_tokenizer
+
+    spec = spec or resolve_spec(config.data, "val")
+    shards = shardlib.expand_spec(spec)
+    data = config.data
+    settings = ReaderSettings(shards=shards, seed=0, epoch=0, rank=0, world_size=1, num_readers=1,
+                              batch_size=batch_size, batches_per_epoch=0, start_batch=0,
+                              image_size=config.model.vision.image_size,
+                              context_length=config.model.text.context_length,
+                              image_keys=_split_keys(data.image_key), text_key=data.text_key,
+                              semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
+                              with_semantic=_probe_semantic(shards, data))
+    reader = ShardReader(settings, 0)
+    tokenizer = get_tokenizer(settings.context_length)
+    batch: list[tuple[_Sample, np.ndarray]] = []
+    seen = 0
+    for shard in shards:
+        for raw in reader._read_shard(shard):
+            sample = extract_fields(raw, settings, reader.errors)
+            if sample is None:
+                continue
+            try:
+                pixels = T.eval_transform(T.decode_image(sample.image, min_size=settings.image_size),
+                                          settings.image_size)
+            except T.DecodeError as err:
+                reader.errors.add("corrupt_image", f"{shard}:{raw['__key__']}: {err}")
+                continue
+            batch.append((sample, pixels))
+            seen += 1
+            if len(batch) == batch_size or (limit and seen == limit):
+                out = reader._collate(batch, tokenizer)
+                out.pop("_stats")
+                yield out
+                batch = []
+            if limit and seen == limit:
+                return
+    if batch:
+        out = reader._collate(batch, tokenizer)
+        out.pop("_stats")
+        yield out
+
+
+def build_eval_batch(config, n: int, spec: str | None = None) -> dict:
+    """A fixed held-out batch (the first ``n`` usable validation samples, eval transform) for live gap metrics."""
+    batch = next(iter_eval_batches(config, batch_size=n, spec=spec, limit=n), None)
+    if batch is None:
+        raise ValueError(f"no usable sample in the validation shards ({spec or config.data.val or 'generated'})")
+    if len(batch["caption"]) < n:
+        log.warning("data: eval batch has %d samples, fewer than the %d asked for", len(batch["caption"]), n)
+    return batch

