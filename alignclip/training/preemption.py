@@ -22,6 +22,14 @@ REQUEUE_EXIT_CODE = 124
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
+    """The MAX of a boolean over all ranks (the same answer everywhere). Collective when the world has > 1 rank."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 class PreemptionFlag:
     """Install handlers for ``signals``; ``agree()`` is the collective decision; ``restore()`` undoes the handlers."""
 
@@ -39,10 +47,7 @@ class PreemptionFlag:
 
     def agree(self) -> bool:
         """True on every rank iff any rank has received a signal. Collective: all ranks must call it."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.received is not None, self.device)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

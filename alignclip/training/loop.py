@@ -1,0 +1,323 @@
+"""The training loop: DeepSpeed engine, exact resume, preemption, monitoring. ``train(config)`` runs one job.
+
+Reading order: ``train`` (the loop, one screen) -> ``_train_step`` (one optimizer step over its accumulation
+micro-batches) -> ``_setup`` (everything built before the first step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from alignclip.config import Config, config_hash, run_dir_of, save_config
+from alignclip.distributed.env import DistEnv, setup_distributed_env
+from alignclip.training import checkpoint as ckpt
+from alignclip.training.deepspeed_config import (batch_layout, build_deepspeed_config, resolve_device,
+                                                 write_deepspeed_config)
+from alignclip.training.monitor import Monitor, memory_gb
+from alignclip.training.optim import build_optimizer
+from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, any_rank
+from alignclip.training.schedule import lr_at, set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    exit_code: int  # 0 finished, REQUEUE_EXIT_CODE preempted (checkpoint written)
+    step: int
+    run_dir: Path
+    checkpoint: Optional[Path]
+    gap: dict = field(default_factory=dict)  # the last live gap metrics (rank 0)
+    losses: list = field(default_factory=list)  # (step, global-batch total loss) of every step of this session
+
+
+@dataclass
+class _Run:
+    config: Config
+    env: DistEnv
+    run_dir: Path
+    engine: object
+    objective: torch.nn.Module
+    state: ckpt.TrainerState
+    monitor: Monitor
+    preemption: PreemptionFlag
+    device: torch.device
+    input_dtype: torch.dtype
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_batch: Optional[dict]
+    semantic_encoder: object = None
+    skips_in_a_row: int = 0
+
+
+def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
+    """Train until ``total_steps`` or a preemption signal; resume from the run directory if it has a checkpoint."""
+    run = _setup(config, dist_env or setup_distributed_env())
+    state, cfg, mon = run.state, run.config, run.monitor
+    result = RunResult(0, state.step, run.run_dir, ckpt.find_latest(run.run_dir))
+    window = _Window()
+    try:
+        while state.step < run.total_steps:
+            batches = _epoch_batches(run)
+            while state.step < run.total_steps and state.batch_in_epoch < run.steps_per_epoch * run.accumulation:
+                stats = _train_step(run, batches, window)
+                result.losses.append((state.step, stats["loss/total"]))
+                if state.step % cfg.logging.log_every_steps == 0 or state.step == run.total_steps:
+                    mon.scalars(state.step, {**stats, **window.rates(run), **memory_gb()})
+                    window = _Window()
+                if state.step % cfg.logging.gap_every_steps == 0 or state.step == run.total_steps:
+                    result.gap = _log_gap_metrics(run)
+                mon.advance(state.step, {"loss": stats["loss/total"], "lr": stats["train/lr"]})
+                preempted = run.preemption.agree()  # collective: every rank stops at the same step
+                if preempted or state.step % cfg.train.checkpoint_every_steps == 0 or state.step == run.total_steps:
+                    result.checkpoint = ckpt.save_checkpoint(run.engine, run.run_dir, state, cfg.train.keep_checkpoints)
+                if preempted:
+                    mon.info(f"{run.preemption.signal_name} received: saved {result.checkpoint} at step {state.step}; "
+                             f"exiting with {REQUEUE_EXIT_CODE} to be requeued")
+                    result.exit_code = REQUEUE_EXIT_CODE
+                    return _finish(run, result)
+            del batches  # stops the loader's workers
+            if state.batch_in_epoch >= run.steps_per_epoch * run.accumulation:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        mon.info(f"done: {state.step} steps, {state.samples_seen} samples; checkpoint {result.checkpoint}")
+        return _finish(run, result)
+    except BaseException:
+        run.monitor.close()
+        run.preemption.restore()
+        raise
+
+
+def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[str, float]:
+    """One optimizer step: ``accumulation`` micro-batches through forward, objective, ``engine.backward``."""
+    state, engine, cfg = run.state, run.engine, run.config.train
+    lr = lr_at(state.step, cfg.lr, cfg.warmup_steps, run.total_steps, cfg.min_lr)
+    set_lr(engine.optimizer, lr)
+    started, waited, skipped = time.perf_counter(), 0.0, False
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(run.accumulation):
+        t = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t
+        outputs = engine(batch["image"].to(run.device, run.input_dtype), batch["text"].to(run.device))
+        loss = run.objective(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
+                             _semantic_embeddings(run, batch))
+        bad_term = _nonfinite_term(loss)
+        if any_rank(bad_term is not None, run.device):  # collective: all ranks take the same branch
+            if cfg.nonfinite == "stop" or run.skips_in_a_row >= cfg.max_skipped_steps:
+                where = f"term '{bad_term}'" if bad_term else "a term on another rank"
+                raise NonFiniteLossError(f"non-finite loss at step {state.step} (epoch {state.epoch}, batch "
+                                         f"{state.batch_in_epoch}): {where}; set train.nonfinite=skip to skip such "
+                                         f"batches (at most train.max_skipped_steps={cfg.max_skipped_steps})")
+            # skip: a zero-valued loss over the parameters, so this batch adds an exact zero gradient
+            total, skipped = sum((p * 0.0).sum() for p in engine.module.parameters() if p.requires_grad), True
+        else:
+            total = loss.total
+            for name, value in {"total": loss.total.detach(), **loss.terms}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / run.accumulation
+        engine.backward(total)
+        engine.step()  # DeepSpeed steps the optimizer (with clipping) at the accumulation boundary only
+    state.step += 1
+    state.samples_seen += run.config.train.global_batch_size
+    state.batch_in_epoch += run.accumulation
+    state.skipped_steps += int(skipped)
+    run.skips_in_a_row = run.skips_in_a_row + 1 if skipped else 0
+    window.add(time.perf_counter() - started, waited)
+    # Each rank's loss is its share of the global-batch loss: the mean over ranks is the global value.
+    names = sorted(sums)
+    values = torch.stack([sums[n] for n in names]) if names else torch.zeros(0)
+    if dist.is_initialized() and run.env.world_size > 1:
+        values = values.to(run.device)
+        dist.all_reduce(values)
+        values = values / run.env.world_size
+    stats = {f"loss/{n}": float(v) for n, v in zip(names, values.cpu())}
+    stats.setdefault("loss/total", float("nan"))
+    scale = float(outputs["logit_scale"].detach().float().exp())
+    grad_norm = engine.get_global_grad_norm()
+    stats.update({"train/lr": lr, "train/logit_scale": scale, "train/temperature": 1.0 / scale,
+                  "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                  "train/epoch": state.epoch + state.batch_in_epoch / (run.steps_per_epoch * run.accumulation),
+                  "train/skipped_steps": state.skipped_steps})
+    return stats
+
+
+class _Window:
+    """Time and data-wait accumulated since the last log line, for throughput figures."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.wait = 0, 0.0, 0.0
+
+    def add(self, seconds: float, wait: float) -> None:
+        self.steps, self.seconds, self.wait = self.steps + 1, self.seconds + seconds, self.wait + wait
+
+    def rates(self, run: _Run) -> dict[str, float]:
+        if not self.steps or self.seconds <= 0:
+            return {}
+        samples_per_s = self.steps * run.config.train.global_batch_size / self.seconds
+        return {"perf/samples_per_s": samples_per_s, "perf/samples_per_s_per_device": samples_per_s / run.env.world_size,
+                "perf/data_wait_share": self.wait / self.seconds, "perf/step_time_s": self.seconds / self.steps}
+
+
+def _nonfinite_term(loss) -> Optional[str]:
+    for name, value in {**loss.terms, "total": loss.total}.items():
+        if not bool(torch.isfinite(value.detach()).all()):
+            return name
+    return None
+
+
+def _semantic_embeddings(run: _Run, batch: dict) -> Optional[torch.Tensor]:
+    """E_s for IMSep's rescaling: precomputed in the shards when present, else SBERT online (frozen)."""
+    if not getattr(run.objective, "needs_semantic", False):
+        return None
+    if batch.get("semantic") is not None:
+        return batch["semantic"].to(run.device).float()
+    if run.semantic_encoder is None:
+        from alignclip.semantic import SemanticEncoder
+
+        run.semantic_encoder = SemanticEncoder(run.config.loss.semantic_model, run.device)
+        run.monitor.info(f"semantic embeddings: encoding captions online with {run.config.loss.semantic_model}")
+    return run.semantic_encoder.encode(list(batch["caption"])).to(run.device).float()
+
+
+@torch.no_grad()
+def _log_gap_metrics(run: _Run) -> dict[str, float]:
+    """Live gap on the fixed held-out batch (rank 0): alignment, centroid distance, paired-cosine histogram,
+    and in-batch retrieval R@1 (chance = 1 / batch) to show that the model learns the task, not only the gap."""
+    if run.eval_batch is None:
+        return {}
+    from alignclip.analysis.metrics import alignment_score, centroid_distance, paired_cosines
+    from alignclip.eval.retrieval import retrieval_metrics
+
+    model = run.engine.module
+    was_training = model.training
+    model.eval()
+    images = model.encode_image(run.eval_batch["image"].to(run.device, run.input_dtype)).float().cpu()
+    texts = model.encode_text(run.eval_batch["text"].to(run.device)).float().cpu()
+    model.train(was_training)
+    retrieval = retrieval_metrics(images, texts, ks=(1,))
+    gap = {"gap/alignment_score": alignment_score(images, texts),
+           "gap/centroid_distance": centroid_distance(images, texts),
+           **{f"gap/{k}": float(v) for k, v in retrieval.items()}}
+    run.monitor.scalars(run.state.step, gap)
+    run.monitor.histogram(run.state.step, "gap/paired_cosine", paired_cosines(images, texts))
+    return gap
+
+
+def _epoch_batches(run: _Run) -> Iterator[dict]:
+    from alignclip.data import build_train_loader
+
+    loader = build_train_loader(run.config, run.env.rank, run.env.world_size, run.state.epoch,
+                                start_batch=run.state.batch_in_epoch)
+    return iter(loader)
+
+
+def _finish(run: _Run, result: RunResult) -> RunResult:
+    result.step = run.state.step
+    run.monitor.flush()
+    run.monitor.close()
+    run.preemption.restore()
+    return result
+
+
+@contextlib.contextmanager
+def _zero_dim_params_as_1d(model: torch.nn.Module):
+    """DeepSpeed 0.19's engine set-up broadcasts each parameter from rank 0 as ``p.data.view(torch.uint8)``, which
+    fails for a 0-dim tensor (the logit scale). During that broadcast only, 0-dim parameters are viewed as [1];
+    they get their shape back before the optimizer and its gradient hooks are built, so the module, its gradients
+    and its checkpoints keep the scalar."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._broadcast_model
+
+    def broadcast_with_scalars_as_1d(engine) -> None:
+        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            original(engine)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    DeepSpeedEngine._broadcast_model = broadcast_with_scalars_as_1d
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup(config: Config, env: DistEnv) -> _Run:
+    import deepspeed
+
+    from alignclip.data import build_eval_batch, build_train_loader
+    from alignclip.losses import build_objective
+    from alignclip.models import build_model
+
+    device_type = resolve_device(config.train.device)
+    layout = batch_layout(config, env.world_size)  # fails early, naming the keys, before any process group
+    if device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    device = torch.device(device_type, env.local_rank) if device_type == "cuda" else torch.device("cpu")
+    preemption = PreemptionFlag(device=device)  # first: a signal during set-up must not kill the job unsaved
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    run_dir = run_dir_of(config)
+    if env.is_main:
+        save_config(config, run_dir)
+    ds_config = build_deepspeed_config(config, env.world_size, device_type)
+    if env.is_main:
+        write_deepspeed_config(ds_config, run_dir)
+    dist.barrier()
+
+    _seed(config.train.seed)  # the same initial weights on every rank
+    model = build_model(config.model)
+    with _zero_dim_params_as_1d(model):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.train),
+                                               config=ds_config)
+    _seed(config.train.seed + 1_000_003 * env.rank)  # per-rank streams for anything random in the step
+    objective = build_objective(config.loss).to(device)
+
+    state = ckpt.TrainerState(world_size=env.world_size, config_hash=config_hash(config))
+    latest = ckpt.find_latest(run_dir)
+    if latest is not None:
+        state = ckpt.load_checkpoint(engine, latest, env.world_size, config.deepspeed.universal_checkpoint)
+    resumed_hash, state.config_hash, state.world_size = state.config_hash, config_hash(config), env.world_size
+
+    steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.max_steps > 0:
+        total_steps = min(total_steps, config.train.max_steps)
+    monitor = Monitor(run_dir, config.logging, env.is_main, total_steps, state.step)
+    if latest is not None:
+        monitor.info(f"resumed from {latest} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        if resumed_hash != state.config_hash:
+            monitor.info(f"warning: the config differs from the checkpoint's (hash {resumed_hash} -> "
+                         f"{state.config_hash}); see {run_dir / 'config.yaml'}")
+    monitor.info(f"run {run_dir}: world {env.world_size} ({env.source}), {device_type}, global batch "
+                 f"{layout.global_batch} = {layout.micro_batch} x {layout.accumulation} x {env.world_size}, "
+                 f"{steps_per_epoch} steps/epoch, {total_steps} steps, zero stage {config.deepspeed.zero_stage}")
+    eval_batch = build_eval_batch(config, config.logging.gap_batch_size) if env.is_main else None
+    input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    return _Run(config=config, env=env, run_dir=run_dir, engine=engine, objective=objective, state=state,
+                monitor=monitor, preemption=preemption, device=device, input_dtype=input_dtype,
+                accumulation=layout.accumulation, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                eval_batch=eval_batch)
