@@ -109,3 +109,28 @@ def test_mlp_aligner_learns_a_nonlinear_map(weights):
     # an orthogonal (linear) fit does worse than the MLP on this non-linear target
     proc = CenteredProcrustes().fit(img, txt)
     assert after > M.alignment_score(proc.map_image(img), txt)
+
+
+def test_compare_reports_gap_and_tasks_for_every_method(tmp_path):
+    from alignclip.aligner.baselines import PostHocAligner
+    from alignclip.aligner.compare import compare_methods, write_comparison
+    from alignclip.embeddings import ArithmeticTask, EmbeddingSet, ZeroShotTask
+
+    rng = np.random.default_rng(5)
+    classes = _unit(rng.normal(size=(4, 16)))
+    labels = rng.integers(0, 4, 200)
+    txt = _unit(classes[labels] + 0.3 * rng.normal(size=(200, 16)))
+    img = txt + 0.8  # a pure modality gap (translation) on top of the text structure
+    fit = EmbeddingSet.from_arrays(img[:100], txt[:100])
+    held = EmbeddingSet.from_arrays(img[100:], txt[100:], zeroshot={"c": ZeroShotTask(list("abcd"), classes,
+                                                                                       labels[100:])},
+                                    arithmetic=ArithmeticTask(np.arange(5), np.arange(5, 10), txt[100:105],
+                                                              txt[105:110]))
+    methods = {"identity": PostHocAligner().fit(*fit.pairs()), "mean_shift": MeanShift().fit(*fit.pairs())}
+    rows = compare_methods(methods, held)
+    assert rows["identity"]["gap"]["centroid_distance"] > 0.5
+    assert rows["mean_shift"]["gap"]["centroid_distance"] < 0.05
+    assert rows["mean_shift"]["tasks"]["arithmetic"]["arithmetic_recall@1"] == 1.0
+    assert {"retrieval", "zeroshot_c", "linear_probe_c", "arithmetic"} <= set(rows["identity"]["tasks"])
+    report = write_comparison(rows, tmp_path, "test").read_text()
+    assert "| mean_shift |" in report and "zs c top1" in report

@@ -1,0 +1,225 @@
+"""The embedding cache: encode an image-text set once with a model; every tool then reads the arrays.
+
+A cache is a directory of .npy arrays plus ``meta.json``::
+
+    image.npy            [n, d]  image embeddings (normalised)
+    text.npy             [m, d]  caption embeddings; caption j describes image text_to_image[j]
+    text_to_image.npy    [m]     int
+    zeroshot_<task>_classes.npy [C, d]  template-ensembled class embeddings;  zeroshot_<task>_labels.npy [n] (-1: none)
+    arithmetic_{source,target}.npy [q] image indices; arithmetic_{text_a,text_b}.npy [q, d]
+    meta.json            keys, captions, class names, and where the arrays came from
+
+``EmbeddingSet.from_arrays`` wraps arrays computed elsewhere (e.g. another CLIP's ``.npy``), so every tool works
+on them too. The task ground truth comes in the tasks-JSON layout that the generated dataset writes (tasks.json):
+``{"zero_shot": {task: {classnames, templates, label, keys}}, "val_labels": {key: {label: int}},
+"arithmetic": [{source: key, target: key, from: word, to: word}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from alignclip.analysis.metrics import as_numpy
+
+
+@dataclass
+class ZeroShotTask:
+    classnames: list[str]
+    class_embeddings: np.ndarray  # [C, d]
+    labels: np.ndarray  # [n] class of each image, -1 where the image has no label for this task
+
+
+@dataclass
+class ArithmeticTask:
+    source: np.ndarray  # [q] image index of the query
+    target: np.ndarray  # [q] image index of the ground-truth result
+    text_a: np.ndarray  # [q, d] the text subtracted
+    text_b: np.ndarray  # [q, d] the text added
+
+
+@dataclass
+class EmbeddingSet:
+    image: np.ndarray
+    text: np.ndarray
+    text_to_image: np.ndarray
+    keys: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    zeroshot: dict[str, ZeroShotTask] = field(default_factory=dict)
+    arithmetic: ArithmeticTask | None = None
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(cls, image, text, text_to_image=None, **kwargs) -> "EmbeddingSet":
+        image, text = as_numpy(image), as_numpy(text)
+        owner = np.arange(len(text)) if text_to_image is None else np.asarray(text_to_image, dtype=np.int64)
+        if text_to_image is None and len(image) != len(text):
+            raise ValueError(f"{len(image)} images and {len(text)} captions: pass text_to_image for several "
+                             f"captions per image")
+        return cls(image, text, owner, **kwargs)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image of each caption, caption): the paired rows the gap metrics and the aligners use."""
+        return self.image[self.text_to_image], self.text
+
+    def mapped(self, map_image: Callable, map_text: Callable, name: str = "") -> "EmbeddingSet":
+        """The same set with images and every text-side array passed through the given maps."""
+        zs = {k: replace(t, class_embeddings=map_text(t.class_embeddings)) for k, t in self.zeroshot.items()}
+        ar = None
+        if self.arithmetic is not None:
+            ar = replace(self.arithmetic, text_a=map_text(self.arithmetic.text_a),
+                         text_b=map_text(self.arithmetic.text_b))
+        return replace(self, image=map_image(self.image), text=map_text(self.text), zeroshot=zs, arithmetic=ar,
+                       meta=dict(self.meta, mapped_by=name))
+
+    # ------------------------------------------------------------------------------------------ storage
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {"image": self.image, "text": self.text, "text_to_image": self.text_to_image}
+        for name, task in self.zeroshot.items():
+            arrays[f"zeroshot_{name}_classes"] = task.class_embeddings
+            arrays[f"zeroshot_{name}_labels"] = task.labels
+        if self.arithmetic is not None:
+            for part in ("source", "target", "text_a", "text_b"):
+                arrays[f"arithmetic_{part}"] = getattr(self.arithmetic, part)
+        for name, arr in arrays.items():
+            np.save(out / f"{name}.npy", np.asarray(arr))
+        meta = dict(self.meta, keys=self.keys, captions=self.captions,
+                    zeroshot={k: t.classnames for k, t in self.zeroshot.items()},
+                    arithmetic=self.arithmetic is not None)
+        (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EmbeddingSet":
+        """A cache directory, or a single ``.npy`` of images whose sibling ``text.npy`` holds the captions."""
+        p = Path(path)
+        folder = p if p.is_dir() else p.parent
+        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+
+        def arr(name):  # allow_pickle=False: a cache never runs code
+            return np.load(folder / f"{name}.npy", allow_pickle=False)
+
+        image = arr("image") if p.is_dir() else np.load(p, allow_pickle=False)
+        owner = arr("text_to_image") if (folder / "text_to_image.npy").is_file() else None
+        zeroshot = {name: ZeroShotTask(classnames, arr(f"zeroshot_{name}_classes"), arr(f"zeroshot_{name}_labels"))
+                    for name, classnames in meta.get("zeroshot", {}).items()}
+        arithmetic = None
+        if meta.get("arithmetic"):
+            arithmetic = ArithmeticTask(*(arr(f"arithmetic_{part}") for part in ("source", "target", "text_a",
+                                                                                  "text_b")))
+        extra = {k: v for k, v in meta.items() if k not in ("keys", "captions", "zeroshot", "arithmetic")}
+        return cls.from_arrays(image, arr("text"), owner, keys=meta.get("keys", []),
+                               captions=meta.get("captions", []), zeroshot=zeroshot, arithmetic=arithmetic,
+                               meta=extra)
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256, device="cpu") -> np.ndarray:
+    out = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def task_arrays(tasks: dict, keys: list[str], image_captions: list[str], encode: Callable[[list[str]], np.ndarray],
+                arithmetic_text: str = "caption") -> tuple[dict[str, ZeroShotTask], ArithmeticTask | None]:
+    """Zero-shot classifiers and arithmetic queries of a tasks JSON, aligned to the image ``keys`` (and one
+    caption per image, ``image_captions``).
+
+    arithmetic_text="caption": text_a / text_b are the source and target captions (the delta swaps one word in
+    context); "word": the swapped words alone."""
+    from alignclip.eval.zeroshot import build_classifier
+
+    index = {k: i for i, k in enumerate(keys)}
+    labels_by_key = tasks.get("val_labels", {})
+    zeroshot = {}
+    for name, task in tasks.get("zero_shot", {}).items():
+        labels = np.full(len(keys), -1, dtype=np.int64)
+        for key in task.get("keys", labels_by_key.keys()):
+            if key in index and key in labels_by_key:
+                labels[index[key]] = labels_by_key[key][task["label"]]
+        zeroshot[name] = ZeroShotTask(list(task["classnames"]),
+                                      build_classifier(encode, task["classnames"], task["templates"]), labels)
+    queries = [q for q in tasks.get("arithmetic", []) if q["source"] in index and q["target"] in index]
+    arithmetic = None
+    if queries:
+        src = np.array([index[q["source"]] for q in queries])
+        tgt = np.array([index[q["target"]] for q in queries])
+        if arithmetic_text == "caption":
+            text_a, text_b = [image_captions[i] for i in src], [image_captions[i] for i in tgt]
+        elif arithmetic_text == "word":
+            text_a, text_b = [q["from"] for q in queries], [q["to"] for q in queries]
+        else:
+            raise ValueError(f"arithmetic_text must be 'caption' or 'word', found {arithmetic_text!r}")
+        arithmetic = ArithmeticTask(src, tgt, encode(text_a), encode(text_b))
+    return zeroshot, arithmetic
+
+
+@torch.no_grad()
+def encode_batches(model, batches: Iterable[dict], device="cpu") -> tuple[np.ndarray, np.ndarray, list, list]:
+    """Images and captions of data batches (dict(image, text, caption, key)), one caption per image."""
+    model.eval()
+    images, texts, keys, captions = [], [], [], []
+    for batch in batches:
+        images.append(model.encode_image(batch["image"].to(device), normalize=True).float().cpu())
+        texts.append(model.encode_text(batch["text"].to(device), normalize=True).float().cpu())
+        keys += list(batch["key"])
+        captions += list(batch["caption"])
+    if not images:
+        raise ValueError("no samples to encode: the data source yielded no batch")
+    return torch.cat(images).numpy(), torch.cat(texts).numpy(), keys, captions
+
+
+def encode_dataset(model, tokenizer, batches: Iterable[dict], tasks: dict | None = None, device="cpu",
+                   arithmetic_text: str = "caption", meta: dict | None = None) -> EmbeddingSet:
+    """Encode every batch; rows sharing a key become one image with several captions; then the tasks' arrays."""
+    image, text, keys, captions = encode_batches(model, batches, device)
+    es = merge_repeated_images(EmbeddingSet.from_arrays(image, text, keys=keys, captions=captions,
+                                                        meta=dict(meta or {}, arithmetic_text=arithmetic_text)))
+    if tasks:
+        first_caption = {}
+        for j, i in enumerate(es.text_to_image):
+            first_caption.setdefault(int(i), es.captions[j])
+        es.zeroshot, es.arithmetic = task_arrays(
+            tasks, es.keys, [first_caption[i] for i in range(len(es.image))],
+            lambda t: encode_texts(model, tokenizer, list(t), device=device), arithmetic_text)
+    return es
+
+
+def folder_batches(folder: str | Path, captions_file: str | Path, image_size: int, tokenizer,
+                   batch_size: int = 64) -> Iterable[dict]:
+    """Batches from a folder of images and a captions file (``filename<TAB>caption`` per line; several lines
+    per image give several captions, each paired with that image)."""
+    from PIL import Image
+
+    from alignclip.data.transforms import eval_transform, normalize_batch
+
+    rows = [line.rstrip("\n").split("\t", 1) for line in Path(captions_file).read_text().splitlines() if line.strip()]
+    bad = [r for r in rows if len(r) != 2]
+    if bad:
+        raise ValueError(f"{captions_file}: expected 'filename<TAB>caption' lines, found {bad[0]!r}")
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        pixels = [eval_transform(Image.open(Path(folder) / name).convert("RGB"), image_size) for name, _ in chunk]
+        yield {"image": normalize_batch(pixels), "text": tokenizer([c for _, c in chunk]),
+               "caption": [c for _, c in chunk], "key": [name for name, _ in chunk]}
+
+
+def merge_repeated_images(es: EmbeddingSet) -> EmbeddingSet:
+    """Collapse rows that share a key (one image listed once per caption) into one image with several captions
+    (before any task arrays exist: they index images)."""
+    if not es.keys or len(set(es.keys)) == len(es.keys):
+        return es
+    first: dict[str, int] = {}
+    for i, k in enumerate(es.keys):
+        first.setdefault(k, len(first))
+    keep = np.array(sorted({k: i for i, k in reversed(list(enumerate(es.keys)))}.values()))
+    owner = np.array([first[k] for k in es.keys])
+    return replace(es, image=es.image[keep], text_to_image=owner, keys=[es.keys[i] for i in keep])

@@ -1,0 +1,58 @@
+"""The embedding cache round-trips through .npy files and accepts arrays from elsewhere."""
+
+import numpy as np
+import pytest
+
+from alignclip.embeddings import ArithmeticTask, EmbeddingSet, ZeroShotTask, merge_repeated_images, task_arrays
+
+
+def test_cache_roundtrip_with_tasks(tmp_path):
+    rng = np.random.default_rng(0)
+    es = EmbeddingSet.from_arrays(rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), keys=list("abcdef"),
+                                  captions=[f"c{i}" for i in range(6)],
+                                  zeroshot={"shape": ZeroShotTask(["x", "y"], rng.normal(size=(2, 4)),
+                                                                  np.array([0, 1, -1, 0, 1, 1]))},
+                                  arithmetic=ArithmeticTask(np.array([0]), np.array([1]), rng.normal(size=(1, 4)),
+                                                            rng.normal(size=(1, 4))), meta={"model": "m"})
+    again = EmbeddingSet.load(es.save(tmp_path / "cache"))
+    np.testing.assert_array_equal(again.image, es.image)
+    np.testing.assert_array_equal(again.zeroshot["shape"].labels, es.zeroshot["shape"].labels)
+    np.testing.assert_array_equal(again.arithmetic.text_b, es.arithmetic.text_b)
+    assert again.keys == es.keys and again.meta["model"] == "m"
+
+
+def test_plain_npy_from_elsewhere(tmp_path):
+    np.save(tmp_path / "image.npy", np.eye(3))
+    np.save(tmp_path / "text.npy", np.eye(3) * 2)
+    es = EmbeddingSet.load(tmp_path / "image.npy")
+    assert es.pairs()[1].shape == (3, 3) and list(es.text_to_image) == [0, 1, 2]
+    with pytest.raises(ValueError, match="text_to_image"):
+        EmbeddingSet.from_arrays(np.eye(3), np.eye(4))
+
+
+def test_repeated_keys_become_one_image_with_several_captions():
+    es = EmbeddingSet.from_arrays(np.array([[1.0, 0], [1.0, 0], [0, 1.0]]), np.eye(3)[:, :2] + 0.1,
+                                  keys=["a", "a", "b"], captions=["a1", "a2", "b1"])
+    merged = merge_repeated_images(es)
+    assert merged.keys == ["a", "b"] and list(merged.text_to_image) == [0, 0, 1]
+    assert merged.image.shape == (2, 2) and merged.text.shape == (3, 2)
+
+
+def test_task_arrays_follow_the_generated_tasks_layout():
+    tasks = {"zero_shot": {"colour": {"classnames": ["red", "blue"], "templates": ["a {} thing"], "label": "colour",
+                                      "keys": ["k0", "k1"]}},
+             "val_labels": {"k0": {"colour": 1}, "k1": {"colour": 0}, "k2": {"colour": 0}},
+             "arithmetic": [{"source": "k0", "target": "k1", "from": "blue", "to": "red"}]}
+    seen = []
+
+    def encode(texts):
+        seen.append(list(texts))
+        return np.random.default_rng(len(seen)).normal(size=(len(texts), 4))
+
+    zs, ar = task_arrays(tasks, ["k0", "k1", "k2"], ["a blue thing", "a red thing", "x"], encode)
+    assert seen[0] == ["a red thing", "a blue thing"]
+    assert list(zs["colour"].labels) == [1, 0, -1]  # k2 is not in the task's keys
+    assert seen[1] == ["a blue thing"] and seen[2] == ["a red thing"]
+    assert list(ar.source) == [0] and list(ar.target) == [1]
+    _, ar_words = task_arrays(tasks, ["k0", "k1", "k2"], ["", "", ""], encode, arithmetic_text="word")
+    assert seen[-2:] == [["blue"], ["red"]]
