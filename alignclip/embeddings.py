@@ -223,3 +223,67 @@ def merge_repeated_images(es: EmbeddingSet) -> EmbeddingSet:
     keep = np.array(sorted({k: i for i, k in reversed(list(enumerate(es.keys)))}.values()))
     owner = np.array([first[k] for k in es.keys])
     return replace(es, image=es.image[keep], text_to_image=owner, keys=[es.keys[i] for i in keep])
+
+
+# ------------------------------------------------------------------------------------ sources for the tools
+def encode_with_model(model_path: str | Path, data: str = "generated", split: str = "val", folder: str = "",
+                      captions: str = "", tasks_path: str = "", limit: int = 0, batch_size: int = 64,
+                      arithmetic_text: str = "caption", device: str = "cpu") -> EmbeddingSet:
+    """Encode an image-text set with an exported model (alignclip.export).
+
+    data="generated": the built-in dataset of the model's own config (``split`` val or train), with its
+    tasks.json; data=<shard spec>: those shards; or folder + captions file. ``tasks_path`` adds ground truth."""
+    from dataclasses import replace as dc_replace
+
+    from alignclip.data import iter_eval_batches
+    from alignclip.export import load_model
+    from alignclip.tokenizer import get_tokenizer
+
+    model, config = load_model(model_path, device)
+    tokenizer = get_tokenizer(config.model.text.context_length)
+    tasks = json.loads(Path(tasks_path).read_text()) if tasks_path else None
+    if folder:
+        batches = folder_batches(folder, captions, config.model.vision.image_size, tokenizer, batch_size)
+        source = f"{folder} ({captions})"
+    else:
+        if data == "generated":
+            from alignclip.data.generated import ensure_generated
+
+            config = dc_replace(config, data=dc_replace(config.data, train="generated", val=""))
+            dataset = ensure_generated(config.data)
+            spec = dataset.spec(split)
+            if tasks is None and split == "val":
+                tasks = dataset.tasks()
+        else:
+            spec = data
+        batches = iter_eval_batches(config, batch_size, spec=spec, limit=limit)
+        source = spec
+    return encode_dataset(model, tokenizer, batches, tasks, device, arithmetic_text,
+                          meta={"model": str(model_path), "source": source, "arch": config.model.arch})
+
+
+def add_source_arguments(parser) -> None:
+    """The data-source flags every tool shares (used with an exported model; a cache needs none)."""
+    group = parser.add_argument_group("image-text set (when a source is an exported .safetensors model)")
+    group.add_argument("--data", default="generated", help="'generated' (the built-in set) or a shard spec")
+    group.add_argument("--split", default="val", choices=["val", "train"], help="split of the generated set")
+    group.add_argument("--folder", default="", help="folder of images (with --captions) instead of shards")
+    group.add_argument("--captions", default="", help="captions file: filename<TAB>caption per line")
+    group.add_argument("--tasks", default="", help="tasks JSON (zero-shot classes/templates/labels, arithmetic)")
+    group.add_argument("--limit", type=int, default=0, help="encode at most this many samples (0: all)")
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--arithmetic-text", default="caption", choices=["caption", "word"],
+                       help="arithmetic deltas from whole captions or from the swapped words alone")
+    group.add_argument("--cache-dir", default="", help="save each encoded set here (<cache-dir>/<name>)")
+
+
+def resolve_source(source: str, args, name: str = "", split: str | None = None) -> EmbeddingSet:
+    """A cache directory / .npy (read), or an exported .safetensors model (encode with the flags above)."""
+    p = Path(source)
+    if p.suffix != ".safetensors":
+        return EmbeddingSet.load(p)
+    es = encode_with_model(p, args.data, split or args.split, args.folder, args.captions, args.tasks, args.limit,
+                           args.batch_size, args.arithmetic_text)
+    if args.cache_dir:
+        es.save(Path(args.cache_dir) / (name or p.stem) / (split or args.split))
+    return es

@@ -69,8 +69,6 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
 def export_checkpoint(checkpoint: str | Path, out_path: str | Path, config: Config | None = None) -> Path:
     """Write ``out_path`` (safetensors, config in its metadata) and ``out_path`` + ``.yaml``; return out_path."""
-    from safetensors.torch import save_model
-
     from alignclip.models import build_model
 
     step_dir = resolve_checkpoint(checkpoint)
@@ -80,13 +78,19 @@ def export_checkpoint(checkpoint: str | Path, out_path: str | Path, config: Conf
     if missing or unexpected:
         raise ValueError(f"checkpoint {step_dir} does not match model config {config.model.arch}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return save_exported(model, config, out_path, source=str(step_dir))
+
+
+def save_exported(model: nn.Module, config: Config, out_path: str | Path, source: str = "") -> Path:
+    """Write a model and its config as an export (safetensors + metadata, YAML sidecar)."""
+    from safetensors.torch import save_model
+
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     yaml_text = to_yaml(config)
-    save_model(model, str(out), metadata={META_CONFIG: yaml_text, META_FORMAT: FORMAT_VERSION,
-                                          META_SOURCE: str(step_dir)})
+    save_model(model, str(out), metadata={META_CONFIG: yaml_text, META_FORMAT: FORMAT_VERSION, META_SOURCE: source})
     Path(str(out) + ".yaml").write_text(yaml_text)
-    log.info("exported %s -> %s", step_dir, out)
+    log.info("exported %s -> %s", source or "model", out)
     return out
 
 
