@@ -131,7 +131,8 @@ class _Cluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool-%n",
             f"SlurmctldPidFile={r}/slurmctld.pid",
