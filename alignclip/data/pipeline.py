@@ -1,4 +1,4 @@
-"""The training input pipeline: shards -> raw samples -> shuffle -> decode + augment -> tokenise -> batches.
+"""The training input pipeline: shards -> samples with all fields -> shuffle -> decode + augment -> tokenise -> batches.
 
 How an epoch is laid out (all of it a pure function of (data.train, train.seed, epoch, rank, world size)):
 
@@ -17,14 +17,15 @@ How an epoch is laid out (all of it a pure function of (data.train, train.seed, 
   with a generator seeded by (seed, epoch, reader).
 * **Shuffle.** Raw (undecoded) samples pass a shuffle buffer of ``data.shuffle_buffer`` per reader; the buffer is
   drained at the end of each pass, so a pass never mixes with the next.
-* **Augmentation.** Every raw sample leaving the buffer consumes the same fixed number of uniforms from the
+* **Augmentation.** Every sample leaving the buffer consumes the same fixed number of uniforms from the
   reader's augmentation generator (seeded by (seed, epoch, reader)), valid or not, decoded or skipped; so the
   crops of a batch depend only on its position in the epoch.
-* **Resume.** ``start_batch = k`` makes each reader skip its first batches by reading and checking raw samples
+* **Resume.** ``start_batch = k`` makes each reader skip its first batches by reading and checking samples
   without decoding them (JPEGs are entropy-decoded at 1/8 scale to tell a corrupt image, see
   ``transforms.check_decodable``): the batches that follow equal those of an uninterrupted epoch.
-* **Errors.** An undecodable image, a missing image, an empty caption, a missing precomputed embedding, a truncated
-  or unreadable tar are counted, logged (first few per reader) and skipped. Each batch carries its reader's
+* **Errors.** A missing image, an empty caption, a missing precomputed embedding (checked as a shard is read,
+  before the buffer), an undecodable image (checked as it leaves the buffer), a truncated or unreadable tar are
+  counted, logged (first few per reader) and skipped. Each batch carries its reader's
   running counts; ``TrainLoader.stats()`` sums them over readers (``reduce_stats`` sums over ranks).
 """
 
@@ -78,6 +79,7 @@ class _Sample:
     image: bytes
     caption: str
     key: str
+    where: str  # shard:key, for messages
     semantic: Optional[np.ndarray] = None
 
 
@@ -108,7 +110,7 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
         else:
             errors.add("missing_semantic", where)
             return None
-    return _Sample(image, caption, raw["__key__"], semantic)
+    return _Sample(image, caption, raw["__key__"], where, semantic)
 
 
 def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -162,23 +164,40 @@ class ShardReader:
             self.errors.add("samples_read")
             yield raw
 
-    def raw_samples(self) -> Iterator[dict]:
-        """Shuffled raw samples, pass after pass (plain) or from an endless resampled shard stream."""
+    def _usable(self, shard: str) -> Iterator[_Sample]:
+        """A shard's samples that have every field (checked before the shuffle buffer, so it holds no dead ones)."""
+        for raw in self._read_shard(shard):
+            sample = extract_fields(raw, self.s, self.errors)
+            if sample is not None:
+                yield sample
+
+    def samples(self) -> Iterator[_Sample]:
+        """Shuffled undecoded samples, pass after pass (plain) or from an endless resampled shard stream."""
         if self.s.resampled:
-            def endless() -> Iterator[dict]:
+            def endless() -> Iterator[_Sample]:
+                empty_draws = 0
                 while True:
-                    yield from self._read_shard(self.s.shards[int(self._resample_rng.integers(len(self.s.shards)))])
+                    shard = self.s.shards[int(self._resample_rng.integers(len(self.s.shards)))]
+                    empty_draws += 1
+                    for sample in self._usable(shard):
+                        empty_draws = 0
+                        yield sample
+                    if empty_draws > 10 * len(self.s.shards) + 100:  # drawn again and again, never a sample
+                        raise RuntimeError(f"data: no usable sample in {empty_draws} resampled shards; counts "
+                                           f"{self.errors.counts}")
             yield from shuffled(endless(), self.s.shuffle_buffer, self._shuffle_rng)
             return
         for pass_index in itertools.count():
             if pass_index:
                 self.errors.add("wrapped_passes")
-            read_before = self.errors.counts["samples_read"]
-            pass_stream = (raw for shard in self._pass_shards(pass_index) for raw in self._read_shard(shard))
-            yield from shuffled(pass_stream, self.s.shuffle_buffer, self._shuffle_rng)
-            if self.errors.counts["samples_read"] == read_before:
-                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} read no sample at all from its "
-                                   f"shards {self._pass_shards(0)}; are they empty or unreadable?")
+            usable = 0
+            for sample in shuffled((x for shard in self._pass_shards(pass_index) for x in self._usable(shard)),
+                                   self.s.shuffle_buffer, self._shuffle_rng):
+                usable += 1
+                yield sample
+            if usable == 0:  # wrapping again would loop forever
+                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in its "
+                                   f"shards {self._pass_shards(0)}; counts {self.errors.counts}")
 
     def __iter__(self) -> Iterator[dict]:
         from alignclip.tokenizer import get_tokenizer
@@ -189,26 +208,22 @@ class ShardReader:
         skip_samples = self.skip * self.s.batch_size
         if self.quota - self.skip <= 0:
             return
-        for raw in self.raw_samples():
-            draws = T.crop_draws(self._augment_rng)  # drawn for every sample, valid or not, skipped or not
-            sample = extract_fields(raw, self.s, self.errors)
-            if sample is not None:
-                try:
-                    if skipped_valid < skip_samples:
-                        T.check_decodable(sample.image)
-                        skipped_valid += 1
-                        invalid_in_a_row = 0
-                        continue
-                    image = T.decode_image(sample.image, min_size=self.s.image_size)
-                    pixels = T.train_transform(image, self.s.image_size, draws)
-                except T.DecodeError as err:
-                    self.errors.add("corrupt_image", f"{raw['__shard__']}:{raw['__key__']}: {err}")
-                    sample = None
-            if sample is None:
+        for sample in self.samples():
+            draws = T.crop_draws(self._augment_rng)  # drawn for every sample, decodable or not, skipped or not
+            try:
+                if skipped_valid < skip_samples:
+                    T.check_decodable(sample.image)
+                    skipped_valid += 1
+                    invalid_in_a_row = 0
+                    continue
+                image = T.decode_image(sample.image, min_size=self.s.image_size)
+                pixels = T.train_transform(image, self.s.image_size, draws)
+            except T.DecodeError as err:
+                self.errors.add("corrupt_image", f"{sample.where}: {err}")
                 invalid_in_a_row += 1
                 if invalid_in_a_row > _MAX_INVALID_IN_A_ROW:
-                    raise RuntimeError(f"data: {invalid_in_a_row} unusable samples in a row; counts "
-                                       f"{self.errors.counts}")
+                    raise RuntimeError(f"data: {invalid_in_a_row} undecodable images in a row; counts "
+                                       f"{self.errors.counts}") from err
                 continue
             invalid_in_a_row = 0
             batch.append((sample, pixels))
@@ -420,15 +435,12 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
     batch: list[tuple[_Sample, np.ndarray]] = []
     seen = 0
     for shard in shards:
-        for raw in reader._read_shard(shard):
-            sample = extract_fields(raw, settings, reader.errors)
-            if sample is None:
-                continue
+        for sample in reader._usable(shard):
             try:
                 pixels = T.eval_transform(T.decode_image(sample.image, min_size=settings.image_size),
                                           settings.image_size)
             except T.DecodeError as err:
-                reader.errors.add("corrupt_image", f"{shard}:{raw['__key__']}: {err}")
+                reader.errors.add("corrupt_image", f"{sample.where}: {err}")
                 continue
             batch.append((sample, pixels))
             seen += 1

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -127,3 +128,93 @@ def chunk_pairs(pairs: list, num_shards: int, samples_per_shard: int) -> Iterato
         chunk = pairs[shard * samples_per_shard:(shard + 1) * samples_per_shard]
         if chunk:
             yield shard, chunk
+
+
+# ------------------------------------------------------------------------------- tools: resumable writing
+_KEEP_AS_IS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+MANIFEST = "_make_shards.json"
+
+
+def check_manifest(out_dir: str | Path, manifest: dict, overwrite: bool) -> bool:
+    """Guard an output folder. Returns True when existing shards must be rewritten.
+
+    No manifest and no shards: fresh. Same manifest: resume (keep finished shards). A different manifest, or shards
+    without one: refuse, unless ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    existing = sorted(out_dir.glob("*.tar")) if out_dir.is_dir() else []
+    if overwrite:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        return True
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != manifest:
+            changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
+            raise FileExistsError(f"{out_dir} holds shards written with other settings (differing: {changed}); "
+                                  f"pass --overwrite to replace them, or choose another output folder")
+        return False
+    if existing:
+        raise FileExistsError(f"{out_dir} already holds {len(existing)} shard(s) not written by this tool; "
+                              f"pass --overwrite to replace them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return False
+
+
+def _image_fields(path: Path) -> dict[str, bytes]:
+    """The image as stored: JPEG/PNG/WebP bytes kept as they are, other formats re-encoded to JPEG."""
+    ext = _KEEP_AS_IS.get(path.suffix.lower())
+    data = path.read_bytes()
+    if ext:
+        return {ext: data}
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=95)
+    return {"jpg": buf.getvalue()}
+
+
+@dataclass
+class WriteSummary:
+    written_shards: int = 0
+    kept_shards: int = 0
+    samples: int = 0
+    failed: int = 0
+
+
+def write_folder_shards(pairs: list[tuple[str, str]], images_root: str | Path, out_dir: str | Path,
+                        samples_per_shard: int, num_shards: int = 0, rewrite: bool = False,
+                        log=print) -> WriteSummary:
+    """Shards of (image file, caption) pairs, ``samples_per_shard`` each (``num_shards`` = 0: as many as needed).
+    A pair whose image cannot be read is counted as failed and left out. Finished shards are kept unless
+    ``rewrite``."""
+    images_root = Path(images_root)
+    num_shards = num_shards or -(-len(pairs) // samples_per_shard)
+    summary = WriteSummary()
+    for shard, chunk in chunk_pairs(pairs, num_shards, samples_per_shard):
+        path = Path(out_dir) / shard_name(shard)
+        if path.exists() and not rewrite:
+            summary.kept_shards += 1
+            continue
+        failed = 0
+        with ShardWriter(path) as writer:
+            for i, (image, caption) in enumerate(chunk):
+                source = Path(image) if Path(image).is_absolute() else images_root / image
+                try:
+                    fields = _image_fields(source)
+                except Exception as err:  # missing or unreadable: img2dataset's "failed" count
+                    failed += 1
+                    log(f"  skipped {source}: {err}")
+                    continue
+                key = sample_key(shard, i, samples_per_shard)
+                fields.update(txt=caption, json={"key": key, "caption": caption, "source": str(image),
+                                                 "status": "success"})
+                writer.write(key, fields)
+        write_stats(path, writer.count, failed)
+        summary.written_shards += 1
+        summary.samples += writer.count
+        summary.failed += failed
+    return summary
