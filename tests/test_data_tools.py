@@ -1,0 +1,92 @@
+"""tools/make_shards.py and tools/embed_captions.py, run as a user would (their main(), in process)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignclip.config import REPO_ROOT
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> tuple[Path, Path]:
+    """10 images (JPEG, PNG and one BMP that gets re-encoded) and a CSV naming them, plus one missing file."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    rows = []
+    for i in range(10):
+        ext = ("jpg", "png", "bmp")[i % 3]
+        colour = np.full((20, 30, 3), i * 20, np.uint8)
+        Image.fromarray(colour).save(images / f"img{i}.{ext}")
+        rows.append((f"img{i}.{ext}", f"picture number {i}, grey"))
+    rows.append(("missing.jpg", "this one does not exist"))
+    captions = tmp_path / "captions.csv"
+    captions.write_text("filepath,caption\n" + "".join(f'{a},"{b}"\n' for a, b in rows))
+    return images, captions
+
+
+def test_make_shards_from_a_folder_then_validate_and_resume(photo_folder, tmp_path, capsys):
+    make_shards = _tool("make_shards")
+    images, captions = photo_folder
+    out = tmp_path / "shards"
+    args = ["folder", "--images", str(images), "--captions", str(captions), "--out", str(out),
+            "--samples-per-shard", "4"]
+    assert make_shards.main(args) == 0
+    assert "wrote 3 shard(s) with 10 samples (1 unreadable images left out)" in capsys.readouterr().out
+    with tarfile.open(out / "00000.tar") as tar:
+        names = tar.getnames()
+    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"] and "000000002.jpg" in names  # bmp
+    assert json.loads((out / "00002_stats.json").read_text())["successes"] == 2  # img8, img9; missing.jpg failed
+
+    assert make_shards.main(["validate", str(out)]) == 0
+    assert '"usable": 10' in capsys.readouterr().out
+
+    assert make_shards.main(args) == 0  # same arguments: resume, keep everything
+    assert "kept 3 finished shard(s)" in capsys.readouterr().out
+    assert make_shards.main(args[:-1] + ["5"]) == 2  # other arguments: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert make_shards.main(args[:-1] + ["5", "--overwrite"]) == 0
+    assert "wrote 3 shard(s)" in capsys.readouterr().out
+
+
+def test_validate_reports_corrupt_images_and_damaged_shards(tmp_path, capsys):
+    make_shards = _tool("make_shards")
+    out = tmp_path / "gen"
+    assert make_shards.main(["generated", "--out", str(out), "--num-shards", "2", "--samples-per-shard", "8",
+                             "--image-size", "32"]) == 0
+    assert make_shards.main(["validate", str(out)]) == 0
+    data = (out / "train-00001.tar").read_bytes()
+    (out / "train-00001.tar").write_bytes(data[: len(data) // 2])
+    report = tmp_path / "report.json"
+    assert make_shards.main(["validate", str(out), "--json", str(report)]) == 1
+    printed = capsys.readouterr().out
+    assert "PROBLEM" in printed and "truncated_shard" in printed
+    totals = json.loads(report.read_text())["totals"]
+    assert totals["damaged_shards"] == 1 and totals["stats_mismatch"] == 1 and totals["samples"] < 16
+
+
+def test_embed_captions_tool_writes_sidecars_for_its_array_part(tmp_path, capsys):
+    make_shards, embed = _tool("make_shards"), _tool("embed_captions")
+    shards = tmp_path / "gen"
+    assert make_shards.main(["generated", "--out", str(shards), "--num-shards", "3", "--samples-per-shard", "4",
+                             "--image-size", "32"]) == 0
+    sem = tmp_path / "sem"
+    assert embed.main([str(shards), "--out", str(sem), "--model", "minilm-offline", "--device", "cpu",
+                       "--shard-index", "1", "--num-parts", "2"]) == 0
+    assert sorted(p.name for p in sem.iterdir()) == ["train-00001.sem.npz"]
+    with np.load(sem / "train-00001.sem.npz") as npz:
+        assert npz["embeddings"].dtype == np.float16 and npz["embeddings"].shape == (4, 384)
+        assert list(npz["keys"]) == [f"{4 + i:09d}" for i in range(4)]
