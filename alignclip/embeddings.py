@@ -278,8 +278,11 @@ def add_source_arguments(parser) -> None:
 
 
 def resolve_source(source: str, args, name: str = "", split: str | None = None) -> EmbeddingSet:
-    """A cache directory / .npy (read), or an exported .safetensors model (encode with the flags above)."""
+    """A cache directory / .npy (read), an exported .safetensors model, or a training run / checkpoint directory
+    (exported first, into --cache-dir or a temporary folder), encoded with the flags above."""
     p = Path(source)
+    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "mp_rank_00_model_states.pt").is_file()):
+        p = _export_on_the_fly(p, args, name)  # a training run or checkpoint: export it first
     if p.suffix != ".safetensors":
         return EmbeddingSet.load(p)
     es = encode_with_model(p, args.data, split or args.split, args.folder, args.captions, args.tasks, args.limit,
@@ -287,3 +290,12 @@ def resolve_source(source: str, args, name: str = "", split: str | None = None) 
     if args.cache_dir:
         es.save(Path(args.cache_dir) / (name or p.stem) / (split or args.split))
     return es
+
+
+def _export_on_the_fly(checkpoint: Path, args, name: str) -> Path:
+    import tempfile
+
+    from alignclip.export import export_checkpoint
+
+    folder = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="alignclip_export_"))
+    return export_checkpoint(checkpoint, folder / f"{name or checkpoint.name}.safetensors")
