@@ -13,7 +13,7 @@ Layout (docs/training.md)::
 Atomicity: every rank writes into ``step_X.tmp/``; after a barrier rank 0 renames it to ``step_X/`` (a rename is
 atomic on POSIX) and then replaces ``latest`` by writing ``latest.tmp`` and renaming it. A crash at any point
 leaves either the previous ``latest`` (pointing at a complete directory) or the new one; a stale ``*.tmp`` is
-removed by the next save. The file system must be shared by all ranks (as on a Slurm cluster).
+removed by the next save (saves are collective, so none is in progress then). The file system must be shared by all ranks (as on a Slurm cluster).
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int)
     rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crash during an earlier save of this step
-            shutil.rmtree(tmp)
+        for stale in root.glob("step_*.tmp"):  # left by a crash during an earlier save
+            shutil.rmtree(stale)
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     torch.save(capture_rng(), tmp / f"rng_rank{rank}.pt")

@@ -83,8 +83,8 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                 if preempted or state.step % cfg.train.checkpoint_every_steps == 0 or state.step == run.total_steps:
                     result.checkpoint = ckpt.save_checkpoint(run.engine, run.run_dir, state, cfg.train.keep_checkpoints)
                 if preempted:
-                    mon.info(f"{run.preemption.signal_name} received: saved {result.checkpoint} at step {state.step}; "
-                             f"exiting with {REQUEUE_EXIT_CODE} to be requeued")
+                    mon.info(f"preempted ({run.preemption.describe()}): saved {result.checkpoint} at step "
+                             f"{state.step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
                     result.exit_code = REQUEUE_EXIT_CODE
                     return _finish(run, result)
             del batches  # stops the loader's workers

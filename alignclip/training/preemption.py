@@ -41,9 +41,10 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         self.received = signum  # only record: the loop acts at the next step boundary
 
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "none"
+    def describe(self) -> str:
+        if self.received is None:
+            return "signal received by another rank"
+        return f"{signal.Signals(self.received).name} received by this rank"
 
     def agree(self) -> bool:
         """True on every rank iff any rank has received a signal. Collective: all ranks must call it."""

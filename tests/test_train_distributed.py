@@ -1,0 +1,315 @@
+"""The trainer end to end on CPU with the real DeepSpeed engine: multi-rank equivalence, exact resume after
+SIGKILL, preemption, a kill during checkpoint writing, TensorBoard read-back.
+
+Every case trains a tiny CLIP (32 px images, width 32, one block per tower) on small colour-shape shards written
+here through the data package's ShardWriter, so the runs take seconds after DeepSpeed's op is compiled once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO_ROOT, free_port, run_on_ranks
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
+SHAPES = ("square", "disc", "bar")
+
+
+def _draw(colour: str, shape: str, rng: np.random.Generator, size: int = 40) -> bytes:
+    pixels = np.full((size, size, 3), 245, np.uint8) + rng.integers(0, 10, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(14, size - 14, 2)
+    mask = {"square": (abs(yy - cy) < 9) & (abs(xx - cx) < 9),
+            "disc": (yy - cy) ** 2 + (xx - cx) ** 2 < 100,
+            "bar": (abs(yy - cy) < 4) & (abs(xx - cx) < 13)}[shape]
+    pixels[mask] = COLOURS[colour]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_toy_shards(folder: Path, num_shards: int = 4, per_shard: int = 32, seed: int = 0) -> str:
+    """Caption = colour + shape: a task that a tiny model learns in a few dozen steps."""
+    from alignclip.data.writer import ShardWriter, sample_key, shard_name
+
+    rng = np.random.default_rng(seed)
+    for s in range(num_shards):
+        with ShardWriter(folder / shard_name(s)) as writer:
+            for i in range(per_shard):
+                colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+                writer.write(sample_key(s, i, per_shard), {"jpg": _draw(colour, shape, rng),
+                                                           "txt": f"a {colour} {shape}", "json": {}})
+    return str(folder) + "/"
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("toy")
+    return {"train": write_toy_shards(root / "train", num_shards=4, per_shard=32, seed=0),
+            "val": write_toy_shards(root / "val", num_shards=1, per_shard=32, seed=1)}
+
+
+def tiny_overrides(data: dict[str, str], run_dir: Path, **extra) -> list[str]:
+    base = {
+        "run_dir": str(run_dir), "data.train": data["train"], "data.val": data["val"], "data.workers": 0,
+        "data.shuffle_buffer": 16,
+        "model.arch": "clip", "model.embed_dim": 32,
+        "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
+        "model.vision.layers": 1, "model.vision.heads": 2,
+        "model.text.context_length": 16, "model.text.width": 32, "model.text.layers": 1, "model.text.heads": 2,
+        "loss.impl": "dense", "train.global_batch_size": 16, "train.epochs": 4, "train.lr": 2e-3,
+        "train.warmup_steps": 3, "train.precision": "fp32", "train.device": "cpu",
+        "train.checkpoint_every_steps": 1000, "logging.log_every_steps": 1, "logging.gap_every_steps": 1000,
+        "logging.gap_batch_size": 32, "logging.progress_bar": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def launch(overrides: list[str], world_size: int = 1, log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """``python -m alignclip.train`` once per rank, with the torchrun variables set as srun's tasks would have."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = _env(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        out = open(log_dir / f"rank{rank}.out", "ab") if log_dir else subprocess.DEVNULL
+        procs.append(subprocess.Popen([sys.executable, "-m", "alignclip.train", *overrides], env=env,
+                                      stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return codes
+
+
+def wait_for(predicate, procs: list[subprocess.Popen], timeout: float = 120, poll: float = 0.005) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a rank ended before the condition held: {[p.poll() for p in procs]}")
+        if time.time() > deadline:
+            for p in procs:
+                p.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(poll)
+
+
+def latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("_")[1]) if pointer.is_file() else 0
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from alignclip.training.checkpoint import find_latest
+
+    states = torch.load(find_latest(run_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return states["module"]
+
+
+def scalar_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    out = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags["scalars"]}
+    out.update({tag: [(e.step, 0.0) for e in acc.Histograms(tag)] for tag in tags["histograms"]})
+    return out
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst:.3g} (tolerance {atol})"
+
+
+# ------------------------------------------------------------------------------- multi-rank equivalence
+def _fixed_batch_steps(rank: int, world_size: int, overrides: list[str], steps: int):
+    """Train ``steps`` steps on the same fixed global batches, split by rank; return losses and weights."""
+    from alignclip.config import load_config
+    from alignclip.data.pipeline import iter_eval_batches
+    from alignclip.distributed.env import setup_distributed_env
+    from alignclip.training import loop
+
+    config = load_config(None, overrides)
+    run = loop._setup(config, setup_distributed_env())
+    global_batches = list(iter_eval_batches(config, config.train.global_batch_size, spec=config.data.train,
+                                            limit=config.train.global_batch_size * 4))
+    per_rank = config.train.global_batch_size // world_size
+
+    def local_batches():
+        for i in range(steps):
+            batch = global_batches[i % len(global_batches)]
+            yield {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+
+    batches, losses = local_batches(), []
+    for _ in range(steps):
+        losses.append(loop._train_step(run, batches, loop._Window())["loss/total"])
+    weights = {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
+    run.monitor.close()
+    run.preemption.restore()
+    return losses, weights
+
+
+@pytest.mark.heavy
+def test_two_rank_zero1_matches_one_process_on_the_same_global_batch(toy_data, tmp_path):
+    steps, lr = 16, {"train.lr": 5e-3}
+    two = run_on_ranks(_fixed_batch_steps, 2, tiny_overrides(toy_data, tmp_path / "two", **lr), steps)
+    one = run_on_ranks(_fixed_batch_steps, 1, tiny_overrides(toy_data, tmp_path / "one", **lr), steps)
+    (losses0, weights0), (losses1, weights1) = two
+    (losses_single, weights_single), = one
+    assert losses0 == losses1  # the logged loss is the global-batch loss, identical on every rank
+    assert_same_weights(weights0, weights1, atol=0.0)  # data parallel: bit-identical replicas
+    assert losses0[-1] < 0.8 * losses0[0], f"loss did not fall: {losses0}"
+    # Same math, different reduction order: equal to float precision at first; Adam's normalisation lets the
+    # ~1e-7 differences grow slowly over the steps, so the later tolerance is looser.
+    np.testing.assert_allclose(losses0[:4], losses_single[:4], rtol=1e-5)
+    np.testing.assert_allclose(losses0, losses_single, rtol=5e-4)
+    assert_same_weights(weights0, weights_single, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------- exact resume, TensorBoard
+RESUME_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def straight_run(toy_data, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run, the reference for the resume tests."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    overrides = tiny_overrides(toy_data, run_dir, **{"train.max_steps": RESUME_STEPS,
+                                                     "train.checkpoint_every_steps": 4,
+                                                     "logging.gap_every_steps": 4})
+    assert wait_all(launch(overrides, log_dir=run_dir)) == [0], (run_dir / "rank0.out").read_text()[-3000:]
+    return run_dir
+
+
+@pytest.mark.heavy
+def test_resume_after_sigkill_matches_uninterrupted_run(toy_data, straight_run, tmp_path):
+    overrides = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": RESUME_STEPS,
+                                                      "train.checkpoint_every_steps": 4,
+                                                      "logging.gap_every_steps": 4})
+    procs = launch(overrides, log_dir=tmp_path)
+    wait_for(lambda: latest_step(tmp_path) >= 4, procs)
+    procs[0].send_signal(signal.SIGKILL)
+    assert wait_all(procs) == [-signal.SIGKILL]
+    killed_at = latest_step(tmp_path)
+    assert 4 <= killed_at < RESUME_STEPS
+    assert wait_all(launch(overrides, log_dir=tmp_path)) == [0]  # the same command, restarted
+    assert f"at step {killed_at}" in (tmp_path / "train.log").read_text()
+
+    assert_same_weights(final_weights(straight_run), final_weights(tmp_path), atol=1e-6)
+    reference, resumed = scalar_events(straight_run), scalar_events(tmp_path)
+    ref_loss, got_loss = dict(reference["loss/total"]), dict(resumed["loss/total"])
+    later = [s for s in ref_loss if s > killed_at]
+    assert later and all(abs(ref_loss[s] - got_loss[s]) <= 1e-6 for s in later), (ref_loss, got_loss)
+
+
+@pytest.mark.heavy
+def test_tensorboard_has_every_tag_once_per_step(straight_run):
+    events = scalar_events(straight_run)
+    per_step = ["loss/total", "loss/clip", "train/lr", "train/logit_scale", "train/temperature",
+                "train/grad_norm", "perf/samples_per_s", "perf/samples_per_s_per_device", "perf/data_wait_share",
+                "memory/rss_gb"]
+    for tag in per_step:
+        steps = [s for s, _ in events.get(tag, [])]
+        assert steps == list(range(1, RESUME_STEPS + 1)), f"{tag}: {steps}"
+    for tag in ("gap/alignment_score", "gap/centroid_distance", "gap/paired_cosine"):
+        steps = [s for s, _ in events.get(tag, [])]
+        assert steps == list(range(4, RESUME_STEPS + 1, 4)), f"{tag}: {steps}"
+    lrs = dict(events["train/lr"])
+    assert lrs[3] == pytest.approx(2e-3) and lrs[RESUME_STEPS] < lrs[3]  # warmup 3 steps, then cosine decay
+
+
+# ------------------------------------------------------------------------------------------- preemption
+@pytest.mark.heavy
+def test_sigusr1_on_one_rank_makes_every_rank_save_and_exit_for_requeue(toy_data, tmp_path):
+    from alignclip.training.preemption import REQUEUE_EXIT_CODE
+
+    overrides = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": 30})
+    procs = launch(overrides, world_size=2, log_dir=tmp_path)
+    log = tmp_path / "train.log"
+    wait_for(lambda: log.is_file() and "step 3 loss" in log.read_text(), procs)
+    procs[1].send_signal(signal.SIGUSR1)  # Slurm signals tasks one by one; a single rank's flag is enough
+    assert wait_all(procs) == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
+    stopped_at = latest_step(tmp_path)
+    assert 3 <= stopped_at < 30
+    checkpoint = tmp_path / "checkpoints" / f"step_{stopped_at:08d}"
+    for rank in (0, 1):  # every rank wrote its optimizer partition and its RNG state
+        assert (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        assert (checkpoint / f"rng_rank{rank}.pt").is_file()
+    assert f"preempted (signal received by another rank): saved {checkpoint}" in log.read_text()  # rank 0's view
+
+    assert wait_all(launch(overrides, world_size=2, log_dir=tmp_path)) == [0, 0]
+    assert f"resumed from {checkpoint} at step {stopped_at}" in log.read_text()
+    assert latest_step(tmp_path) == 30
+
+
+# ------------------------------------------------------------------------------- kill while checkpointing
+_KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from alignclip.config import load_config
+from alignclip.distributed.env import setup_distributed_env
+from alignclip.training import checkpoint as ckpt, loop
+config = load_config(None, sys.argv[1:])
+run = loop._setup(config, setup_distributed_env())
+ckpt.save_checkpoint(run.engine, run.run_dir, run.state, keep=3)  # step 0: complete
+run.state.step = 1
+real_save = torch.save
+def save_then_die(obj, f, *args, **kwargs):  # dies once the engine's files and the RNG state are written
+    real_save(obj, f, *args, **kwargs)
+    if "rng_rank" in str(f):
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+ckpt.save_checkpoint(run.engine, run.run_dir, run.state, keep=3)
+"""
+
+
+@pytest.mark.heavy
+def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path):
+    from alignclip.training.checkpoint import find_latest
+
+    overrides = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": 3})
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, *overrides], env=env, cwd=REPO_ROOT,
+                          capture_output=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "step_00000001.tmp" / "rng_rank0.pt").is_file()  # the interrupted save's leftovers
+    assert (checkpoints / "latest").read_text().strip() == "step_00000000"
+    assert find_latest(tmp_path) == checkpoints / "step_00000000"
+
+    assert wait_all(launch(overrides, log_dir=tmp_path)) == [0]  # resumes from step 0, saves over the leftovers
+    assert "resumed from" in (tmp_path / "train.log").read_text()
+    assert latest_step(tmp_path) == 3 and not (checkpoints / "step_00000001.tmp").exists()
