@@ -33,7 +33,8 @@ if [ "${1:-}" = "--config" ] || [ "${1:-}" = "-c" ]; then
 fi
 
 # RUN_DIR, CONFIG_PATH, REQUEUE_EXIT_CODE, MAX_REQUEUES, ENV_FILE, MASTER_PORT (seeded from the job id)
-eval "$("$PYTHON" -m alignclip.launch shell-env --config "$CONFIG" "$@")"
+LAUNCH_ENV="$("$PYTHON" -m alignclip.launch shell-env --config "$CONFIG" "$@")"  # a config error stops here
+eval "$LAUNCH_ENV"
 # shellcheck disable=SC1090
 source "${ALIGNCLIP_ENV_FILE:-$ENV_FILE}"
 
@@ -50,7 +51,9 @@ echo "[pretrain] $(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:
      "${SLURM_NTASKS} tasks, master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
 
 set +e
-srun --label --kill-on-bad-exit=0 "$PYTHON" -m alignclip.train --config "$CONFIG_PATH" "$@" "run_dir=$RUN_DIR"
+# Each task names its rank and host (the layout, in the log), then becomes the trainer (exec: signals reach it).
+srun --label --kill-on-bad-exit=0 bash -c 'echo "[pretrain] rank $SLURM_PROCID/$SLURM_NTASKS on $(hostname)"; exec "$@"' \
+    task "$PYTHON" -m alignclip.train --config "$CONFIG_PATH" "$@" "run_dir=$RUN_DIR"
 rc=$?
 set -e
 

@@ -1,0 +1,175 @@
+"""The Slurm launch path against a real Slurm: sbatch scripts, preemption + requeue + resume, submitit sweeps, and a
+two-node job across network namespaces.
+
+The fixtures start throw-away clusters (tests/slurm_cluster.py: installs Debian's packages when root and missing,
+starts munged/slurmctld/slurmd, stops exactly what it started). Without root or Slurm the tests skip with the
+reason; under CI=true they fail instead. Every job trains a tiny AlignCLIP with the real trainer (2 CPU tasks).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_helpers import (REPO_ROOT, base_config, final_weights, job_env, logged_steps, max_weight_difference,
+                            script_config_args, tiny_overrides, trainer_state, unavailable)
+from slurm_cluster import LocalSlurm, SlurmUnavailable, TwoNodeSlurm
+
+pytestmark = [pytest.mark.heavy, pytest.mark.slurm]
+
+SCRIPT = str(REPO_ROOT / "slurm" / "pretrain_alignclip.sh")
+STEPS = 30  # long enough to signal mid-run (a step takes ~0.2 s here), short enough for the test budget
+JOB_TIMEOUT_S = 240
+CPU_TASKS = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]  # command line beats the #SBATCH lines
+
+
+def _start(cluster):
+    try:
+        started = time.monotonic()
+        cluster.start()
+        return time.monotonic() - started
+    except SlurmUnavailable as err:
+        unavailable(f"cannot start a Slurm cluster here: {err}")
+
+
+def _assert_stopped_cleanly(cluster) -> None:
+    daemons = list(cluster.procs)
+    cluster.stop()
+    assert all(proc.poll() is not None for _, proc in daemons), [n for n, p in daemons if p.poll() is None]
+    assert not cluster.root.exists(), f"{cluster.root} left behind"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    cluster = LocalSlurm(cpus=4)  # room for two 1-task sweep points side by side
+    _start(cluster)
+    yield cluster
+    _assert_stopped_cleanly(cluster)
+
+
+@pytest.fixture(scope="module")
+def two_node():
+    cluster = TwoNodeSlurm(cpus_per_node=1)
+    seconds = _start(cluster)
+    cluster.setup_seconds = seconds
+    yield cluster
+    started = time.monotonic()
+    _assert_stopped_cleanly(cluster)
+    teardown = time.monotonic() - started
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "alclip-" not in namespaces, f"namespaces left behind: {namespaces}"
+    assert not Path("/sys/class/net", TwoNodeSlurm.BRIDGE).exists(), "bridge left behind"
+    print(f"two-node cluster: set-up {seconds:.1f} s, tear-down {teardown:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """One folder for the module: the generated dataset is rendered once and shared by every job."""
+    return tmp_path_factory.mktemp("launch")
+
+
+def _log(run_dir: Path, job_id: int) -> str:
+    """The job's output as the script appends it into the run dir (or sbatch's own file, if it died earlier)."""
+    for path in (run_dir / "logs" / f"slurm-{job_id}.out", run_dir.parent / f"alignclip-{job_id}.out"):
+        if path.exists():
+            return path.read_text(errors="replace")
+    return ""
+
+
+def _sbatch_run(cluster, work: Path, name: str, *sbatch_args: str, steps: int = STEPS) -> tuple[int, Path]:
+    run_dir = work / name
+    args = [*CPU_TASKS, *sbatch_args, SCRIPT, *script_config_args(work),
+            *tiny_overrides(work / "data", run_dir, **{"train.max_steps": steps})]
+    return cluster.sbatch(*args, env=job_env(), cwd=work), run_dir
+
+
+@pytest.fixture(scope="module")
+def straight_run(slurm, work) -> tuple[int, Path]:
+    """``sbatch slurm/pretrain_alignclip.sh`` with 2 tasks on one CPU node, run to completion."""
+    job_id, run_dir = _sbatch_run(slurm, work, "straight", "--ntasks-per-node=2")
+    state = slurm.wait_job(job_id, JOB_TIMEOUT_S)
+    assert state == "COMPLETED", f"job ended {state}:\n{_log(run_dir, job_id)[-4000:]}"
+    return job_id, run_dir
+
+
+def test_sbatch_two_cpu_tasks_train_to_completion_with_checkpoints_tensorboard_and_both_ranks_logged(
+        slurm, straight_run, work):
+    job_id, run_dir = straight_run
+    assert slurm.job_field(job_id, "ExitCode") == "0:0"
+    assert trainer_state(run_dir)["step"] == STEPS
+    assert trainer_state(run_dir)["world_size"] == 2
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # TensorBoard events, one per step
+    log = _log(run_dir, job_id)  # the job's output, appended into the run dir by the script
+    assert "0: [pretrain] rank 0/2 on" in log and "1: [pretrain] rank 1/2 on" in log
+    assert "world 2 (slurm)" in (run_dir / "train.log").read_text()
+    assert (work / f"alignclip-{job_id}.out").exists()  # sbatch's own --output, in the submission dir
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_usr1_mid_run_saves_requeues_and_resumes_to_the_same_weights(slurm, straight_run, work):
+    job_id, run_dir = _sbatch_run(slurm, work, "preempted", "--ntasks-per-node=2")
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    train_log = run_dir / "train.log"
+    while not (train_log.exists() and re.search(r"INFO step [3-9] ", train_log.read_text())):
+        assert time.monotonic() < deadline and slurm.job_field(job_id, "JobState") in ("PENDING", "RUNNING"), \
+            _log(run_dir, job_id)[-3000:]
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=slurm.env, check=True, timeout=30)
+    state = slurm.wait_job(job_id, JOB_TIMEOUT_S)
+    log = _log(run_dir, job_id)
+    assert state == "COMPLETED", f"job ended {state}:\n{log[-4000:]}"
+    assert slurm.job_field(job_id, "Restarts") == "1"
+    assert "requeueing job" in log and "(restart 1)" in log
+
+    preempted = re.search(r"preempted \(.*\): saved .*step_(\d+) at step (\d+)", train_log.read_text())
+    assert preempted, train_log.read_text()[-3000:]
+    stopped_at = int(preempted.group(2))
+    assert 3 <= stopped_at < STEPS  # stopped mid-run, at a step boundary, with a checkpoint of that step
+    state = trainer_state(run_dir)
+    assert state["step"] == STEPS and state["samples_seen"] == STEPS * 16  # no step lost or repeated
+    steps = logged_steps(run_dir)
+    assert sorted(set(steps)) == list(range(1, STEPS + 1)), steps
+    # Exact resume: the requeued job ends where the uninterrupted one did.
+    assert max_weight_difference(final_weights(run_dir), final_weights(straight_run[1])) <= 1e-6
+
+
+def test_submitit_slurm_sweep_runs_two_points_as_an_array_each_in_its_own_run_dir(slurm, work, monkeypatch):
+    from alignclip.launch import grid, submit_sweep, wait_slurm
+
+    for key, value in {**slurm.env, **job_env()}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(work)
+    steps = 4
+    overrides = tiny_overrides(work / "data", **{"train.max_steps": steps, "launch.tasks_per_node": 1,
+                                                 "output_dir": str(work / "sweeps"), "name": "lr"})
+    submitted = submit_sweep(base_config(work), grid({"train.lr": ["1e-3", "2e-3"]}), overrides, executor="slurm")
+    assert len({s.job_id.split("_")[0] for s in submitted}) == 1  # one job array
+    wait_slurm([s.job_id for s in submitted], JOB_TIMEOUT_S, poll_s=0.5)
+    run_dirs = [s.run.run_dir for s in submitted]
+    assert run_dirs == [work / "sweeps" / "lr" / "lr=1e-3", work / "sweeps" / "lr" / "lr=2e-3"]
+    for run_dir, lr in zip(run_dirs, ("0.001", "0.002")):
+        assert trainer_state(run_dir).get("step") == steps, sorted(run_dir.rglob("*"))
+        assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+    assert (work / "sweeps" / "lr" / "sweep.json").exists()
+
+
+def test_two_node_job_puts_one_rank_per_node_and_matches_the_one_node_run(two_node, straight_run, work):
+    # gloo must bootstrap over the namespaces' link: name the interface every node has there
+    env = {**job_env(), "GLOO_SOCKET_IFNAME": TwoNodeSlurm.IFNAME}
+    run_dir = work / "two_node"
+    args = [*CPU_TASKS, "--nodes=2", "--ntasks-per-node=1", SCRIPT, *script_config_args(work),
+            *tiny_overrides(work / "data", run_dir, **{"train.max_steps": STEPS})]
+    job_id = two_node.sbatch(*args, env=env, cwd=work)
+    state = two_node.wait_job(job_id, JOB_TIMEOUT_S)
+    log = _log(run_dir, job_id)
+    assert state == "COMPLETED", f"job ended {state}:\n{log[-4000:]}"
+    assert "0: [pretrain] rank 0/2 on node1" in log and "1: [pretrain] rank 1/2 on node2" in log
+    assert "master node1:" in log
+    assert trainer_state(run_dir)["step"] == STEPS
+    difference = max_weight_difference(final_weights(run_dir), final_weights(straight_run[1]))
+    assert difference <= 1e-6, f"two nodes vs one node: weights differ by {difference:.3g}"
+    assert two_node.setup_seconds < 30
