@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
 
 def _folder(args) -> int:
     from alignclip.data.writer import check_manifest, read_captions_file, write_folder_shards
