@@ -185,3 +185,22 @@ def test_corrupt_jpeg_truncated_tar_and_empty_caption_are_skipped_and_counted(da
     resumed = list(build_train_loader(config, 0, 1, 0, start_batch=2))
     assert [b["key"] for b in resumed] == [b["key"] for b in batches[2:]]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches[2:], resumed))
+
+
+def test_uneven_shards_still_give_every_rank_the_same_number_of_full_batches(tmp_path):
+    for shard, size in enumerate((5, 9, 20, 30)):
+        G.write_split(tmp_path, "train", 1, size, IMAGE_SIZE, seed=shard, prefix=f"s{shard}-")
+    config = _config(str(tmp_path), **{"data.workers": 1, "train.global_batch_size": 8})  # 64 samples: 8 x 4 x 2
+    stats = []
+    for rank in range(2):
+        loader = build_train_loader(config, rank, 2, epoch=0)
+        batches = list(loader)
+        assert len(loader) == len(batches) == 8 and all(len(b["key"]) == 4 for b in batches)
+        stats.append(loader.stats())
+    # The reader holding the small shards read them again (a second pass); the other stopped at its quota.
+    assert sorted(s["wrapped_passes"] > 0 for s in stats) == [False, True]
+
+
+def test_eval_batch_falls_back_to_the_last_training_shard_without_a_val_split(eight_shards):
+    batch = build_eval_batch(_config(str(eight_shards)), 4)
+    assert batch["key"] == [f"{7 * 16 + i:09d}" for i in range(4)]

@@ -390,6 +390,11 @@ def resolve_spec(data_cfg, split: str) -> str:
     spec = data_cfg.train if split == "train" else data_cfg.val
     if split == "val" and not spec and data_cfg.train == "generated":
         spec = "generated"
+    elif split == "val" and not spec and data_cfg.train:
+        # No validation split named: the live gap metrics still need a fixed batch; take the training list's last
+        # shard (seen in training too, so not held out: say so).
+        spec = shardlib.expand_spec(data_cfg.train)[-1]
+        log.warning("data: 'data.val' is empty; the eval batch comes from the last training shard %s", spec)
     if spec == "generated":
         return generated.ensure_generated(data_cfg).spec(split)
     if not spec:
