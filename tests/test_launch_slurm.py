@@ -137,23 +137,38 @@ def test_usr1_mid_run_saves_requeues_and_resumes_to_the_same_weights(slurm, stra
     assert max_weight_difference(final_weights(run_dir), final_weights(straight_run[1])) <= 1e-6
 
 
-def test_submitit_slurm_sweep_runs_two_points_as_an_array_each_in_its_own_run_dir(slurm, work, monkeypatch):
+def test_submitit_sweep_is_one_array_each_point_in_its_own_run_dir_and_a_preempted_point_resumes(
+        slurm, work, monkeypatch):
+    """Two points through submitit's Slurm executor; point 0 gets USR1 mid-run: the trainer saves, TrainJob
+    requeues the array task (no save in a signal handler), and the requeued task finishes from the checkpoint."""
     from alignclip.launch import grid, submit_sweep, wait_slurm
 
     for key, value in {**slurm.env, **job_env()}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(work)
-    steps = 4
-    overrides = tiny_overrides(work / "data", **{"train.max_steps": steps, "launch.tasks_per_node": 1,
+    overrides = tiny_overrides(work / "data", **{"train.max_steps": STEPS, "launch.tasks_per_node": 1,
                                                  "output_dir": str(work / "sweeps"), "name": "lr"})
     submitted = submit_sweep(base_config(work), grid({"train.lr": ["1e-3", "2e-3"]}), overrides, executor="slurm")
-    assert len({s.job_id.split("_")[0] for s in submitted}) == 1  # one job array
-    wait_slurm([s.job_id for s in submitted], JOB_TIMEOUT_S, poll_s=0.5)
+    array_ids = {s.job_id.split("_")[0] for s in submitted}
+    assert len(array_ids) == 1 and [s.job_id.split("_")[1] for s in submitted] == ["0", "1"]  # one job array
     run_dirs = [s.run.run_dir for s in submitted]
     assert run_dirs == [work / "sweeps" / "lr" / "lr=1e-3", work / "sweeps" / "lr" / "lr=2e-3"]
+
+    train_log = run_dirs[0] / "train.log"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (train_log.exists() and re.search(r"INFO step [3-9] ", train_log.read_text())):
+        assert time.monotonic() < deadline, "sweep point 0 never reached step 3"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", submitted[0].job_id], check=True, timeout=30)
+    wait_slurm([s.job_id for s in submitted], JOB_TIMEOUT_S, poll_s=0.5)
+
     for run_dir, lr in zip(run_dirs, ("0.001", "0.002")):
-        assert trainer_state(run_dir).get("step") == steps, sorted(run_dir.rglob("*"))
+        assert trainer_state(run_dir).get("step") == STEPS, sorted(run_dir.rglob("*"))
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+    assert "preempted (" in train_log.read_text()
+    assert sorted(set(logged_steps(run_dirs[0]))) == list(range(1, STEPS + 1))
+    assert slurm.job_field(submitted[0].job_id, "Restarts") == "1"
+    assert slurm.job_field(submitted[1].job_id, "Restarts") == "0"
     assert (work / "sweeps" / "lr" / "sweep.json").exists()
 
 
