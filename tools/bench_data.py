@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -78,36 +79,40 @@ def loader_throughput(spec: str, workers: int, samples: int, batch: int, image_s
 
 
 def stage_breakdown(spec: str, n: int, image_size: int, batch: int) -> dict[str, float]:
-    """Milliseconds per sample of each stage, in this process, one core."""
+    """CPU milliseconds per sample of each stage, in this process, one thread (CPU time, not wall time, so other
+    load on the machine inflates it less)."""
     from alignclip.data import shards as shardlib
     from alignclip.data import transforms as T
     from alignclip.tokenizer import get_tokenizer
 
     shard_list = shardlib.expand_spec(spec)
-    t0 = time.perf_counter()
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.process_time()
     raws = []
     for shard in shard_list:
         raws += list(shardlib.iter_raw_samples(shard))
         if len(raws) >= n:
             break
     raws = raws[:n]
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     rng = np.random.default_rng(0)
     images = [T.decode_image(r["jpg"], min_size=image_size) for r in raws]
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     pixels = [T.train_transform(img, image_size, T.crop_draws(rng)) for img in images]
-    t3 = time.perf_counter()
+    t3 = time.process_time()
     for i in range(0, n, batch):
         T.normalize_batch(pixels[i:i + batch])
-    t4 = time.perf_counter()
+    t4 = time.process_time()
     tokenizer = get_tokenizer()
     captions = [r["txt"].decode() for r in raws]
     for i in range(0, n, batch):
         tokenizer(captions[i:i + batch])
-    t5 = time.perf_counter()
+    t5 = time.process_time()
     for r in raws:
         T.check_decodable(r["jpg"])
-    t6 = time.perf_counter()
+    t6 = time.process_time()
+    torch.set_num_threads(torch_threads)
     ms = 1000.0 / n
     return {"tar read": (t1 - t0) * ms, "JPEG decode": (t2 - t1) * ms, "crop + bicubic resize": (t3 - t2) * ms,
             "normalise (per batch)": (t4 - t3) * ms, "tokenise (per batch)": (t5 - t4) * ms,
@@ -145,9 +150,15 @@ def main(argv: list[str] | None = None) -> int:
               f"shards, written in {time.perf_counter() - start:.1f} s; batch {args.batch_size}, crop to "
               f"{args.image_size}, {os.cpu_count()} CPU(s)\n")
 
-        print("stage (one process)                ms/sample")
-        for name, value in stage_breakdown(spec, min(512, total), args.image_size, args.batch_size).items():
+        print("stage (one thread)               CPU ms/sample")
+        stages = stage_breakdown(spec, min(512, total), args.image_size, args.batch_size)
+        for name, value in stages.items():
             print(f"  {name:32s} {value:8.3f}")
+        per_sample = sum(v for k, v in stages.items() if not k.startswith("resume"))
+        cores = os.cpu_count() or 1
+        print(f"  {'total (training path)':32s} {per_sample:8.3f}  -> ceiling {1000 / per_sample:.0f} samples/s "
+              f"per core, {cores * 1000 / per_sample:.0f} on {cores} idle cores")
+        print(f"\nload average before the loader runs: {os.getloadavg()[0]:.2f} on {cores} cores")
         print()
         print("workers   samples/s   vs 0 workers   first batch after (s)")
         baseline = None
