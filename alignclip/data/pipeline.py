@@ -238,7 +238,7 @@ class ShardReader:
         samples = [s for s, _ in batch]
         captions = [s.caption for s in samples]
         out = {
-            "image": T.normalize_batch([p for _, p in batch]),
+            "image": T.normalize_batch([p for _, p in batch], shared=get_worker_info() is not None),
             "text": tokenizer(captions),
             "caption": captions,
             "key": [s.key for s in samples],

@@ -100,17 +100,22 @@ _SCALE = np.array([1.0 / (255.0 * s) for s in CLIP_STD], np.float32)
 _SHIFT = np.array([m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], np.float32)
 
 
-def normalize_batch(images: list[np.ndarray]) -> torch.Tensor:
+def normalize_batch(images: list[np.ndarray], shared: bool = False) -> torch.Tensor:
     """uint8 HWC arrays -> float [b, 3, H, W] with CLIP mean/std: (x / 255 - mean) / std = x * scale - shift.
 
     One channel at a time, uint8 read straight into the float32 output (no intermediate float copy): ~3x faster
-    than transposing and converting the whole batch, which matters at ~0.5 ms per 224-px image otherwise."""
+    than transposing and converting the whole batch, which matters at ~0.5 ms per 224-px image otherwise.
+    ``shared``: write into shared memory, so a DataLoader worker hands the batch over without copying it."""
     stacked = np.stack(images)
-    out = np.empty((stacked.shape[0], 3, stacked.shape[1], stacked.shape[2]), np.float32)
+    shape = (stacked.shape[0], 3, stacked.shape[1], stacked.shape[2])
+    tensor = torch.empty(shape, dtype=torch.float32)
+    if shared:
+        tensor.share_memory_()
+    out = tensor.numpy()
     for c in range(3):
         np.multiply(stacked[..., c], _SCALE[c], out=out[:, c], dtype=np.float32)
         out[:, c] -= _SHIFT[c]
-    return torch.from_numpy(out)
+    return tensor
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
