@@ -59,6 +59,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    if not args.eval and Path(args.fit).suffix != ".safetensors" and not (Path(args.fit) / "checkpoints").is_dir():
+        parser.error("--fit is a cached set: pass a held-out --eval set (fitting and scoring on one set hides "
+                     "overfitting)")
     fit_set = resolve_source(args.fit, args, split=args.fit_split)
     eval_set = resolve_source(args.eval or args.fit, args, split=args.eval_split)
     img, txt = fit_set.pairs()
