@@ -11,7 +11,7 @@ Sources, first match wins:
    ``SLURM_TASKS_PER_NODE``, ``SLURM_JOB_NODELIST`` (the master is its first host), ``SLURM_JOB_ID`` (seeds the
    port, so concurrent jobs on one node do not collide). In a batch script's own shell (no ``SLURM_STEP_ID``)
    the process is alone, whatever ``SLURM_NTASKS`` says: only ``srun`` starts the other ranks.
-4. Otherwise a single process on 127.0.0.1.
+4. Otherwise a single process on 127.0.0.1 (on a free port unless ``MASTER_PORT`` is set).
 
 ``MASTER_ADDR`` / ``MASTER_PORT`` already in the environment always win over derived values. The result is also
 exported as the torchrun variables, which is what ``torch.distributed`` and ``deepspeed.initialize`` read.
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 from typing import Mapping, MutableMapping, Optional
 
 # Ports 20000-39999 lie below Linux's default ephemeral range (32768+ only partly overlaps; jobs rarely get there).
@@ -72,6 +73,12 @@ def tasks_on_node(tasks_per_node: str, node: int) -> int:
             raise ValueError(f"cannot parse SLURM_TASKS_PER_NODE={tasks_per_node!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts[node]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_for_job(job_id: str) -> int:
@@ -127,6 +134,9 @@ def setup_distributed_env(environ: Optional[MutableMapping[str, str]] = None) ->
     """Detect the launcher, export the torchrun variables into ``environ`` (default ``os.environ``), return them."""
     environ = os.environ if environ is None else environ
     dist_env = detect(environ)
+    if dist_env.source == "single" and not environ.get("MASTER_PORT"):
+        # alone: any free port will do, and a fixed one collides with other jobs on the same machine
+        dist_env = replace(dist_env, master_port=_free_port())
     if not 0 <= dist_env.rank < dist_env.world_size:
         raise ValueError(f"rank {dist_env.rank} is outside world size {dist_env.world_size} "
                          f"(launcher variables from {dist_env.source})")

@@ -172,8 +172,9 @@ def check_world_size(state: TrainerState, checkpoint: Path, world_size: int, uni
         f"optimizer states are partitioned per rank, so convert it first:\n"
         f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint} "
         f"--output_folder {checkpoint}_universal\n"
-        f"then point `latest` at it (echo {checkpoint.name}_universal > {checkpoint.parent / LATEST}) and restart "
-        f"with deepspeed.universal_checkpoint=true; or restart with {state.world_size} ranks.")
+        f"  cp {checkpoint / STATE_FILE} {checkpoint}_universal/\n"
+        f"  echo {checkpoint.name}_universal > {checkpoint.parent / LATEST}\n"
+        f"and restart with deepspeed.universal_checkpoint=true; or restart with {state.world_size} ranks.")
 
 
 def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool = False) -> TrainerState:

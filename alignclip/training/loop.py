@@ -184,7 +184,8 @@ def _semantic_embeddings(run: _Run, batch: dict) -> Optional[torch.Tensor]:
     if run.semantic_encoder is None:
         from alignclip.semantic import SemanticEncoder
 
-        run.semantic_encoder = SemanticEncoder(run.config.loss.semantic_model, run.device)
+        run.semantic_encoder = SemanticEncoder(run.config.loss.semantic_model, run.device.type,
+                                              batch_size=run.config.loss.semantic_batch_size)
         run.monitor.info(f"semantic embeddings: encoding captions online with {run.config.loss.semantic_model}")
     return run.semantic_encoder.encode(list(batch["caption"])).to(run.device).float()
 
