@@ -1,13 +1,17 @@
-"""The tools end to end on a tiny exported model and a small generated set: gap analysis, evaluation, aligner
-distillation against the baselines. (The trained end-to-end run is in docs/analysis.md; here the model is
-freshly initialised, so the test pins the plumbing and the outputs, not accuracies.)"""
+"""The tools end to end: tiny CLIP and AlignCLIP trained a few steps by the real trainer (DeepSpeed, generated
+data), then export, gap analysis side by side, evaluation, aligner distillation against the baselines. A few steps
+teach nothing, so this pins the chain and its outputs; the accuracies of a longer run are in docs/analysis.md."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import sys
+
 import pytest
-import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import run_on_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,33 +23,45 @@ def _tool(name):
     return module
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def _train_tiny(rank, world_size, root: str):
     from alignclip.config import load_config
-    from alignclip.export import save_exported
-    from alignclip.models import build_model
+    from alignclip.training.loop import train
 
-    root = tmp_path_factory.mktemp("tools")
-    paths = {}
+    steps = {}
     for name, cfg in (("clip", "model/clip_tiny"), ("alignclip", "model/alignclip_tiny")):
-        config = load_config(cfg, ["data.train=generated", f"data.cache_dir={root / 'data'}",
-                                   "data.generated.num_shards=2", "data.generated.samples_per_shard=48",
-                                   "data.generated.val_samples=96"])
-        torch.manual_seed(0)
-        paths[name] = save_exported(build_model(config.model), config, root / f"{name}.safetensors")
-    return root, paths
+        config = load_config(cfg, [f"name={name}", f"output_dir={root}/runs", "data.train=generated",
+                                   f"data.cache_dir={root}/data", "data.generated.num_shards=2",
+                                   "data.generated.samples_per_shard=48", "data.generated.val_samples=96",
+                                   "data.workers=1", "train.global_batch_size=16", "train.max_steps=3",
+                                   "train.warmup_steps=1", "logging.progress_bar=false", "logging.tensorboard=false",
+                                   "logging.gap_batch_size=16"])
+        steps[name] = train(config).step
+    return steps
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    (steps,) = run_on_ranks(_train_tiny, 1, str(root))
+    assert steps == {"clip": 3, "alignclip": 3}
+    return root
 
 
 @pytest.mark.heavy
-def test_gap_analysis_evaluate_and_distill_tools(exported):
-    root, paths = exported
+def test_gap_analysis_evaluate_and_distill_tools(trained):
+    root = trained
+    paths = {name: root / "exported" / f"{name}.safetensors" for name in ("clip", "alignclip")}
+    _tool("export").main([str(root / "runs" / "clip"), str(paths["clip"])])
     cache = root / "cache"
-    _tool("gap_analysis").main(["--model", f"clip={paths['clip']}", "--model", f"alignclip={paths['alignclip']}",
+    _tool("gap_analysis").main(["--model", f"clip={paths['clip']}",
+                                "--model", f"alignclip={root / 'runs' / 'alignclip'}",  # a run dir: exported here
                                 "--out", str(root / "gap"), "--cache-dir", str(cache)])
     figures = json.loads((root / "gap" / "gap_metrics.json").read_text())
     assert set(figures) == {"clip", "alignclip"} and figures["clip"]["num_pairs"] == 96
     assert (root / "gap" / "pca_projection.png").stat().st_size > 0
     assert (cache / "clip" / "val" / "image.npy").is_file()
+    assert (cache / "alignclip.safetensors").is_file()  # the run directory was exported on the fly
+    paths["alignclip"] = cache / "alignclip.safetensors"
 
     _tool("evaluate").main(["--model", str(paths["alignclip"]), "--out", str(root / "eval"), "--name", "tiny"])
     names = sorted(p.name for p in (root / "eval").glob("*.json"))
