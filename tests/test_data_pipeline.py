@@ -204,3 +204,21 @@ def test_uneven_shards_still_give_every_rank_the_same_number_of_full_batches(tmp
 def test_eval_batch_falls_back_to_the_last_training_shard_without_a_val_split(eight_shards):
     batch = build_eval_batch(_config(str(eight_shards)), 4)
     assert batch["key"] == [f"{7 * 16 + i:09d}" for i in range(4)]
+
+
+def _rank_reads_its_share(rank: int, world_size: int, folder: str) -> dict:
+    from alignclip.data import reduce_stats
+
+    loader = build_train_loader(_config(folder, **{"data.workers": 0}), rank, world_size, epoch=1)
+    keys = [k for batch in loader for k in batch["key"]]
+    return {"keys": keys, "local": loader.stats(), "total": reduce_stats(loader.stats())}
+
+
+@pytest.mark.heavy
+def test_two_real_ranks_split_the_epoch_and_sum_their_counts(eight_shards):
+    from conftest import run_on_ranks
+
+    results = run_on_ranks(_rank_reads_its_share, 2, str(eight_shards))
+    assert sorted(results[0]["keys"] + results[1]["keys"]) == [f"{i:09d}" for i in range(128)]
+    assert results[0]["total"] == results[1]["total"]
+    assert results[0]["total"]["samples_read"] == sum(r["local"]["samples_read"] for r in results) == 128
