@@ -106,7 +106,11 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
         if "__semantic__" in raw:
             semantic = raw["__semantic__"]
         elif settings.semantic_key in raw:
-            semantic = np.load(io.BytesIO(raw[settings.semantic_key]), allow_pickle=False)
+            try:
+                semantic = np.load(io.BytesIO(raw[settings.semantic_key]), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:
+                errors.add("missing_semantic", f"{where}: unreadable {settings.semantic_key}: {err}")
+                return None
         else:
             errors.add("missing_semantic", where)
             return None
@@ -114,7 +118,9 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
 
 
 def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Reservoir-style shuffle: hold ``buffer_size`` samples, emit a random one as each new one arrives, then drain."""
+    """Reservoir-style shuffle: hold ``buffer_size`` samples, emit a random one as each new one arrives, then drain.
+    A size of 1 (or less) keeps the order."""
+    buffer_size = max(buffer_size, 1)
     buffer: list[dict] = []
     for item in stream:
         if len(buffer) < buffer_size:
