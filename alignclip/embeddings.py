@@ -228,7 +228,8 @@ def merge_repeated_images(es: EmbeddingSet) -> EmbeddingSet:
 # ------------------------------------------------------------------------------------ sources for the tools
 def encode_with_model(model_path: str | Path, data: str = "generated", split: str = "val", folder: str = "",
                       captions: str = "", tasks_path: str = "", limit: int = 0, batch_size: int = 64,
-                      arithmetic_text: str = "caption", device: str = "cpu") -> EmbeddingSet:
+                      arithmetic_text: str = "caption", device: str = "cpu",
+                      extra_tasks: dict | None = None) -> EmbeddingSet:
     """Encode an image-text set with an exported model (alignclip.export).
 
     data="generated": the built-in dataset of the model's own config (``split`` val or train), with its
@@ -252,14 +253,39 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
             config = dc_replace(config, data=dc_replace(config.data, train="generated", val=""))
             dataset = ensure_generated(config.data)
             spec = dataset.spec(split)
-            if tasks is None and split == "val":
+            if tasks is None and split == "val":  # its ground truth describes the validation split only
                 tasks = dataset.tasks()
         else:
             spec = data
         batches = iter_eval_batches(config, batch_size, spec=spec, limit=limit)
         source = spec
+    if extra_tasks:
+        tasks = dict(tasks or {})
+        tasks["zero_shot"] = {**tasks.get("zero_shot", {}), **extra_tasks["zero_shot"]}
+        labels = {k: dict(v) for k, v in tasks.get("val_labels", {}).items()}
+        for key, value in extra_tasks["val_labels"].items():
+            labels.setdefault(key, {}).update(value)
+        tasks["val_labels"] = labels
     return encode_dataset(model, tokenizer, batches, tasks, device, arithmetic_text,
                           meta={"model": str(model_path), "source": source, "arch": config.model.arch})
+
+
+def tasks_from_files(classnames: str, templates: str, labels: str, task: str = "classes") -> dict:
+    """A tasks dict (the tasks-JSON layout) for one zero-shot task from plain files: class names one per line,
+    prompt templates one per line (``{c}`` or ``{}`` marks the class name), labels as ``key<TAB>class name`` lines."""
+    names = [line.strip() for line in Path(classnames).read_text().splitlines() if line.strip()]
+    prompts = [line.rstrip("\n") for line in Path(templates).read_text().splitlines() if line.strip()]
+    index = {name: i for i, name in enumerate(names)}
+    val_labels = {}
+    for line in Path(labels).read_text().splitlines():
+        if not line.strip():
+            continue
+        key, _, name = line.partition("\t")
+        if name.strip() not in index:
+            raise ValueError(f"{labels}: class {name.strip()!r} of {key!r} is not in {classnames}")
+        val_labels[key.strip()] = {task: index[name.strip()]}
+    return {"zero_shot": {task: {"classnames": names, "templates": prompts, "label": task,
+                                 "keys": list(val_labels)}}, "val_labels": val_labels}
 
 
 def add_source_arguments(parser) -> None:
@@ -270,6 +296,9 @@ def add_source_arguments(parser) -> None:
     group.add_argument("--folder", default="", help="folder of images (with --captions) instead of shards")
     group.add_argument("--captions", default="", help="captions file: filename<TAB>caption per line")
     group.add_argument("--tasks", default="", help="tasks JSON (zero-shot classes/templates/labels, arithmetic)")
+    group.add_argument("--classnames", default="", help="zero-shot from files: class names, one per line ...")
+    group.add_argument("--templates", default="", help="... prompt templates, one per line ({c} = the class) ...")
+    group.add_argument("--labels", default="", help="... and key<TAB>class name lines (keys as in the shards)")
     group.add_argument("--limit", type=int, default=0, help="encode at most this many samples (0: all)")
     group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--arithmetic-text", default="caption", choices=["caption", "word"],
@@ -285,8 +314,13 @@ def resolve_source(source: str, args, name: str = "", split: str | None = None) 
         p = _export_on_the_fly(p, args, name)  # a training run or checkpoint: export it first
     if p.suffix != ".safetensors":
         return EmbeddingSet.load(p)
+    extra = None
+    if args.classnames or args.templates or args.labels:
+        if not (args.classnames and args.templates and args.labels):
+            raise ValueError("zero-shot from files needs all three of --classnames, --templates and --labels")
+        extra = tasks_from_files(args.classnames, args.templates, args.labels)
     es = encode_with_model(p, args.data, split or args.split, args.folder, args.captions, args.tasks, args.limit,
-                           args.batch_size, args.arithmetic_text)
+                           args.batch_size, args.arithmetic_text, extra_tasks=extra)
     if args.cache_dir:
         es.save(Path(args.cache_dir) / (name or p.stem) / (split or args.split))
     return es

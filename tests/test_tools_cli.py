@@ -63,10 +63,20 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     assert (cache / "alignclip.safetensors").is_file()  # the run directory was exported on the fly
     paths["alignclip"] = cache / "alignclip.safetensors"
 
-    _tool("evaluate").main(["--model", str(paths["alignclip"]), "--out", str(root / "eval"), "--name", "tiny"])
+    # a zero-shot task from plain files on top of the built-in ones: the objects' size
+    tasks = json.loads(next((root / "data").rglob("tasks.json")).read_text())
+    sizes = tasks["classes"]["size"]
+    (root / "sizes.txt").write_text("\n".join(sizes) + "\n")
+    (root / "size_templates.txt").write_text("a {c} shape\na {c} object\n")
+    (root / "size_labels.tsv").write_text("".join(f"{key}\t{sizes[lab['size']]}\n"
+                                                  for key, lab in tasks["val_labels"].items()))
+    _tool("evaluate").main(["--model", str(paths["alignclip"]), "--out", str(root / "eval"), "--name", "tiny",
+                            "--classnames", str(root / "sizes.txt"), "--templates", str(root / "size_templates.txt"),
+                            "--labels", str(root / "size_labels.tsv")])
     names = sorted(p.name for p in (root / "eval").glob("*.json"))
     assert "generated_tiny_retrieval.json" in names and "generated_tiny_arithmetic.json" in names
     assert "generated_tiny_zeroshot_colour.json" in names and "generated_tiny_linear_probe_shape.json" in names
+    assert "generated_tiny_zeroshot_classes.json" in names  # from the plain files
     zs = json.loads((root / "eval" / "generated_tiny_zeroshot_colour.json").read_text())
     assert set(zs["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
 

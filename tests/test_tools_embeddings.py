@@ -56,3 +56,18 @@ def test_task_arrays_follow_the_generated_tasks_layout():
     assert list(ar.source) == [0] and list(ar.target) == [1]
     _, ar_words = task_arrays(tasks, ["k0", "k1", "k2"], ["", "", ""], encode, arithmetic_text="word")
     assert seen[-2:] == [["blue"], ["red"]]
+
+
+def test_zero_shot_task_from_plain_files(tmp_path):
+    from alignclip.embeddings import tasks_from_files
+
+    (tmp_path / "classes.txt").write_text("red\nblue\n")
+    (tmp_path / "templates.txt").write_text("a {c} thing\na photo of a {c} thing\n")
+    (tmp_path / "labels.tsv").write_text("k0\tblue\nk1\tred\n")
+    tasks = tasks_from_files(tmp_path / "classes.txt", tmp_path / "templates.txt", tmp_path / "labels.tsv")
+    zs, _ = task_arrays(tasks, ["k0", "k1", "k2"], ["", "", ""], lambda t: np.ones((len(t), 3)))
+    assert zs["classes"].classnames == ["red", "blue"]
+    assert list(zs["classes"].labels) == [1, 0, -1]
+    (tmp_path / "bad.tsv").write_text("k0\tgreen\n")
+    with pytest.raises(ValueError, match="green"):
+        tasks_from_files(tmp_path / "classes.txt", tmp_path / "templates.txt", tmp_path / "bad.tsv")
