@@ -13,7 +13,8 @@ Layout (docs/training.md)::
 Atomicity: every rank writes into ``step_X.tmp/``; after a barrier rank 0 renames it to ``step_X/`` (a rename is
 atomic on POSIX) and then replaces ``latest`` by writing ``latest.tmp`` and renaming it. A crash at any point
 leaves either the previous ``latest`` (pointing at a complete directory) or the new one; a stale ``*.tmp`` is
-removed by the next save (saves are collective, so none is in progress then). The file system must be shared by all ranks (as on a Slurm cluster).
+removed by the next save (saves are collective, so none is in progress then). The file system must be shared
+by all ranks (as on a Slurm cluster).
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                 preempted = run.preemption.agree()  # collective: every rank stops at the same step
                 if preempted or state.step % cfg.train.checkpoint_every_steps == 0 or state.step == run.total_steps:
                     result.checkpoint = ckpt.save_checkpoint(run.engine, run.run_dir, state, cfg.train.keep_checkpoints)
+                    mon.flush()
                 if preempted:
                     mon.info(f"preempted ({run.preemption.describe()}): saved {result.checkpoint} at step "
                              f"{state.step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
@@ -164,7 +165,8 @@ class _Window:
         if not self.steps or self.seconds <= 0:
             return {}
         samples_per_s = self.steps * run.config.train.global_batch_size / self.seconds
-        return {"perf/samples_per_s": samples_per_s, "perf/samples_per_s_per_device": samples_per_s / run.env.world_size,
+        return {"perf/samples_per_s": samples_per_s,
+                "perf/samples_per_s_per_device": samples_per_s / run.env.world_size,
                 "perf/data_wait_share": self.wait / self.seconds, "perf/step_time_s": self.seconds / self.steps}
 
 

@@ -10,8 +10,9 @@ TensorBoard tags (docs/training.md lists them with units):
   gap/alignment_score, gap/centroid_distance (scalars) and gap/paired_cosine (histogram), every
   ``logging.gap_every_steps`` on the fixed held-out batch.
 
-A resumed run opens its writer with ``purge_step`` = the resumed step: TensorBoard then drops the events of the
-interrupted session at or after that step, so each curve has each step once.
+A resumed run opens its writer with ``purge_step`` = the resumed step + 1: TensorBoard then drops the events of
+the interrupted session after the checkpoint, so each curve has each step once. The writer is flushed at every
+checkpoint, so the events up to a checkpoint are on disk when it is.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ class Monitor:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            # purge_step: TensorBoard drops the earlier sessions' events at steps >= it; the checkpoint holds
+            # steps <= start_step, so the interrupted session's later steps go and this session rewrites them.
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"),
-                                        purge_step=start_step if start_step > 0 else None)
+                                        purge_step=start_step + 1 if start_step > 0 else None)
         if cfg.progress_bar:
             from tqdm import tqdm
 
