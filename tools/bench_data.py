@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -59,14 +60,22 @@ def write_bench_shards(out: Path, num_shards: int, per_shard: int, side: int) ->
     return float(np.mean(sizes))
 
 
-def loader_throughput(spec: str, workers: int, samples: int, batch: int, image_size: int) -> tuple[float, float]:
-    """(samples/s between the first and the last batch, seconds to the first batch)."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the DataLoader workers, once they have exited)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def loader_throughput(spec: str, workers: int, samples: int, batch: int, image_size: int
+                      ) -> tuple[float, float, float]:
+    """(samples/s between the first and the last batch, seconds to the first batch, CPU ms per sample over all
+    processes: the cost that decides the rate on idle cores)."""
     from alignclip.config import load_config
     from alignclip.data import build_train_loader
 
     config = load_config(None, [f"data.train={spec}", f"data.workers={workers}", f"data.samples_per_epoch={samples}",
                                 f"train.global_batch_size={batch}", f"model.vision.image_size={image_size}"])
-    start = time.perf_counter()
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
     loader = build_train_loader(config, 0, 1, epoch=0)
     first = None
     count = 0
@@ -75,7 +84,10 @@ def loader_throughput(spec: str, workers: int, samples: int, batch: int, image_s
         if first is None:
             first, first_count = time.perf_counter(), count
     end = time.perf_counter()
-    return (count - first_count) / (end - first), first - start
+    del b, loader
+    time.sleep(0.5)  # let the workers exit and be reaped, so their CPU time is counted
+    cpu_ms = (_cpu_seconds() - cpu_start) * 1000 / count
+    return (count - first_count) / (end - first), first - start, cpu_ms
 
 
 def stage_breakdown(spec: str, n: int, image_size: int, batch: int) -> dict[str, float]:
@@ -160,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
               f"per core, {cores * 1000 / per_sample:.0f} on {cores} idle cores")
         print(f"\nload average before the loader runs: {os.getloadavg()[0]:.2f} on {cores} cores")
         print()
-        print("workers   samples/s   vs 0 workers   first batch after (s)")
+        print("workers   samples/s   vs 0 workers   first batch after (s)   CPU ms/sample   idle-core estimate")
         baseline = None
         for workers in args.workers:
-            rate, startup = loader_throughput(spec, workers, total, args.batch_size, args.image_size)
+            rate, startup, cpu_ms = loader_throughput(spec, workers, total, args.batch_size, args.image_size)
             baseline = baseline or rate
-            print(f"{workers:7d}   {rate:9.0f}   {rate / baseline:12.2f}x   {startup:21.2f}")
+            usable_cores = min(cores, max(workers, 1))
+            print(f"{workers:7d}   {rate:9.0f}   {rate / baseline:12.2f}x   {startup:21.2f}   {cpu_ms:13.2f}   "
+                  f"{usable_cores * 1000 / cpu_ms:12.0f}/s")
+        print("\n(idle-core estimate: min(cores, max(workers, 1)) / CPU time per sample; the measured rate falls "
+              "below it when other processes hold the cores)")
     return 0
 
 

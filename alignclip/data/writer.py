@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,9 +17,14 @@ from typing import Iterable, Iterator
 import numpy as np
 
 
+def _tmp_name(path: Path) -> Path:
+    """A private temporary name next to ``path`` (unique across processes and hosts sharing a file system)."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_name(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -38,7 +44,7 @@ class ShardWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._tmp = _tmp_name(self.path)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.count = 0
 
