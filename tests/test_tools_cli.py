@@ -92,3 +92,7 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
                             str(root / "aligner" / "mlp_cos.safetensors"), "--out", str(root / "eval_aligned"),
                             "--name", "clip+mlp"])
     assert (root / "eval_aligned" / "generated_clip_mlp_retrieval.json").is_file()
+    _tool("gap_analysis").main(["--model", f"clip={cache / 'clip' / 'val'}", "--aligner",
+                                f"clip={root / 'aligner' / 'mlp_cos.safetensors'}", "--out", str(root / "gap2")])
+    figures = json.loads((root / "gap2" / "gap_metrics.json").read_text())
+    assert set(figures) == {"clip", "clip+mlp_cos"}
