@@ -26,12 +26,14 @@ def plot_cosine_cdf(pairs: Pairs, path: str | Path) -> Path:
     """Empirical CDF of cos(x_i, y_i) per model: a curve further right means better aligned pairs."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    lowest = 1.0
     for name, (img, txt) in pairs.items():
         cos = np.sort(paired_cosines(img, txt))
+        lowest = min(lowest, float(cos[0]))
         ax.plot(cos, np.arange(1, len(cos) + 1) / len(cos), label=name)
     ax.set_xlabel("cosine similarity of paired image and text")
     ax.set_ylabel("fraction of pairs")
-    ax.set_xlim(-1, 1)
+    ax.set_xlim(max(-1.0, lowest - 0.05), 1.0)  # zoom on the occupied range
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -76,11 +78,14 @@ def plot_explained_variance(pairs: Pairs, path: str | Path, max_components: int 
     """Cumulative explained variance per model and modality: a slower rise = a more uniformly spread space."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    shown = 10
     for idx, (name, (img, txt)) in enumerate(pairs.items()):
         colour = f"C{idx}"
         for emb, style, modality in ((img, "-", "image"), (txt, "--", "text")):
             cumulative = np.cumsum(explained_variance_ratio(emb))[:max_components]
+            shown = max(shown, int(np.searchsorted(cumulative, 0.999)) + 2)  # x range: up to 99.9% everywhere
             ax.plot(np.arange(1, len(cumulative) + 1), cumulative, style, color=colour, label=f"{name} {modality}")
+    ax.set_xlim(0.5, min(shown, max_components) + 0.5)
     ax.set_xlabel("principal components")
     ax.set_ylabel("cumulative explained variance")
     ax.set_ylim(0, 1.01)
