@@ -169,7 +169,7 @@ def components_for_variance(x: Any, fraction: float = 0.9) -> int:
 
 
 def gap_metrics(img: Any, txt: Any, seed: int = 0) -> dict[str, float]:
-    """Every scalar gap metric of this module on one paired set, as a flat dict of floats."""
+    """Every scalar gap metric of this module on one paired set, as a flat dict (floats; PCA counts are ints)."""
     return {
         "alignment_score": alignment_score(img, txt),
         "centroid_distance": centroid_distance(img, txt),
@@ -181,6 +181,6 @@ def gap_metrics(img: Any, txt: Any, seed: int = 0) -> dict[str, float]:
         "uniformity": 0.5 * (uniformity(img) + uniformity(txt)),
         "cross_modal_uniformity": cross_modal_uniformity(img, txt),
         "alignment_loss": alignment_loss(img, txt),
-        "pca_components_90_image": float(components_for_variance(img, 0.9)),
-        "pca_components_90_text": float(components_for_variance(txt, 0.9)),
+        "pca_components_90_image": components_for_variance(img, 0.9),
+        "pca_components_90_text": components_for_variance(txt, 0.9),
     }
