@@ -1,0 +1,328 @@
+"""Chunked CLIP + IMSep cross-entropies in O(b d + tile^2) memory (DESIGN.md section 6).
+
+Entry point (what ``loss.impl=chunked`` calls): ``contrastive_terms(...)``, the signature of
+``alignclip.losses.dense.contrastive_terms`` plus the keyword ``chunk_size`` (``loss.chunk_size``, the tile edge).
+
+Every term is a row-wise cross-entropy over a logit matrix L = s R in the gathered layout (local rows x global
+columns, the positive of row i in column ``offset + i``):
+
+    CLIP image->text   R_ij = v_i . t_j                           (seeds/001 eq. 2)
+    CLIP text->image   R_ij = t_i . v_j                           (eq. 3, rows of P^T for the local texts)
+    IMSep, one side    R_ij = (x_i . x_j)(1 - e_i . e_j),  R_{i,offset+i} = v_i . t_i   (eq. 7-11)
+                       (x = E_v or E_t, e = E_s; D = 1 without rescaling)
+
+CE_i = LSE_j(L_ij) - L_{i,offset+i}. The forward walks tiles of ``chunk_size`` rows x ``chunk_size`` columns and keeps
+a running maximum and a running sum of exp(L - max) per row (never a fixed shift: IMSep logits span s [-2, 2]).
+Only the per-row LSE is saved; the backward recomputes each tile (including S from E_s) and forms
+G_ij = g_i (softmax_ij - [j = offset + i]), from which
+
+    dx_rows += s (G ⊙ D) x_cols,   dx_cols += s (G ⊙ D)^T x_rows,   ds = sum_ij G_ij R_ij,
+
+with the positive entry's gradient going to the diagonal vector (the IMSep positive v_i . t_i) instead.
+
+Single process (``offset == 0`` and ``*_local is *_all``, which is what the gather returns for one rank), two
+shortcuts apply, each computing the same values and gradients with fewer GEMMs:
+  - CLIP: one tile of P serves both directions; rows update the image->text LSE, columns the text->image LSE.
+  - IMSep: the logit matrix is symmetric (V, S symmetric, the diagonal is a vector), so only tiles with
+    column block >= row block are formed; each updates the LSE of its rows and of its columns.
+
+The term assembly (``contrastive_terms_with``) is shared with the Triton backend (``triton_kernels``), which
+provides the row-wise primitive only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from alignclip.losses.dense import IMSEP_SIDES, ContrastiveTerms
+
+
+# ------------------------------------------------------------------------------------------------- tile helpers
+def _raw_tile(rows: Tensor, cols: Tensor, sem_rows: Optional[Tensor],
+              sem_cols: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """(R, D) of one tile: R = (rows cols^T) ⊙ D in fp32 and D = 1 - S (None without rescaling)."""
+    acc = _acc_dtype(rows)
+    raw = (rows @ cols.T).to(acc)
+    if sem_rows is None:
+        return raw, None
+    sem_rows, sem_cols = sem_rows.to(rows.dtype), sem_cols.to(rows.dtype)
+    distance = torch.addmm(sem_rows.new_ones(()), sem_rows, sem_cols.T, alpha=-1.0).to(acc)  # 1 - S  (eq. 8)
+    return raw.mul_(distance), distance
+
+
+def _targets(r0: int, r1: int, c0: int, c1: int, offset: int, device) -> tuple[Tensor, Tensor]:
+    """Tile coordinates (row, column) of the positives (i, offset + i) that fall inside rows [r0, r1) x cols [c0, c1)."""
+    lo, hi = max(r0, c0 - offset), min(r1, c1 - offset)
+    if lo >= hi:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    i = torch.arange(lo, hi, device=device)
+    return i - r0, i + offset - c0
+
+
+def _online_lse_update(running_max: Tensor, running_sum: Tensor, logits: Tensor, dim: int,
+                       consume: bool) -> None:
+    """Fold a tile into (max, sum exp(. - max)) along ``dim`` (1: rows, 0: columns). ``consume``: may overwrite
+    ``logits``."""
+    new_max = torch.maximum(running_max, logits.amax(dim))
+    running_sum.mul_(torch.exp(running_max - new_max))  # exp(-inf) = 0 on the first tile
+    shift = new_max[:, None] if dim == 1 else new_max[None, :]
+    shifted = logits.sub_(shift) if consume else logits - shift
+    running_sum.add_(shifted.exp_().sum(dim))
+    running_max.copy_(new_max)
+
+
+def _blocks(total: int, chunk: int):
+    return [(start, min(total, start + chunk)) for start in range(0, total, chunk)]
+
+
+def _check_chunk(chunk_size: int) -> int:
+    if int(chunk_size) < 1:
+        raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Tiles, LSEs and gradient sums are kept in at least fp32 (bf16 features stay bf16 in the GEMMs)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _accumulator(x: Tensor) -> Tensor:
+    return torch.zeros(x.shape, dtype=_acc_dtype(x), device=x.device)
+
+
+# ---------------------------------------------------------------------- rectangular: local rows x global columns
+class RowCrossEntropy(torch.autograd.Function):
+    """CE_i = LSE_j(s R_ij) - s R_{i,offset+i} for the local rows; R as in the module docstring.
+
+    ``positive`` ([n] or None) replaces R_{i,offset+i} (the IMSep diagonal, eq. 10); without it the positive is
+    the plain entry of the matrix (CLIP)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, cols: Tensor, scale: Tensor, sem_rows: Optional[Tensor],
+                sem_cols: Optional[Tensor], positive: Optional[Tensor], offset: int, chunk: int) -> Tensor:
+        n, device, acc = rows.shape[0], rows.device, _acc_dtype(rows)
+        lse = torch.empty(n, dtype=acc, device=device)
+        target = torch.empty(n, dtype=acc, device=device)
+        s = scale.to(acc)
+        for r0, r1 in _blocks(n, chunk):
+            run_max = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=device)
+            run_sum = torch.zeros(r1 - r0, dtype=acc, device=device)
+            for c0, c1 in _blocks(cols.shape[0], chunk):
+                raw, _ = _raw_tile(rows[r0:r1], cols[c0:c1], _sl(sem_rows, r0, r1), _sl(sem_cols, c0, c1))
+                ti, tj = _targets(r0, r1, c0, c1, offset, device)
+                if positive is not None:
+                    raw[ti, tj] = positive[r0 + ti].to(acc)
+                logits = raw.mul_(s)
+                target[r0 + ti] = logits[ti, tj]
+                _online_lse_update(run_max, run_sum, logits, 1, consume=True)
+            lse[r0:r1] = run_max + run_sum.log()
+        ctx.save_for_backward(rows, cols, scale, sem_rows, sem_cols, positive, lse)
+        ctx.offset, ctx.chunk = offset, chunk
+        return (lse - target).to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor):
+        rows, cols, scale, sem_rows, sem_cols, positive, lse = ctx.saved_tensors
+        offset, chunk, device, acc = ctx.offset, ctx.chunk, rows.device, _acc_dtype(rows)
+        s, g = scale.to(acc), grad_ce.to(acc)
+        d_rows, d_cols = _accumulator(rows), _accumulator(cols)
+        d_pos = torch.zeros(rows.shape[0], dtype=acc, device=device) if positive is not None else None
+        d_scale = torch.zeros((), dtype=acc, device=device)
+        for r0, r1 in _blocks(rows.shape[0], chunk):
+            g_blk = g[r0:r1, None]
+            for c0, c1 in _blocks(cols.shape[0], chunk):
+                raw, distance = _raw_tile(rows[r0:r1], cols[c0:c1], _sl(sem_rows, r0, r1), _sl(sem_cols, c0, c1))
+                ti, tj = _targets(r0, r1, c0, c1, offset, device)
+                if positive is not None:
+                    raw[ti, tj] = positive[r0 + ti].to(acc)
+                grad = (raw * s).sub_(lse[r0:r1, None]).exp_().mul_(g_blk)  # g_i softmax_ij
+                grad[ti, tj] -= g[r0 + ti]
+                d_scale += torch.dot(grad.view(-1), raw.view(-1))
+                grad.mul_(s)
+                if positive is not None:
+                    d_pos[r0 + ti] = grad[ti, tj]
+                    grad[ti, tj] = 0.0  # the positive is not a function of this tile's features
+                if distance is not None:
+                    grad.mul_(distance)
+                grad = grad.to(rows.dtype)
+                d_rows[r0:r1].addmm_(grad, cols[c0:c1])
+                d_cols[c0:c1].addmm_(grad.T, rows[r0:r1])
+        return (d_rows.to(rows.dtype), d_cols.to(cols.dtype), d_scale.to(scale.dtype), None, None,
+                None if d_pos is None else d_pos.to(positive.dtype), None, None)
+
+
+def _sl(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
+    return None if x is None else x[start:stop]
+
+
+# -------------------------------------------------------------------- single process: both directions of one P
+class PairedCrossEntropy(torch.autograd.Function):
+    """(CE(s P, y)_i, CE(s P^T, y)_i) for one square batch, P = a b^T, from ONE pass over the tiles of P:
+    rows give the a->b LSE, columns the b->a LSE (seeds/001 eq. 2-3 with offset 0)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+        n, device, acc = a.shape[0], a.device, _acc_dtype(a)
+        s = scale.to(acc)
+        row_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
+        col_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
+        row_sum, col_sum = torch.zeros(n, dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device)
+        target = torch.empty(n, dtype=acc, device=device)
+        blocks = _blocks(n, chunk)
+        for r0, r1 in blocks:
+            for c0, c1 in blocks:
+                logits = (a[r0:r1] @ b[c0:c1].T).to(acc).mul_(s)
+                if r0 == c0:
+                    target[r0:r1] = logits.diagonal()
+                _online_lse_update(row_max[r0:r1], row_sum[r0:r1], logits, 1, consume=False)
+                _online_lse_update(col_max[c0:c1], col_sum[c0:c1], logits, 0, consume=True)
+        row_lse, col_lse = row_max + row_sum.log(), col_max + col_sum.log()
+        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
+        ctx.chunk = chunk
+        return (row_lse - target).to(a.dtype), (col_lse - target).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor, grad_cols: Tensor):
+        a, b, scale, row_lse, col_lse = ctx.saved_tensors
+        acc = _acc_dtype(a)
+        s, gr, gc = scale.to(acc), grad_rows.to(acc), grad_cols.to(acc)
+        d_a, d_b = _accumulator(a), _accumulator(b)
+        d_scale = torch.zeros((), dtype=acc, device=a.device)
+        blocks = _blocks(a.shape[0], ctx.chunk)
+        for r0, r1 in blocks:
+            for c0, c1 in blocks:
+                raw = (a[r0:r1] @ b[c0:c1].T).to(acc)
+                logits = raw * s
+                grad = (logits - row_lse[r0:r1, None]).exp_().mul_(gr[r0:r1, None])
+                grad.add_(logits.sub_(col_lse[None, c0:c1]).exp_().mul_(gc[None, c0:c1]))
+                if r0 == c0:
+                    grad.diagonal().sub_(gr[r0:r1] + gc[r0:r1])
+                d_scale += torch.dot(grad.view(-1), raw.view(-1))
+                grad = grad.mul_(s).to(a.dtype)
+                d_a[r0:r1].addmm_(grad, b[c0:c1])
+                d_b[c0:c1].addmm_(grad.T, a[r0:r1])
+        return d_a.to(a.dtype), d_b.to(b.dtype), d_scale.to(scale.dtype), None
+
+
+# ------------------------------------------------------------------ single process: the symmetric IMSep matrix
+class SymmetricCrossEntropy(torch.autograd.Function):
+    """IMSep on one square batch: L_ij = s (x_i . x_j)(1 - S_ij) off the diagonal, L_ii = s positive_i.
+    L is symmetric, so only tiles with column block >= row block are formed; each folds into the LSE of its rows
+    and (transposed) of its columns. Backward: x enters L_ij and L_ji through x_i . x_j, hence
+    dx = s ((G + G^T) ⊙ D) x with the diagonal excluded."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, sem: Optional[Tensor], positive: Tensor, chunk: int) -> Tensor:
+        n, device, acc = x.shape[0], x.device, _acc_dtype(x)
+        s = scale.to(acc)
+        run_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
+        run_sum = torch.zeros(n, dtype=acc, device=device)
+        target = positive.to(acc) * s
+        blocks = _blocks(n, chunk)
+        for bi, (r0, r1) in enumerate(blocks):
+            for c0, c1 in blocks[bi:]:
+                raw, _ = _raw_tile(x[r0:r1], x[c0:c1], _sl(sem, r0, r1), _sl(sem, c0, c1))
+                logits = raw.mul_(s)
+                if r0 == c0:
+                    logits.diagonal().copy_(target[r0:r1])
+                    _online_lse_update(run_max[r0:r1], run_sum[r0:r1], logits, 1, consume=True)
+                else:
+                    _online_lse_update(run_max[r0:r1], run_sum[r0:r1], logits, 1, consume=False)
+                    _online_lse_update(run_max[c0:c1], run_sum[c0:c1], logits, 0, consume=True)
+        lse = run_max + run_sum.log()
+        ctx.save_for_backward(x, scale, sem, positive, lse)
+        ctx.chunk = chunk
+        return (lse - target).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor):
+        x, scale, sem, positive, lse = ctx.saved_tensors
+        acc = _acc_dtype(x)
+        s, g = scale.to(acc), grad_ce.to(acc)
+        d_x, d_pos = _accumulator(x), torch.zeros(x.shape[0], dtype=acc, device=x.device)
+        d_scale = torch.zeros((), dtype=acc, device=x.device)
+        blocks = _blocks(x.shape[0], ctx.chunk)
+        for bi, (r0, r1) in enumerate(blocks):
+            for c0, c1 in blocks[bi:]:
+                raw, distance = _raw_tile(x[r0:r1], x[c0:c1], _sl(sem, r0, r1), _sl(sem, c0, c1))
+                if r0 == c0:
+                    raw.diagonal().copy_(positive[r0:r1].to(acc))
+                logits = raw * s
+                grad = (logits - lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])  # G_ij (row i's softmax)
+                if r0 == c0:
+                    grad.diagonal().sub_(g[r0:r1])
+                    d_scale += torch.dot(grad.view(-1), raw.view(-1))
+                    d_pos[r0:r1] = grad.diagonal() * s
+                    grad = grad + grad.T  # G + G^T within the diagonal block
+                    grad.diagonal().zero_()
+                else:
+                    grad.add_(logits.sub_(lse[None, c0:c1]).exp_().mul_(g[None, c0:c1]))  # + G_ji (column j's)
+                    d_scale += torch.dot(grad.view(-1), raw.view(-1))
+                grad.mul_(s)
+                if distance is not None:
+                    grad.mul_(distance)
+                grad = grad.to(x.dtype)
+                d_x[r0:r1].addmm_(grad, x[c0:c1])
+                if r0 != c0:
+                    d_x[c0:c1].addmm_(grad.T, x[r0:r1])
+        return d_x.to(x.dtype), d_scale.to(scale.dtype), None, d_pos.to(positive.dtype), None
+
+
+# ------------------------------------------------------------------------------------------------ the terms
+RowCE = Callable[..., Tensor]  # (rows, cols, scale, sem_rows, sem_cols, positive, offset, chunk) -> CE per row
+
+
+def chunked_row_ce(rows, cols, scale, sem_rows, sem_cols, positive, offset, chunk):
+    return RowCrossEntropy.apply(rows, cols, scale, sem_rows, sem_cols, positive, offset, chunk)
+
+
+def contrastive_terms_with(row_ce: RowCE, image_local: Tensor, text_local: Tensor, image_all: Tensor,
+                           text_all: Tensor, semantic_local: Optional[Tensor], semantic_all: Optional[Tensor],
+                           logit_scale: Tensor, offset: int, *, cross_modal: bool, imsep_sides: tuple[str, ...],
+                           imsep_rescale: bool, chunk_size: int, single_process_shortcuts: bool) -> ContrastiveTerms:
+    """The terms of ``dense.contrastive_terms`` computed with the row-wise primitive ``row_ce`` (and, when
+    ``single_process_shortcuts``, the paired / symmetric tile walks of this module)."""
+    unknown = set(imsep_sides) - set(IMSEP_SIDES)
+    if unknown:
+        raise ValueError(f"imsep_sides: unknown side(s) {sorted(unknown)}; expected a subset of {IMSEP_SIDES}")
+    if imsep_sides and imsep_rescale and (semantic_local is None or semantic_all is None):
+        raise ValueError("IMSep with rescaling needs semantic embeddings (semantic_local and semantic_all); "
+                         "pass them, or set loss.imsep_rescale=false for D = 1")
+    chunk = _check_chunk(chunk_size)
+    scale = logit_scale.exp()
+    one_batch = single_process_shortcuts and offset == 0 and image_local is image_all and text_local is text_all
+    image_to_text = text_to_image = None
+    if cross_modal:
+        if one_batch:
+            rows_ce, cols_ce = PairedCrossEntropy.apply(image_all, text_all, scale, chunk)
+        else:
+            rows_ce = row_ce(image_local, text_all, scale, None, None, None, offset, chunk)
+            cols_ce = row_ce(text_local, image_all, scale, None, None, None, offset, chunk)
+        image_to_text, text_to_image = rows_ce.mean(), cols_ce.mean()
+    sem_local, sem_all = (semantic_local, semantic_all) if imsep_rescale else (None, None)
+    positive = (image_local * text_local).sum(dim=1)  # diag(P) of the local rows (eq. 10)
+    imsep = {side: None for side in IMSEP_SIDES}
+    for side in imsep_sides:
+        x_local, x_all = (image_local, image_all) if side == "image" else (text_local, text_all)
+        if one_batch:
+            # One rank: the gathered semantic rows are the local ones (the no-grad gather detaches a copy).
+            ce = SymmetricCrossEntropy.apply(x_all, scale, sem_all, positive, chunk)
+        else:
+            ce = row_ce(x_local, x_all, scale, sem_local, sem_all, positive, offset, chunk)
+        imsep[side] = ce.mean()
+    return ContrastiveTerms(image_to_text, text_to_image, imsep["image"], imsep["text"])
+
+
+def contrastive_terms(image_local: Tensor, text_local: Tensor, image_all: Tensor, text_all: Tensor,
+                      semantic_local: Optional[Tensor], semantic_all: Optional[Tensor], logit_scale: Tensor,
+                      offset: int, *, cross_modal: bool = True, imsep_sides: tuple[str, ...] = (),
+                      imsep_rescale: bool = True, chunk_size: int = 1024) -> ContrastiveTerms:
+    """``dense.contrastive_terms`` (same arguments, same values and gradients) in tiles of ``chunk_size``."""
+    return contrastive_terms_with(chunked_row_ce, image_local, text_local, image_all, text_all, semantic_local,
+                                  semantic_all, logit_scale, offset, cross_modal=cross_modal,
+                                  imsep_sides=imsep_sides, imsep_rescale=imsep_rescale, chunk_size=chunk_size,
+                                  single_process_shortcuts=True)
