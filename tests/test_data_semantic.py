@@ -71,3 +71,15 @@ def test_array_tasks_split_the_shards_between_them(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     assert select_part(shards) == parts[1]
+
+
+def test_eval_batch_without_sidecars_still_has_images_and_captions(encoder, shards, tmp_path):
+    from alignclip.data import build_eval_batch
+
+    embed_shards([str(shards / "00000.tar")], encoder, tmp_path)  # the training shard has one, the val one not
+    config = _config(**{"data.train": str(shards / "00000.tar"), "data.val": str(shards / "00001.tar"),
+                        "data.semantic_dir": str(tmp_path)})
+    batch = build_eval_batch(config, 4)
+    assert len(batch["caption"]) == 4 and "semantic" not in batch
+    config.data.val = str(shards / "00000.tar")
+    assert build_eval_batch(config, 4)["semantic"].shape == (4, 384)

@@ -302,11 +302,15 @@ def plan_epoch(config, world_size: int, shards: list[str]) -> EpochPlan:
     return EpochPlan(per_rank, batches, samples, accumulation)
 
 
-def _probe_semantic(shards: list[str], data_cfg) -> bool:
+def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool:
     """Precomputed embeddings are used when a sidecar folder is configured or the first shard's first sample has
-    one; every rank probes the same shard, so they agree."""
+    one; every rank probes the same shard, so they agree. ``optional`` (evaluation): only when the first shard's
+    sidecar exists, so a validation split without embeddings still gives images and captions."""
     if data_cfg.semantic_dir:
-        return True
+        from alignclip.semantic import sidecar_path
+
+        if not optional or sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
+            return True
     first = next(shardlib.iter_raw_samples(shards[0]), None)
     return first is not None and data_cfg.semantic_key in first
 
@@ -440,7 +444,7 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                               context_length=config.model.text.context_length,
                               image_keys=_split_keys(data.image_key), text_key=data.text_key,
                               semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
-                              with_semantic=_probe_semantic(shards, data))
+                              with_semantic=_probe_semantic(shards, data, optional=True))
     reader = ShardReader(settings, 0)
     tokenizer = get_tokenizer(settings.context_length)
     batch: list[tuple[_Sample, np.ndarray]] = []
