@@ -80,7 +80,9 @@ def report(result, wall_s: float, config: Config) -> str:
         f"TensorBoard   : tensorboard --logdir {result.run_dir / 'tb'}",
         f"train log     : {result.run_dir / 'train.log'}",
     ]
-    if result.losses:
+    if not result.losses:
+        lines.append(f"the run had already finished at step {result.step}: its figures are in train.log")
+    else:
         first, last = result.losses[0][1], result.losses[-1][1]
         lines.append(f"loss          : {first:.3f} (step {result.losses[0][0]}) -> {last:.3f} (step {result.step})")
     if gap:

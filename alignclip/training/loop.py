@@ -73,14 +73,15 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
             while state.step < run.total_steps and state.batch_in_epoch < run.steps_per_epoch * run.accumulation:
                 stats = _train_step(run, batches, window)
                 result.losses.append((state.step, stats["loss/total"]))
-                if state.step % cfg.logging.log_every_steps == 0 or state.step == run.total_steps:
+                last = state.step == run.total_steps
+                if _every(state.step, cfg.logging.log_every_steps) or last:
                     mon.scalars(state.step, {**stats, **window.rates(run), **memory_gb()})
                     window = _Window()
-                if state.step % cfg.logging.gap_every_steps == 0 or state.step == run.total_steps:
+                if _every(state.step, cfg.logging.gap_every_steps) or last:
                     result.gap = _log_gap_metrics(run)
                 mon.advance(state.step, {"loss": stats["loss/total"], "lr": stats["train/lr"]})
                 preempted = run.preemption.agree()  # collective: every rank stops at the same step
-                if preempted or state.step % cfg.train.checkpoint_every_steps == 0 or state.step == run.total_steps:
+                if preempted or _every(state.step, cfg.train.checkpoint_every_steps) or last:
                     result.checkpoint = ckpt.save_checkpoint(run.engine, run.run_dir, state, cfg.train.keep_checkpoints)
                     mon.flush()
                 if preempted:
@@ -168,6 +169,11 @@ class _Window:
         return {"perf/samples_per_s": samples_per_s,
                 "perf/samples_per_s_per_device": samples_per_s / run.env.world_size,
                 "perf/data_wait_share": self.wait / self.seconds, "perf/step_time_s": self.seconds / self.steps}
+
+
+def _every(step: int, period: int) -> bool:
+    """Periodic actions; a period of 0 means only at the end (and, for checkpoints, on preemption)."""
+    return period > 0 and step % period == 0
 
 
 def _nonfinite_term(loss) -> Optional[str]:
