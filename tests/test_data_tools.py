@@ -90,3 +90,22 @@ def test_embed_captions_tool_writes_sidecars_for_its_array_part(tmp_path, capsys
     with np.load(sem / "train-00001.sem.npz") as npz:
         assert npz["embeddings"].dtype == np.float16 and npz["embeddings"].shape == (4, 384)
         assert list(npz["keys"]) == [f"{4 + i:09d}" for i in range(4)]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl"])
+def test_captions_files_are_read_by_column_name(tmp_path, suffix):
+    from alignclip.data.writer import read_captions_file
+
+    rows = [("a.jpg", "a dog, running"), ("b.png", "two cats")]
+    path = tmp_path / f"captions.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps({"text": c, "image": i}) + "\n" for i, c in rows))
+    elif suffix == "tsv":
+        path.write_text("Caption\tfilepath\n" + "".join(f"{c}\t{i}\n" for i, c in rows))
+    else:
+        path.write_text("path,title\n" + "".join(f'{i},"{c}"\n' for i, c in rows))
+    assert read_captions_file(path) == rows
+    bad = tmp_path / "bad.csv"
+    bad.write_text("url,caption\nhttp://x,y\n")
+    with pytest.raises(ValueError, match="no image column"):
+        read_captions_file(bad)
