@@ -149,6 +149,7 @@ class _Cluster:
             "SelectTypeParameters=CR_CPU",
             "SlurmdParameters=config_overrides",  # nodes may declare more CPUs than this 2-core machine has
             "ReturnToService=2",
+            "CommunicationParameters=NoInAddrAny",  # daemons and srun bind to the node's address, not 0.0.0.0
             "MpiDefault=none",
             "SwitchType=switch/none",
             "MailProg=/bin/true",
