@@ -11,7 +11,8 @@ from conftest import run_on_ranks  # noqa: E402
 
 
 def _train_and_checkpoint(rank, world_size, run_root: str):
-    """Train the tiny CLIP a few steps under DeepSpeed for each ZeRO stage; save as the trainer does."""
+    """Train the tiny CLIP a few steps under DeepSpeed (ZeRO 0 fp32, ZeRO 1 fp32, ZeRO 1 bf16); save as the trainer
+    does. Returns per run: inputs, the module's embeddings, its logit scale, and its weights (bf16 under bf16)."""
     import deepspeed
 
     from alignclip.config import load_config, save_config
@@ -22,9 +23,9 @@ def _train_and_checkpoint(rank, world_size, run_root: str):
     from alignclip.training.loop import _zero_dim_params_as_1d
 
     results = {}
-    for stage in (0, 1):
+    for run, stage, precision in (("zero0", 0, "fp32"), ("zero1", 1, "fp32"), ("zero1_bf16", 1, "bf16")):
         config = load_config("model/clip_tiny", [f"deepspeed.zero_stage={stage}", "train.global_batch_size=4",
-                                                 f"run_dir={run_root}/zero{stage}", "train.precision=fp32",
+                                                 f"run_dir={run_root}/{run}", f"train.precision={precision}",
                                                  # ZeRO-0 clipping in DeepSpeed 0.19 breaks on the 0-dim logit
                                                  # scale (grad.mul_ of a [1] coefficient); export is what's tested
                                                  f"train.grad_clip={1.0 if stage else 0.0}"])
@@ -35,7 +36,7 @@ def _train_and_checkpoint(rank, world_size, run_root: str):
             engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                               config=build_deepspeed_config(config, world_size, "cpu"),
                                               optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
-        images = torch.randn(4, 3, 64, 64)
+        images = torch.randn(4, 3, 64, 64, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         tokens = torch.randint(1, 400, (4, config.model.text.context_length))
         tokens[:, -1] = 49407
         for _ in range(3):
@@ -47,8 +48,9 @@ def _train_and_checkpoint(rank, world_size, run_root: str):
         save_checkpoint(engine, config.run_dir, TrainerState(step=3, world_size=world_size), keep=2)
         with torch.no_grad():
             engine.module.eval()
-            results[stage] = (images, tokens, engine.module.encode_image(images), engine.module.encode_text(tokens),
-                              engine.module.logit_scale.detach().clone())
+            results[run] = (images, tokens, engine.module.encode_image(images), engine.module.encode_text(tokens),
+                            engine.module.logit_scale.detach().clone(),
+                            {k: v.detach().clone() for k, v in engine.module.state_dict().items()})
     return results
 
 
@@ -58,12 +60,22 @@ def test_export_then_load_reproduces_the_trained_model(tmp_path):
     from alignclip.export import export_checkpoint, read_config
 
     (results,) = run_on_ranks(_train_and_checkpoint, 1, str(tmp_path))
-    for stage, (images, tokens, image_embeds, text_embeds, logit_scale) in results.items():
-        run_dir = tmp_path / f"zero{stage}"
-        out = export_checkpoint(run_dir, tmp_path / f"zero{stage}.safetensors")
+    for run, (images, tokens, image_embeds, text_embeds, logit_scale, module_state) in results.items():
+        out = export_checkpoint(tmp_path / run, tmp_path / f"{run}.safetensors")
         assert Path(str(out) + ".yaml").read_text().startswith("name:")
-        assert read_config(out).deepspeed.zero_stage == stage
+        assert read_config(out).deepspeed.zero_stage == (0 if run == "zero0" else 1)
         model, tokenizer, transform = alignclip.load(out)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        if run == "zero1_bf16":
+            # the export holds the fp32 master weights: bf16-rounding them gives the engine's bf16 module copy,
+            # and they carry more precision than that copy
+            exported = model.state_dict()
+            more_precise = 0
+            for key, bf16_value in module_state.items():
+                torch.testing.assert_close(exported[key].to(torch.bfloat16), bf16_value, atol=0, rtol=0)
+                more_precise += int((exported[key] != bf16_value.float()).any())
+            assert more_precise > 0
+            continue
         with torch.no_grad():
             torch.testing.assert_close(model.encode_image(images), image_embeds, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model.encode_text(tokens), text_embeds, atol=1e-5, rtol=1e-5)
