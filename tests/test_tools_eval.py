@@ -82,3 +82,13 @@ def test_result_json_layout(tmp_path):
     record = json.loads(path.read_text())
     assert record == {"dataset": "generated", "model": "tiny clip", "task": "zeroshot_classification",
                       "metrics": {"acc1": 0.5}, "lam": 1.0}
+
+
+def test_retrieval_across_similarity_blocks_counts_each_match_once():
+    rng = np.random.default_rng(2)
+    img = rng.normal(size=(2100, 16)).astype(np.float32)  # more rows than one similarity block
+    owner = np.repeat(np.arange(2100), 2)
+    out = retrieval_metrics(img, img[owner], text_to_image=owner, ks=(1,))
+    assert out["image_retrieval_recall@1"] == 1.0 and out["text_retrieval_recall@1"] == 1.0
+    shuffled = retrieval_metrics(img, img[rng.permutation(2100)], ks=(1,))
+    assert shuffled["image_retrieval_recall@1"] < 0.01
