@@ -111,3 +111,12 @@ class AlignedModel(nn.Module):
     @property
     def logit_scale(self):
         return self.model.logit_scale
+
+
+def load_aligned(model_path: str | Path, aligner_path: str | Path, device: str = "cpu"):
+    """(AlignedModel, tokenizer, image transform): an exported model with a distilled aligner after its image
+    encoder, used like ``alignclip.load``'s model."""
+    from alignclip.export import load
+
+    model, tokenizer, transform = load(model_path, device)
+    return AlignedModel(model, load_aligner(aligner_path).to(device)).eval(), tokenizer, transform
