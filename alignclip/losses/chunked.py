@@ -159,117 +159,153 @@ def _sl(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
     return None if x is None else x[start:stop]
 
 
-# -------------------------------------------------------------------- single process: both directions of one P
-class PairedCrossEntropy(torch.autograd.Function):
-    """(CE(s P, y)_i, CE(s P^T, y)_i) for one square batch, P = a b^T, from ONE pass over the tiles of P:
-    rows give the a->b LSE, columns the b->a LSE (seeds/001 eq. 2-3 with offset 0)."""
+# ------------------------------------------------------------------------- single process: the tile walks
+def _paired_forward(a: Tensor, b: Tensor, s: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(row LSE, column LSE, diagonal) of s a b^T from ONE pass over its tiles: rows give the a->b direction,
+    columns the b->a direction (seeds/001 eq. 2-3 with offset 0)."""
+    n, device, acc = a.shape[0], a.device, _acc_dtype(a)
+    row_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
+    col_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
+    row_sum, col_sum = torch.zeros(n, dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device)
+    target = torch.empty(n, dtype=acc, device=device)
+    blocks = _blocks(n, chunk)
+    for r0, r1 in blocks:
+        for c0, c1 in blocks:
+            logits = (a[r0:r1] @ b[c0:c1].T).to(acc).mul_(s)
+            if r0 == c0:
+                target[r0:r1] = logits.diagonal()
+            _online_lse_update(row_max[r0:r1], row_sum[r0:r1], logits, 1, consume=False)
+            _online_lse_update(col_max[c0:c1], col_sum[c0:c1], logits, 0, consume=True)
+    return row_max + row_sum.log(), col_max + col_sum.log(), target
 
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-        n, device, acc = a.shape[0], a.device, _acc_dtype(a)
-        s = scale.to(acc)
-        row_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
-        col_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
-        row_sum, col_sum = torch.zeros(n, dtype=acc, device=device), torch.zeros(n, dtype=acc, device=device)
-        target = torch.empty(n, dtype=acc, device=device)
-        blocks = _blocks(n, chunk)
-        for r0, r1 in blocks:
-            for c0, c1 in blocks:
-                logits = (a[r0:r1] @ b[c0:c1].T).to(acc).mul_(s)
-                if r0 == c0:
-                    target[r0:r1] = logits.diagonal()
-                _online_lse_update(row_max[r0:r1], row_sum[r0:r1], logits, 1, consume=False)
-                _online_lse_update(col_max[c0:c1], col_sum[c0:c1], logits, 0, consume=True)
-        row_lse, col_lse = row_max + row_sum.log(), col_max + col_sum.log()
-        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
-        ctx.chunk = chunk
-        return (row_lse - target).to(a.dtype), (col_lse - target).to(a.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_rows: Tensor, grad_cols: Tensor):
-        a, b, scale, row_lse, col_lse = ctx.saved_tensors
-        acc = _acc_dtype(a)
-        s, gr, gc = scale.to(acc), grad_rows.to(acc), grad_cols.to(acc)
-        d_a, d_b = _accumulator(a), _accumulator(b)
-        d_scale = torch.zeros((), dtype=acc, device=a.device)
-        blocks = _blocks(a.shape[0], ctx.chunk)
-        for r0, r1 in blocks:
-            for c0, c1 in blocks:
-                raw = (a[r0:r1] @ b[c0:c1].T).to(acc)
-                logits = raw * s
-                grad = (logits - row_lse[r0:r1, None]).exp_().mul_(gr[r0:r1, None])
-                grad.add_(logits.sub_(col_lse[None, c0:c1]).exp_().mul_(gc[None, c0:c1]))
-                if r0 == c0:
-                    grad.diagonal().sub_(gr[r0:r1] + gc[r0:r1])
+def _paired_backward(a: Tensor, b: Tensor, s: Tensor, row_lse: Tensor, col_lse: Tensor, g_rows: Tensor,
+                     g_cols: Tensor, chunk: int, d_a: Tensor, d_b: Tensor) -> Tensor:
+    """Adds the gradients of sum_i g_rows_i CE_rows_i + g_cols_i CE_cols_i into d_a, d_b; returns d/ds."""
+    d_scale = torch.zeros((), dtype=d_a.dtype, device=a.device)
+    blocks = _blocks(a.shape[0], chunk)
+    for r0, r1 in blocks:
+        for c0, c1 in blocks:
+            raw = (a[r0:r1] @ b[c0:c1].T).to(d_a.dtype)
+            logits = raw * s
+            grad = (logits - row_lse[r0:r1, None]).exp_().mul_(g_rows[r0:r1, None])
+            grad.add_(logits.sub_(col_lse[None, c0:c1]).exp_().mul_(g_cols[None, c0:c1]))
+            del logits
+            if r0 == c0:
+                grad.diagonal().sub_(g_rows[r0:r1] + g_cols[r0:r1])
+            d_scale += torch.dot(grad.view(-1), raw.view(-1))
+            del raw
+            grad = grad.mul_(s).to(a.dtype)
+            d_a[r0:r1].addmm_(grad, b[c0:c1])
+            d_b[c0:c1].addmm_(grad.T, a[r0:r1])
+    return d_scale
+
+
+def _symmetric_forward(x: Tensor, s: Tensor, sem: Optional[Tensor], target: Tensor, chunk: int) -> Tensor:
+    """Row LSE of the IMSep logits L_ij = s (x_i . x_j)(1 - S_ij), L_ii = target_i. L is symmetric, so only tiles
+    with column block >= row block are formed; each folds into the LSE of its rows and (transposed) its columns."""
+    n, device, acc = x.shape[0], x.device, _acc_dtype(x)
+    run_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
+    run_sum = torch.zeros(n, dtype=acc, device=device)
+    blocks = _blocks(n, chunk)
+    for bi, (r0, r1) in enumerate(blocks):
+        for c0, c1 in blocks[bi:]:
+            raw, _ = _raw_tile(x[r0:r1], x[c0:c1], _sl(sem, r0, r1), _sl(sem, c0, c1))
+            logits = raw.mul_(s)
+            if r0 == c0:
+                logits.diagonal().copy_(target[r0:r1])
+                _online_lse_update(run_max[r0:r1], run_sum[r0:r1], logits, 1, consume=True)
+            else:
+                _online_lse_update(run_max[r0:r1], run_sum[r0:r1], logits, 1, consume=False)
+                _online_lse_update(run_max[c0:c1], run_sum[c0:c1], logits, 0, consume=True)
+    return run_max + run_sum.log()
+
+
+def _symmetric_backward(x: Tensor, s: Tensor, sem: Optional[Tensor], positive: Tensor, lse: Tensor, g: Tensor,
+                        chunk: int, d_x: Tensor, d_pos: Tensor) -> Tensor:
+    """Adds the gradient of sum_i g_i CE_i into d_x and d_pos (the diagonal's cosines); returns d/ds.
+    x enters L_ij and L_ji through x_i . x_j, hence dx = s ((G + G^T) ⊙ D) x with the diagonal excluded."""
+    d_scale = torch.zeros((), dtype=d_x.dtype, device=x.device)
+    blocks = _blocks(x.shape[0], chunk)
+    for bi, (r0, r1) in enumerate(blocks):
+        for c0, c1 in blocks[bi:]:
+            raw, distance = _raw_tile(x[r0:r1], x[c0:c1], _sl(sem, r0, r1), _sl(sem, c0, c1))
+            if r0 == c0:
+                raw.diagonal().copy_(positive[r0:r1])
+            logits = raw * s
+            grad = (logits - lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])  # G_ij (row i's softmax)
+            if r0 == c0:
+                del logits
+                grad.diagonal().sub_(g[r0:r1])
                 d_scale += torch.dot(grad.view(-1), raw.view(-1))
-                grad = grad.mul_(s).to(a.dtype)
-                d_a[r0:r1].addmm_(grad, b[c0:c1])
-                d_b[c0:c1].addmm_(grad.T, a[r0:r1])
-        return d_a.to(a.dtype), d_b.to(b.dtype), d_scale.to(scale.dtype), None
+                d_pos[r0:r1] += grad.diagonal() * s
+                grad = grad + grad.T  # G + G^T within the diagonal block
+                grad.diagonal().zero_()
+            else:
+                grad.add_(logits.sub_(lse[None, c0:c1]).exp_().mul_(g[None, c0:c1]))  # + G_ji (column j's)
+                del logits
+                d_scale += torch.dot(grad.view(-1), raw.view(-1))
+            del raw
+            grad.mul_(s)
+            if distance is not None:
+                grad.mul_(distance)
+                del distance
+            grad = grad.to(x.dtype)
+            d_x[r0:r1].addmm_(grad, x[c0:c1])
+            if r0 != c0:
+                d_x[c0:c1].addmm_(grad.T, x[r0:r1])
+    return d_scale
 
 
-# ------------------------------------------------------------------ single process: the symmetric IMSep matrix
-class SymmetricCrossEntropy(torch.autograd.Function):
-    """IMSep on one square batch: L_ij = s (x_i . x_j)(1 - S_ij) off the diagonal, L_ii = s positive_i.
-    L is symmetric, so only tiles with column block >= row block are formed; each folds into the LSE of its rows
-    and (transposed) of its columns. Backward: x enters L_ij and L_ji through x_i . x_j, hence
-    dx = s ((G + G^T) ⊙ D) x with the diagonal excluded."""
+class OneBatchCrossEntropies(torch.autograd.Function):
+    """Every requested CE of one square batch (offset 0) in one Function, so the backward accumulates into ONE
+    gradient buffer per modality (O(b d) memory, not one buffer per term). Returns per-row CEs
+    (image->text, text->image, IMSep image, IMSep text); a term that was not requested is an empty tensor."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, sem: Optional[Tensor], positive: Tensor, chunk: int) -> Tensor:
-        n, device, acc = x.shape[0], x.device, _acc_dtype(x)
+    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, semantic: Optional[Tensor], cross_modal: bool,
+                sides: tuple[str, ...], chunk: int):
+        acc = _acc_dtype(image)
         s = scale.to(acc)
-        run_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
-        run_sum = torch.zeros(n, dtype=acc, device=device)
-        target = positive.to(acc) * s
-        blocks = _blocks(n, chunk)
-        for bi, (r0, r1) in enumerate(blocks):
-            for c0, c1 in blocks[bi:]:
-                raw, _ = _raw_tile(x[r0:r1], x[c0:c1], _sl(sem, r0, r1), _sl(sem, c0, c1))
-                logits = raw.mul_(s)
-                if r0 == c0:
-                    logits.diagonal().copy_(target[r0:r1])
-                    _online_lse_update(run_max[r0:r1], run_sum[r0:r1], logits, 1, consume=True)
-                else:
-                    _online_lse_update(run_max[r0:r1], run_sum[r0:r1], logits, 1, consume=False)
-                    _online_lse_update(run_max[c0:c1], run_sum[c0:c1], logits, 0, consume=True)
-        lse = run_max + run_sum.log()
-        ctx.save_for_backward(x, scale, sem, positive, lse)
-        ctx.chunk = chunk
-        return (lse - target).to(x.dtype)
+        empty = image.new_zeros(0)
+        out = {"image_to_text": empty, "text_to_image": empty, "image": empty, "text": empty}
+        lses = {}
+        if cross_modal:
+            row_lse, col_lse, target = _paired_forward(image, text, s, chunk)
+            lses["cross_modal"] = (row_lse, col_lse)
+            out["image_to_text"], out["text_to_image"] = (row_lse - target).to(image.dtype), \
+                (col_lse - target).to(image.dtype)
+        positive = (image * text).sum(dim=1).to(acc)  # diag(P) (eq. 10)
+        for side in sides:
+            x = image if side == "image" else text
+            lses[side] = _symmetric_forward(x, s, semantic, positive * s, chunk)
+            out[side] = (lses[side] - positive * s).to(image.dtype)
+        ctx.save_for_backward(image, text, scale, semantic, positive, *[t for pair in (
+            lses.get("cross_modal", ()), [lses[side] for side in sides]) for t in pair])
+        ctx.cross_modal, ctx.sides, ctx.chunk = cross_modal, sides, chunk
+        return out["image_to_text"], out["text_to_image"], out["image"], out["text"]
 
     @staticmethod
-    def backward(ctx, grad_ce: Tensor):
-        x, scale, sem, positive, lse = ctx.saved_tensors
-        acc = _acc_dtype(x)
-        s, g = scale.to(acc), grad_ce.to(acc)
-        d_x, d_pos = _accumulator(x), torch.zeros(x.shape[0], dtype=acc, device=x.device)
-        d_scale = torch.zeros((), dtype=acc, device=x.device)
-        blocks = _blocks(x.shape[0], ctx.chunk)
-        for bi, (r0, r1) in enumerate(blocks):
-            for c0, c1 in blocks[bi:]:
-                raw, distance = _raw_tile(x[r0:r1], x[c0:c1], _sl(sem, r0, r1), _sl(sem, c0, c1))
-                if r0 == c0:
-                    raw.diagonal().copy_(positive[r0:r1].to(acc))
-                logits = raw * s
-                grad = (logits - lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])  # G_ij (row i's softmax)
-                if r0 == c0:
-                    grad.diagonal().sub_(g[r0:r1])
-                    d_scale += torch.dot(grad.view(-1), raw.view(-1))
-                    d_pos[r0:r1] = grad.diagonal() * s
-                    grad = grad + grad.T  # G + G^T within the diagonal block
-                    grad.diagonal().zero_()
-                else:
-                    grad.add_(logits.sub_(lse[None, c0:c1]).exp_().mul_(g[None, c0:c1]))  # + G_ji (column j's)
-                    d_scale += torch.dot(grad.view(-1), raw.view(-1))
-                grad.mul_(s)
-                if distance is not None:
-                    grad.mul_(distance)
-                grad = grad.to(x.dtype)
-                d_x[r0:r1].addmm_(grad, x[c0:c1])
-                if r0 != c0:
-                    d_x[c0:c1].addmm_(grad.T, x[r0:r1])
-        return d_x.to(x.dtype), d_scale.to(scale.dtype), None, d_pos.to(positive.dtype), None
+    def backward(ctx, g_i2t, g_t2i, g_image, g_text):
+        image, text, scale, semantic, positive, *lses = ctx.saved_tensors
+        acc = _acc_dtype(image)
+        s = scale.to(acc)
+        d_image, d_text = _accumulator(image), _accumulator(text)
+        d_pos = torch.zeros(image.shape[0], dtype=acc, device=image.device)
+        d_scale = torch.zeros((), dtype=acc, device=image.device)
+        zeros = torch.zeros(image.shape[0], dtype=acc, device=image.device)
+        grad_of = lambda g: zeros if g is None else g.to(acc)  # noqa: E731 (an unused output has no gradient)
+        if ctx.cross_modal:
+            row_lse, col_lse, *lses = lses
+            d_scale += _paired_backward(image, text, s, row_lse, col_lse, grad_of(g_i2t), grad_of(g_t2i),
+                                        ctx.chunk, d_image, d_text)
+        for side, lse in zip(ctx.sides, lses):
+            x, d_x, g = (image, d_image, g_image) if side == "image" else (text, d_text, g_text)
+            d_scale += _symmetric_backward(x, s, semantic, positive, lse, grad_of(g), ctx.chunk, d_x, d_pos)
+        if ctx.sides:  # positive_i = v_i . t_i
+            d_image.addcmul_(d_pos[:, None], text)
+            d_text.addcmul_(d_pos[:, None], image)
+        return d_image.to(image.dtype), d_text.to(text.dtype), d_scale.to(scale.dtype), None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ the terms
@@ -284,8 +320,8 @@ def contrastive_terms_with(row_ce: RowCE, image_local: Tensor, text_local: Tenso
                            text_all: Tensor, semantic_local: Optional[Tensor], semantic_all: Optional[Tensor],
                            logit_scale: Tensor, offset: int, *, cross_modal: bool, imsep_sides: tuple[str, ...],
                            imsep_rescale: bool, chunk_size: int, single_process_shortcuts: bool) -> ContrastiveTerms:
-    """The terms of ``dense.contrastive_terms`` computed with the row-wise primitive ``row_ce`` (and, when
-    ``single_process_shortcuts``, the paired / symmetric tile walks of this module)."""
+    """The terms of ``dense.contrastive_terms`` computed with the row-wise primitive ``row_ce``; when
+    ``single_process_shortcuts`` and the call is a single process's, with ``OneBatchCrossEntropies`` instead."""
     unknown = set(imsep_sides) - set(IMSEP_SIDES)
     if unknown:
         raise ValueError(f"imsep_sides: unknown side(s) {sorted(unknown)}; expected a subset of {IMSEP_SIDES}")
@@ -295,25 +331,21 @@ def contrastive_terms_with(row_ce: RowCE, image_local: Tensor, text_local: Tenso
     chunk = _check_chunk(chunk_size)
     scale = logit_scale.exp()
     one_batch = single_process_shortcuts and offset == 0 and image_local is image_all and text_local is text_all
+    sem_local, sem_all = (semantic_local, semantic_all) if imsep_rescale else (None, None)
+    if one_batch:
+        # One rank: the gathered semantic rows are the local ones (the no-grad gather detaches a copy).
+        ce = OneBatchCrossEntropies.apply(image_all, text_all, scale, sem_all, cross_modal, tuple(imsep_sides), chunk)
+        means = [t.mean() if t.numel() else None for t in ce]
+        return ContrastiveTerms(*means)
     image_to_text = text_to_image = None
     if cross_modal:
-        if one_batch:
-            rows_ce, cols_ce = PairedCrossEntropy.apply(image_all, text_all, scale, chunk)
-        else:
-            rows_ce = row_ce(image_local, text_all, scale, None, None, None, offset, chunk)
-            cols_ce = row_ce(text_local, image_all, scale, None, None, None, offset, chunk)
-        image_to_text, text_to_image = rows_ce.mean(), cols_ce.mean()
-    sem_local, sem_all = (semantic_local, semantic_all) if imsep_rescale else (None, None)
+        image_to_text = row_ce(image_local, text_all, scale, None, None, None, offset, chunk).mean()
+        text_to_image = row_ce(text_local, image_all, scale, None, None, None, offset, chunk).mean()
     positive = (image_local * text_local).sum(dim=1)  # diag(P) of the local rows (eq. 10)
     imsep = {side: None for side in IMSEP_SIDES}
     for side in imsep_sides:
         x_local, x_all = (image_local, image_all) if side == "image" else (text_local, text_all)
-        if one_batch:
-            # One rank: the gathered semantic rows are the local ones (the no-grad gather detaches a copy).
-            ce = SymmetricCrossEntropy.apply(x_all, scale, sem_all, positive, chunk)
-        else:
-            ce = row_ce(x_local, x_all, scale, sem_local, sem_all, positive, offset, chunk)
-        imsep[side] = ce.mean()
+        imsep[side] = row_ce(x_local, x_all, scale, sem_local, sem_all, positive, offset, chunk).mean()
     return ContrastiveTerms(image_to_text, text_to_image, imsep["image"], imsep["text"])
 
 
