@@ -188,17 +188,20 @@ def make_executor(config: Config, folder: str | Path, executor: Optional[str] = 
     launch = config.launch
     kind = executor or launch.executor
     ntasks = tasks_per_node(config)
+    # the job unpickles TrainJob, so this checkout must be importable there even when it is not pip-installed
+    importable = f'export PYTHONPATH={shlex.quote(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"'
     if kind == "local":
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=launch.timeout_min, tasks_per_node=ntasks, nodes=1,
-                             gpus_per_node=launch.gpus_per_node)
+                             gpus_per_node=launch.gpus_per_node, setup=[importable])
         return ex
     if kind != "slurm":
         raise ConfigError(f"key 'launch.executor' is {kind!r}; expected 'slurm' or 'local'")
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=launch.max_requeues)
     params: dict = dict(nodes=launch.nodes, ntasks_per_node=ntasks, cpus_per_task=launch.cpus_per_task,
                         time=launch.timeout_min, job_name=job_name, array_parallelism=launch.array_parallelism,
-                        setup=[f"source {shlex.quote(str(env_file_of(config)))}"], stderr_to_stdout=True,
+                        setup=[importable, f"source {shlex.quote(str(env_file_of(config)))}"],
+                        stderr_to_stdout=True,
                         # our signal, not submitit's USR2: the trainer's handler saves (see module docstring)
                         additional_parameters={"signal": f"USR1@{launch.signal_lead_s}", "requeue": True})
     if launch.gpus_per_node > 0:

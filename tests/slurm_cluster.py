@@ -25,34 +25,42 @@ import tempfile
 import time
 from pathlib import Path
 
-SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue")
+# binary -> the Debian package that provides it
+SLURM_BINARIES = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client",
+                  "srun": "slurm-client", "scontrol": "slurm-client", "squeue": "slurm-client"}
 SLURM_PACKAGES = ("slurm-wlm", "slurmctld", "slurmd", "munge")
+NETWORK_BINARIES = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux"}
+_apt_updated = False
 
 
 class SlurmUnavailable(RuntimeError):
     """Slurm cannot run here (not root, no packages, no namespaces); the message says which."""
 
 
-def _missing_binaries() -> list[str]:
-    return [b for b in SLURM_BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+def _missing(binaries) -> list[str]:
+    return [b for b in binaries if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
 
 
-def ensure_installed(timeout_s: float = 300) -> None:
-    """Install Debian's Slurm and munge packages when they are missing and we may (root + apt-get)."""
-    missing = _missing_binaries()
+def ensure_installed(binaries: dict[str, str] = SLURM_BINARIES, packages=SLURM_PACKAGES,
+                     timeout_s: float = 300) -> None:
+    """Install the packages when a binary is missing and we may (root + apt-get; ``apt-get update`` once)."""
+    global _apt_updated
+    missing = _missing(binaries)
     if not missing:
         return
     if os.geteuid() != 0:
-        raise SlurmUnavailable(f"Slurm binaries {missing} are missing and installing them needs root")
+        raise SlurmUnavailable(f"{missing} are missing and installing them needs root")
     if shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"Slurm binaries {missing} are missing and there is no apt-get to install them")
+        raise SlurmUnavailable(f"{missing} are missing and there is no apt-get to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *SLURM_PACKAGES]):
+    commands = [] if _apt_updated else [["apt-get", "update", "-qq"]]
+    for cmd in commands + [["apt-get", "install", "-y", "-qq", *packages]]:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    if _missing_binaries():
-        raise SlurmUnavailable(f"after installing {SLURM_PACKAGES}, still missing {_missing_binaries()}")
+        _apt_updated = _apt_updated or cmd[1] == "update"
+    if _missing(binaries):
+        raise SlurmUnavailable(f"after installing {list(packages)}, still missing {_missing(binaries)}")
 
 
 def _free_port() -> int:
@@ -340,8 +348,7 @@ class TwoNodeSlurm(_Cluster):
                 for n, a in self.nodes.items()]
 
     def _start(self, timeout_s: float) -> None:
-        if shutil.which("ip") is None or shutil.which("nsenter") is None or shutil.which("unshare") is None:
-            raise SlurmUnavailable("the two-node cluster needs iproute2 (ip) and util-linux (nsenter, unshare)")
+        ensure_installed(NETWORK_BINARIES, sorted(set(NETWORK_BINARIES.values())))
         self._remove_network()  # leftovers of a killed run would make `ip link add` fail
         _run(["ip", "link", "add", self.BRIDGE, "type", "bridge"])
         _run(["ip", "addr", "add", f"{self.SUBNET}.1/24", "dev", self.BRIDGE])

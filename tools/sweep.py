@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             failures = 0
             for s in submitted:
                 try:
-                    s.job.result()
+                    s.job.results()  # one result per task
                 except Exception as err:  # report every failed point, not only the first
                     failures += 1
                     print(f"point {s.run.run_dir} failed: {err}", file=sys.stderr)
