@@ -69,7 +69,28 @@ def prepare_data(config: Config) -> Config:
     return replace(config, data=replace(config.data, semantic_dir=str(semantic_dir)))
 
 
-def report(result, wall_s: float, config: Config) -> str:
+def zero_shot(result, config: Config) -> dict[str, tuple[float, float]]:
+    """Export the final checkpoint and classify the generated validation images zero-shot (colour, shape):
+    task -> (top-1 accuracy, chance). The same path as tools/export.py + tools/evaluate.py."""
+    if config.data.train != "generated" or result.checkpoint is None:
+        return {}
+    import numpy as np
+
+    from alignclip.embeddings import encode_with_model
+    from alignclip.eval.zeroshot import zero_shot_classification
+    from alignclip.export import export_checkpoint
+
+    exported = export_checkpoint(result.checkpoint, result.run_dir / "export" / "model.safetensors")
+    embeddings = encode_with_model(exported, data="generated", split="val")
+    out = {}
+    for name, task in embeddings.zeroshot.items():
+        labelled = task.labels >= 0
+        metrics = zero_shot_classification(embeddings.image[labelled], task.labels[labelled], task.class_embeddings)
+        out[name] = (metrics["acc1"], 1.0 / len(task.classnames))
+    return out
+
+
+def report(result, wall_s: float, config: Config, zero_shot_results: Optional[dict] = None) -> str:
     gap = result.gap
     chance = 1.0 / config.logging.gap_batch_size
     lines = [
@@ -93,6 +114,8 @@ def report(result, wall_s: float, config: Config) -> str:
             f"retrieval R@1 in the held-out batch: image->text {gap.get('gap/text_retrieval_recall@1', 0):.3f}, "
             f"text->image {gap.get('gap/image_retrieval_recall@1', 0):.3f} (chance {chance:.3f})",
         ]
+    for name, (acc1, chance) in (zero_shot_results or {}).items():
+        lines.append(f"zero-shot {name} (validation images, prompt ensembles): top-1 {acc1:.3f} (chance {chance:.3f})")
     return "\n".join(lines)
 
 
@@ -114,7 +137,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        print(report(result, time.perf_counter() - started, config), flush=True)
+        zero_shot_results = zero_shot(result, config) if result.exit_code == 0 else {}
+        print(report(result, time.perf_counter() - started, config, zero_shot_results), flush=True)
     raise SystemExit(result.exit_code)
 
 
