@@ -200,6 +200,44 @@ def test_two_rank_zero1_matches_one_process_on_the_same_global_batch(toy_data, t
     assert_same_weights(weights0, weights_single, atol=2e-3)
 
 
+def _nonfinite_steps(rank: int, world_size: int, override_sets: list[list[str]]):
+    """For each config: two clean steps, then a batch with a NaN pixel; report what the guard did."""
+    from alignclip.config import load_config
+    from alignclip.data.pipeline import iter_eval_batches
+    from alignclip.distributed.env import setup_distributed_env
+    from alignclip.training import loop
+
+    outcomes = []
+    for overrides in override_sets:
+        config = load_config(None, overrides)
+        run = loop._setup(config, setup_distributed_env())
+        good = next(iter_eval_batches(config, config.train.global_batch_size, spec=config.data.train))
+        bad = {**good, "image": good["image"].clone()}
+        bad["image"][0, 0, 0, 0] = float("nan")
+        batches = iter([good, good, bad, good])
+        for _ in range(2):
+            loop._train_step(run, batches, loop._Window())
+        try:
+            stats = loop._train_step(run, batches, loop._Window())
+            outcome = ("skipped", run.state.skipped_steps, stats["train/skipped_steps"])
+        except loop.NonFiniteLossError as err:
+            outcome = ("stopped", str(err), None)
+        finite = all(bool(torch.isfinite(v).all()) for v in run.engine.module.state_dict().values())
+        run.monitor.close()
+        run.preemption.restore()
+        outcomes.append((outcome, finite))
+    return outcomes
+
+
+@pytest.mark.heavy
+def test_nonfinite_loss_stops_naming_step_and_term_or_is_skipped_and_counted(toy_data, tmp_path):
+    stop = tiny_overrides(toy_data, tmp_path / "stop")
+    skip = tiny_overrides(toy_data, tmp_path / "skip", **{"train.nonfinite": "skip"})
+    [(stopped, _), (skipped, finite)], = run_on_ranks(_nonfinite_steps, 1, [stop, skip])
+    assert stopped[0] == "stopped" and "step 2" in stopped[1] and "term 'clip'" in stopped[1]
+    assert skipped == ("skipped", 1, 1) and finite  # counted, and the weights never saw the NaN
+
+
 # ------------------------------------------------------------------------------- exact resume, TensorBoard
 RESUME_STEPS = 24
 
@@ -232,6 +270,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(toy_data, straight_run, 
     assert_same_weights(final_weights(straight_run), final_weights(tmp_path), atol=1e-6)
     reference, resumed = scalar_events(straight_run), scalar_events(tmp_path)
     ref_loss, got_loss = dict(reference["loss/total"]), dict(resumed["loss/total"])
+    # the restarted session purged the killed one's steps after the checkpoint: each step once
+    assert [s for s, _ in resumed["loss/total"]] == list(range(1, RESUME_STEPS + 1))
     later = [s for s in ref_loss if s > killed_at]
     assert later and all(abs(ref_loss[s] - got_loss[s]) <= 1e-6 for s in later), (ref_loss, got_loss)
 
@@ -313,3 +353,25 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
     assert wait_all(launch(overrides, log_dir=tmp_path)) == [0]  # resumes from step 0, saves over the leftovers
     assert "resumed from" in (tmp_path / "train.log").read_text()
     assert latest_step(tmp_path) == 3 and not (checkpoints / "step_00000001.tmp").exists()
+
+
+# ------------------------------------------------------------------------------------ the embedded default
+@pytest.mark.heavy
+def test_run_default_generates_data_trains_and_reports_where_things_are(tmp_path):
+    """`make run`'s command end to end at a toy size: shards rendered, captions embedded, trained, reported."""
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'data'}", "data.workers=0",
+                 "data.generated.num_shards=2", "data.generated.samples_per_shard=64",
+                 "data.generated.val_samples=64", "train.global_batch_size=32", "train.max_steps=4",
+                 "train.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
+                 "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
+                 "model.embed_dim=32"]
+    proc = subprocess.run([sys.executable, "-m", "alignclip.run_default", *overrides], env=_env(), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    run_dir = tmp_path / "run"
+    assert f"checkpoints   : {run_dir / 'checkpoints' / 'step_00000004'}" in out
+    assert f"tensorboard --logdir {run_dir / 'tb'}" in out
+    assert "alignment score" in out and "centroid distance" in out and "zero-shot colour" in out
+    assert list((tmp_path / "data").glob("*/semantic-*/train-00000.sem.npz"))  # the precomputed path was taken
+    assert (run_dir / "export" / "model.safetensors").is_file()
