@@ -166,7 +166,7 @@ class _Cluster:
             "InactiveLimit=0",
             "SlurmctldTimeout=30",
             "SlurmdTimeout=30",
-            "SchedulerParameters=sched_interval=1",
+            "SchedulerParameters=sched_interval=1,bf_interval=1",  # schedule (and restart requeued jobs) at once
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             *self._node_lines(),

@@ -129,6 +129,7 @@ def test_usr1_mid_run_saves_requeues_and_resumes_to_the_same_weights(slurm, stra
     assert preempted, train_log.read_text()[-3000:]
     stopped_at = int(preempted.group(2))
     assert 3 <= stopped_at < STEPS  # stopped mid-run, at a step boundary, with a checkpoint of that step
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d} at step {stopped_at}" in train_log.read_text()
     state = trainer_state(run_dir)
     assert state["step"] == STEPS and state["samples_seen"] == STEPS * 16  # no step lost or repeated
     steps = logged_steps(run_dir)
