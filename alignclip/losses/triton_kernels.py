@@ -113,7 +113,7 @@ def _logit_gradient_tile(rows_ptr, cols_ptr, sem_r_ptr, sem_c_ptr, positive, lse
     if HAS_POS:
         raw = tl.where(is_target, positive[:, None], raw)
     valid = r_mask[:, None] & c_mask[None, :]
-    prob = tl.where(valid, tl.exp(raw * s - lse[:, None]), 0.0)
+    prob = tl.exp(tl.where(valid, raw * s - lse[:, None], float("-inf")))  # padding -> 0, never exp(+large)
     grad = g[:, None] * (prob - tl.where(is_target & valid, 1.0, 0.0))
     scale_part = tl.sum(grad * raw, axis=1)
     weighted = grad * s
