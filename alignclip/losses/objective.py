@@ -43,12 +43,19 @@ def _load_fused(impl: str) -> Callable:
 
 
 def resolve_contrastive_impl(impl: str, device: torch.device, chunk_size: int) -> Callable:
-    """The ``contrastive_terms`` function that ``loss.impl`` names. ``auto``: Triton on CUDA, else the chunked
-    PyTorch implementation, else the dense reference (when no fused implementation is installed)."""
+    """The ``contrastive_terms`` function that ``loss.impl`` names. ``auto``: Triton on CUDA (else chunked); on
+    CPU ``chunked.auto_cpu_contrastive_terms`` (dense while one tile holds the global batch, chunked above); the
+    dense reference when no fused implementation is installed."""
     if impl == "dense":
         return dense.contrastive_terms
+    if impl == "auto" and device.type != "cuda":
+        try:
+            return partial(importlib.import_module(FUSED_MODULES["chunked"]).auto_cpu_contrastive_terms,
+                           chunk_size=chunk_size)
+        except (ImportError, AttributeError):
+            return dense.contrastive_terms
     if impl == "auto":
-        for candidate in (("triton", "chunked") if device.type == "cuda" else ("chunked",)):
+        for candidate in ("triton", "chunked"):
             try:
                 return partial(_load_fused(candidate), chunk_size=chunk_size)
             except ConfigError:
