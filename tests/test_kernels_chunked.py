@@ -182,3 +182,15 @@ def test_chunked_two_ranks_match_dense_and_the_global_batch():
     _, d_image, d_text, _ = run_terms(dense.contrastive_terms, image, text, semantic, 50.0)
     assert relative_error(torch.cat([results[0][0][1], results[1][0][1]]), 2 * d_image) <= REL_TOL
     assert relative_error(torch.cat([results[0][0][2], results[1][0][2]]), 2 * d_text) <= REL_TOL
+
+
+def test_auto_on_cpu_is_dense_within_one_tile_and_chunked_above():
+    """loss.impl=auto off CUDA: bitwise the dense result while the global batch fits one tile, the chunked above."""
+    cfg = dict(clip_weight=1.0, imsep_weight=0.5, imsep_sides="image", chunk_size=16)
+    for n, twin in ((16, "dense"), (17, "chunked")):
+        image, text, semantic = make_batch(n, seed=n)
+        totals = {}
+        for impl in ("auto", twin):
+            logit_scale = torch.tensor(2.659)
+            totals[impl] = build_objective(LossConfig(impl=impl, **cfg))(image, text, logit_scale, semantic).total
+        assert torch.equal(totals["auto"], totals[twin]), (n, twin)

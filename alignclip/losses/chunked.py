@@ -1,7 +1,9 @@
 """Chunked CLIP + IMSep cross-entropies in O(b d + tile^2) memory (DESIGN.md section 6).
 
-Entry point (what ``loss.impl=chunked`` calls): ``contrastive_terms(...)``, the signature of
-``alignclip.losses.dense.contrastive_terms`` plus the keyword ``chunk_size`` (``loss.chunk_size``, the tile edge).
+Entry points: ``contrastive_terms(...)`` (what ``loss.impl=chunked`` calls), the signature of
+``alignclip.losses.dense.contrastive_terms`` plus the keyword ``chunk_size`` (``loss.chunk_size``, the tile edge);
+``auto_cpu_contrastive_terms(...)`` (``loss.impl=auto`` off CUDA): dense while one tile holds the whole batch,
+chunked above.
 
 Every term is a row-wise cross-entropy over a logit matrix L = s R in the gathered layout (local rows x global
 columns, the positive of row i in column ``offset + i``):
@@ -32,11 +34,13 @@ provides the row-wise primitive only.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from alignclip.losses import dense
 from alignclip.losses.dense import IMSEP_SIDES, ContrastiveTerms
 
 
@@ -358,3 +362,17 @@ def contrastive_terms(image_local: Tensor, text_local: Tensor, image_all: Tensor
                                   semantic_all, logit_scale, offset, cross_modal=cross_modal,
                                   imsep_sides=imsep_sides, imsep_rescale=imsep_rescale, chunk_size=chunk_size,
                                   single_process_shortcuts=True)
+
+
+def auto_cpu_contrastive_terms(image_local: Tensor, text_local: Tensor, image_all: Tensor, text_all: Tensor,
+                               semantic_local: Optional[Tensor], semantic_all: Optional[Tensor],
+                               logit_scale: Tensor, offset: int, *, cross_modal: bool = True,
+                               imsep_sides: tuple[str, ...] = (), imsep_rescale: bool = True,
+                               chunk_size: int = 1024) -> ContrastiveTerms:
+    """``loss.impl=auto`` off CUDA: the dense reference while the global batch fits in one tile (tiling would save
+    no memory and only add the backward's recompute), the chunked walk above that (tools/bench_loss.py: at
+    b = 2048, chunk 1024, chunked already takes 0.3x dense's memory and about half its time on CPU)."""
+    impl = dense.contrastive_terms if image_all.shape[0] <= _check_chunk(chunk_size) else \
+        partial(contrastive_terms, chunk_size=chunk_size)
+    return impl(image_local, text_local, image_all, text_all, semantic_local, semantic_all, logit_scale, offset,
+                cross_modal=cross_modal, imsep_sides=imsep_sides, imsep_rescale=imsep_rescale)
