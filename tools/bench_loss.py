@@ -1,6 +1,7 @@
 """Benchmark the contrastive loss implementations: dense vs chunked (vs triton on CUDA), forward + backward.
 
     python tools/bench_loss.py                      # b in {1024, 4096, 8192}, d = 768, AlignCLIP's loss
+    python tools/bench_loss.py --chunk-sizes 1024 512  # one chunked row per loss.chunk_size
     python tools/bench_loss.py --batch-sizes 32768 --impls chunked triton --device cuda
 
 The loss is the AlignCLIP objective through ``alignclip.losses.build_objective`` (CRsep + 1/2 IMSep image side,
@@ -115,7 +116,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--dim", type=int, default=768, help="embedding width d")
     parser.add_argument("--semantic-dim", type=int, default=768, help="sentence-embedding width k (mpnet: 768)")
-    parser.add_argument("--chunk-size", type=int, default=LossConfig.chunk_size, help="loss.chunk_size")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[LossConfig.chunk_size],
+                        help="loss.chunk_size values for the chunked rows (default: the config's)")
+    parser.add_argument("--chunk-size", type=int, default=LossConfig.chunk_size, help=argparse.SUPPRESS)
     parser.add_argument("--impls", nargs="+", default=None, help="default: dense chunked (+ triton on CUDA)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
@@ -129,21 +132,28 @@ def main(argv=None) -> None:
         print(json.dumps(_child(args)))
         return
     impls = args.impls or (["dense", "chunked"] + (["triton"] if args.device == "cuda" else []))
+    # (label, impl, chunk): one chunked row per chunk size; dense and triton do not tile by loss.chunk_size.
+    cases = [(f"chunked/{c}" if impl == "chunked" else impl, impl, c)
+             for impl in impls for c in (args.chunk_sizes if impl == "chunked" else args.chunk_sizes[:1])]
     print(f"AlignCLIP loss (CRsep + 1/2 IMSep image, rescaled), forward + backward; d={args.dim} "
-          f"k={args.semantic_dim} chunk={args.chunk_size} device={args.device} threads={args.threads} "
-          f"median of {args.repeats}")
-    header = f"{'b':>6} {'impl':>8} {'peak MiB':>10} {'x dense':>8} {'time s':>8} {'x dense':>8}"
+          f"k={args.semantic_dim} device={args.device} threads={args.threads} median of {args.repeats}")
+    print("GFLOP/s: dense-equivalent work (18 b^2 d + 2 b^2 k, the dense path's GEMMs) / time")
+    header = (f"{'b':>6} {'impl':>13} {'peak MiB':>10} {'x dense':>8} {'time s':>8} {'x dense':>8} "
+              f"{'GFLOP/s':>8}")
     print(header)
     print("-" * len(header))
     for batch in args.batch_sizes:
-        rows = {impl: {**_run_child(args, impl, batch, "memory"), **_run_child(args, impl, batch, "time")}
-                for impl in impls}
+        rows = {}
+        for label, impl, chunk in cases:
+            args.chunk_size = chunk
+            rows[label] = {**_run_child(args, impl, batch, "memory"), **_run_child(args, impl, batch, "time")}
         base = rows.get("dense")
-        for impl, r in rows.items():
+        flops = 18 * batch**2 * args.dim + 2 * batch**2 * args.semantic_dim
+        for label, r in rows.items():
             mem_ratio = f"{r['peak_mib'] / base['peak_mib']:.3f}" if base else "-"
             time_ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "-"
-            print(f"{batch:>6} {impl:>8} {r['peak_mib']:>10.1f} {mem_ratio:>8} {r['median_s']:>8.3f} "
-                  f"{time_ratio:>8}", flush=True)
+            print(f"{batch:>6} {label:>13} {r['peak_mib']:>10.1f} {mem_ratio:>8} {r['median_s']:>8.3f} "
+                  f"{time_ratio:>8} {flops / r['median_s'] / 1e9:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":
