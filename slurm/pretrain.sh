@@ -51,6 +51,8 @@ echo "[pretrain] $(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:
      "${SLURM_NTASKS} tasks, master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
 
 set +e
+# --kill-on-bad-exit=0: after a preemption every rank exits with REQUEUE_EXIT_CODE; killing the others when the
+# first one exits could cut rank 0 short while it publishes the checkpoint.
 # Each task names its rank and host (the layout, in the log), then becomes the trainer (exec: signals reach it).
 srun --label --kill-on-bad-exit=0 bash -c 'echo "[pretrain] rank $SLURM_PROCID/$SLURM_NTASKS on $(hostname)"; exec "$@"' \
     task "$PYTHON" -m alignclip.train --config "$CONFIG_PATH" "$@" "run_dir=$RUN_DIR"

@@ -17,6 +17,7 @@ stops it on Ctrl-C.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -132,6 +133,8 @@ class _Cluster:
         r = self.root
         lines = [
             f"ClusterName={self.cluster_name}",
+            # job ids seed the trainer's master port: start them apart so two clusters' jobs do not share it
+            f"FirstJobId={random.randrange(1000, 19000)}",
             f"SlurmctldHost={self._ctld_host()}",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.ctld_port + 1}",
