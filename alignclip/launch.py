@@ -155,8 +155,10 @@ class TrainJob:
         except SystemExit as stop:
             if stop.code not in (0, None):
                 if stop.code == REQUEUE_EXIT_CODE:
-                    self._requeue()
-                raise
+                    self._requeue()  # returns only when the job is not requeued
+                # an Exception (not SystemExit), so that submitit records the failure as the job's result
+                raise RuntimeError(f"python -m alignclip.train exited with code {stop.code} "
+                                   f"(config {self.config_path}, overrides {self.overrides})") from None
         return str(run_dir_of(load_config(self.config_path, self.overrides)))
 
     def _requeue(self) -> None:

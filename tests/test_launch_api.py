@@ -93,6 +93,12 @@ def test_train_job_survives_pickling_with_its_run(tmp_path):
     assert (clone.config_path, clone.overrides, clone.max_requeues) == (job.config_path, job.overrides, 3)
 
 
+def test_train_job_turns_a_trainer_exit_into_an_error_submitit_can_record(tmp_path):
+    job = TrainJob(base_config(tmp_path), ["train.lrr=1"], max_requeues=0)
+    with pytest.raises(RuntimeError, match="exited with code 2"):  # a config error, before torch loads
+        job()
+
+
 @pytest.mark.heavy
 def test_local_executor_runs_two_tasks_through_the_same_entry_point(tmp_path, monkeypatch):
     for key, value in job_env().items():
