@@ -354,6 +354,14 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
     assert "resumed from" in (tmp_path / "train.log").read_text()
     assert latest_step(tmp_path) == 3 and not (checkpoints / "step_00000001.tmp").exists()
 
+    # resuming with another world size fails at start and says how to convert
+    state_file = checkpoints / "step_00000003" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    proc = subprocess.run([sys.executable, "-m", "alignclip.train", *overrides, "train.max_steps=5"], env=_env(),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1 and "written by 2 ranks, this run has 1" in proc.stderr
+    assert "ds_to_universal" in proc.stderr and "deepspeed.universal_checkpoint=true" in proc.stderr
+
 
 # ------------------------------------------------------------------------------------ the embedded default
 @pytest.mark.heavy

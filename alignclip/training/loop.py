@@ -297,6 +297,11 @@ def _setup(config: Config, env: DistEnv) -> _Run:
         write_deepspeed_config(ds_config, run_dir)
     dist.barrier()
 
+    # the data spec and a checkpoint's world size are checked before the (possibly large) model is built
+    latest = ckpt.find_latest(run_dir)
+    if latest is not None:
+        ckpt.check_world_size(ckpt.read_state(latest), latest, env.world_size, config.deepspeed.universal_checkpoint)
+    steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
     _seed(config.train.seed)  # the same initial weights on every rank
     model = build_model(config.model)
     with _zero_dim_params_as_1d(model):
@@ -306,12 +311,10 @@ def _setup(config: Config, env: DistEnv) -> _Run:
     objective = build_objective(config.loss).to(device)
 
     state = ckpt.TrainerState(world_size=env.world_size, config_hash=config_hash(config))
-    latest = ckpt.find_latest(run_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(engine, latest, env.world_size, config.deepspeed.universal_checkpoint)
     resumed_hash, state.config_hash, state.world_size = state.config_hash, config_hash(config), env.world_size
 
-    steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
     total_steps = config.train.epochs * steps_per_epoch
     if config.train.max_steps > 0:
         total_steps = min(total_steps, config.train.max_steps)
