@@ -4,15 +4,14 @@ variables the Slurm script reads, and one real run through submitit's local exec
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from alignclip.config import ConfigError, load_config
 from alignclip.launch import (TrainJob, grid, make_executor, make_run, make_sweep, parse_axis, point_name, shell_env,
-                              submit, tasks_per_node)
-from launch_helpers import base_config, job_env, logged_steps, tiny_overrides, trainer_state
+                              tasks_per_node)
+from launch_helpers import REPO_ROOT, base_config, job_env, logged_steps, tiny_overrides, trainer_state
 
 
 def test_grid_is_the_cartesian_product_in_a_stable_order():
@@ -100,24 +99,26 @@ def test_train_job_turns_a_trainer_exit_into_an_error_submitit_can_record(tmp_pa
 
 
 @pytest.mark.heavy
-def test_local_executor_runs_two_tasks_through_the_same_entry_point(tmp_path, monkeypatch):
+def test_local_executor_runs_a_two_point_sweep_of_two_task_runs_through_tools_sweep(tmp_path, monkeypatch):
+    """The same job path without Slurm: tools/sweep.py --executor local --wait, each point 2 ranks (submitit's
+    local variables -> setup_distributed_env), each in its own run dir."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    from sweep import main as sweep_main
+
     for key, value in job_env().items():
         monkeypatch.setenv(key, value)
     for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]:
         monkeypatch.delenv(key)
-    steps = 4
+    steps = 3
     overrides = tiny_overrides(tmp_path / "data", **{"train.max_steps": steps, "output_dir": str(tmp_path / "runs"),
                                                      "name": "local", "launch.tasks_per_node": 2})
-    submitted = submit(base_config(tmp_path), overrides, executor="local")
-    deadline = time.monotonic() + 240
-    while not submitted.job.done():
-        if time.monotonic() > deadline:
-            submitted.job.cancel()
-            pytest.fail("the local job did not finish in 240 s")
-        time.sleep(0.5)
-    run_dir = tmp_path / "runs" / "local"
-    assert submitted.job.results() == [str(run_dir)] * 2  # one result per task
-    assert trainer_state(run_dir)["step"] == steps and trainer_state(run_dir)["world_size"] == 2
-    assert "world 2 (submitit)" in (run_dir / "train.log").read_text()  # ranks from submitit's variables
-    assert logged_steps(run_dir) == list(range(1, steps + 1))
-    assert (run_dir / "launch.json").exists() and (run_dir / "submitit").is_dir()
+    code = sweep_main(["--config", base_config(tmp_path), "--executor", "local", "--wait",
+                       "--grid", "train.lr=1e-3,2e-3", *overrides])
+    assert code == 0
+    for point, lr in (("lr=1e-3", "0.001"), ("lr=2e-3", "0.002")):
+        run_dir = tmp_path / "runs" / "local" / point
+        assert trainer_state(run_dir)["step"] == steps and trainer_state(run_dir)["world_size"] == 2
+        assert "world 2 (submitit)" in (run_dir / "train.log").read_text()  # ranks from submitit's variables
+        assert logged_steps(run_dir) == list(range(1, steps + 1))
+        assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+    assert (tmp_path / "runs" / "local" / "sweep.json").exists()
