@@ -170,12 +170,16 @@ def check_world_size(state: TrainerState, checkpoint: Path, world_size: int, uni
         return
     raise CheckpointWorldSizeError(
         f"checkpoint {checkpoint} was written by {state.world_size} ranks, this run has {world_size}. ZeRO "
-        f"optimizer states are partitioned per rank, so convert it first:\n"
-        f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint} "
+        f"partitions the optimizer state by rank, so restart with {state.world_size} ranks (train.micro_batch_size "
+        f"keeps the global batch if the memory per device differs). DeepSpeed's universal checkpoints are the way "
+        f"to change the world size: convert with\n"
+        f"  python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder {checkpoint} "
         f"--output_folder {checkpoint}_universal\n"
-        f"  cp {checkpoint / STATE_FILE} {checkpoint}_universal/\n"
-        f"  echo {checkpoint.name}_universal > {checkpoint.parent / LATEST}\n"
-        f"and restart with deepspeed.universal_checkpoint=true; or restart with {state.world_size} ranks.")
+        f"  cp {checkpoint / STATE_FILE} {checkpoint}_universal/ && echo {checkpoint.name}_universal > "
+        f"{checkpoint.parent / LATEST}\n"
+        f"and restart with deepspeed.universal_checkpoint=true. Caveat: DeepSpeed 0.19's converter stops on 0-dim "
+        f"parameters ('zero-dimensional tensor cannot be concatenated'), and the logit scale is one, so with that "
+        f"version only the first way works.")
 
 
 def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool = False) -> TrainerState:
