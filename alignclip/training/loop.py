@@ -6,7 +6,6 @@ micro-batches) -> ``_setup`` (everything built before the first step).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from alignclip.distributed.env import DistEnv, setup_distributed_env
 from alignclip.training import checkpoint as ckpt
 from alignclip.training.deepspeed_config import (batch_layout, build_deepspeed_config, resolve_device,
                                                  write_deepspeed_config)
+from alignclip.training.engine import initialize_engine
 from alignclip.training.monitor import Monitor, memory_gb
 from alignclip.training.optim import build_optimizer
 from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, any_rank
@@ -238,33 +238,6 @@ def _finish(run: _Run, result: RunResult) -> RunResult:
     return result
 
 
-@contextlib.contextmanager
-def _zero_dim_params_as_1d(model: torch.nn.Module):
-    """DeepSpeed 0.19's engine set-up broadcasts each parameter from rank 0 as ``p.data.view(torch.uint8)``, which
-    fails for a 0-dim tensor (the logit scale). During that broadcast only, 0-dim parameters are viewed as [1];
-    they get their shape back before the optimizer and its gradient hooks are built, so the module, its gradients
-    and its checkpoints keep the scalar."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine._broadcast_model
-
-    def broadcast_with_scalars_as_1d(engine) -> None:
-        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
-        for p in scalars:
-            p.data = p.data.reshape(1)
-        try:
-            original(engine)
-        finally:
-            for p in scalars:
-                p.data = p.data.reshape(())
-
-    DeepSpeedEngine._broadcast_model = broadcast_with_scalars_as_1d
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._broadcast_model = original
-
-
 def _seed(seed: int) -> None:
     import random
 
@@ -304,9 +277,7 @@ def _setup(config: Config, env: DistEnv) -> _Run:
     steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
     _seed(config.train.seed)  # the same initial weights on every rank
     model = build_model(config.model)
-    with _zero_dim_params_as_1d(model):
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.train),
-                                               config=ds_config)
+    engine = initialize_engine(model, build_optimizer(model, config.train), ds_config)
     _seed(config.train.seed + 1_000_003 * env.rank)  # per-rank streams for anything random in the step
     objective = build_objective(config.loss).to(device)
 
