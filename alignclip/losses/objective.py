@@ -105,7 +105,7 @@ class Objective(nn.Module):
         # Low-precision features (bf16 under DeepSpeed) are promoted: the b x b softmaxes are computed in fp32.
         compute_dtype = torch.promote_types(image_embeds.dtype, torch.float32)
         image_local, text_local = image_embeds.to(compute_dtype), text_embeds.to(compute_dtype)
-        logit_scale = logit_scale.to(compute_dtype)
+        logit_scale = logit_scale.to(compute_dtype).reshape(())  # a [] or [1] parameter: one scalar for all terms
         rank, world = rank_and_world()
         offset = rank * image_local.shape[0]
         image_all, text_all = all_gather_with_grad(image_local), all_gather_with_grad(text_local)
