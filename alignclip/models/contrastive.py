@@ -31,7 +31,9 @@ class ContrastiveModel(nn.Module):
             self.text_trunk = text_trunk
         self.max_logit_scale = max_logit_scale
         # logit_scale = ln(1 / temperature); the loss uses s = exp(logit_scale), clamped in forward (see below).
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # Shape [1], not []: DeepSpeed 0.19 cannot hold a 0-dim parameter (its broadcast views every parameter as
+        # bytes, ZeRO-0 gradient clipping and the universal-checkpoint converter concatenate them).
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         for module in (self.image_stem, self.text_stem, *self._trunks()):
             module.init_weights()
 
