@@ -264,6 +264,35 @@ def test_alignclip_without_precomputed_embeddings_encodes_captions_online(toy_da
         assert step["loss/total"] == pytest.approx(step["loss/crsep"] + 0.5 * step["loss/imsep"], rel=1e-5)
 
 
+def _stored_scale_after_steps(rank: int, world_size: int, overrides: list[str]):
+    from alignclip.config import load_config
+    from alignclip.distributed.env import setup_distributed_env
+    from alignclip.losses.temperature import stored_logit_scale
+    from alignclip.training import loop
+
+    run = loop._setup(load_config(None, overrides), setup_distributed_env())
+    before = stored_logit_scale(run.engine)
+    batches = loop._epoch_batches(run)
+    for _ in range(2):
+        loop._train_step(run, batches, loop._Window())
+    module = float(run.engine.module.logit_scale.detach().float().max())
+    after = stored_logit_scale(run.engine)
+    run.monitor.close()
+    run.preemption.restore()
+    return before, after, module
+
+
+@pytest.mark.heavy
+def test_trainer_keeps_the_stored_logit_scale_and_its_master_copy_under_the_clamp(toy_data, tmp_path):
+    """The scale starts at ln(1/0.07) = 2.66 above a clamp of 2.0: the forward clamp passes no gradient there,
+    so only the trainer's clamp after each step brings the stored value (ZeRO-1 bf16: the fp32 master) down."""
+    overrides = tiny_overrides(toy_data, tmp_path, **{"model.max_logit_scale": 2.0, "train.precision": "bf16",
+                                                        "deepspeed.zero_stage": 1})
+    (before, after, module), = run_on_ranks(_stored_scale_after_steps, 1, overrides)
+    assert before == pytest.approx(2.659, abs=5e-3)  # bf16-rounded: the master copy starts from the bf16 module
+    assert after <= 2.0 and module <= 2.0
+
+
 # ------------------------------------------------------------------------------- exact resume, TensorBoard
 RESUME_STEPS = 24
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from alignclip.config import Config, config_hash, run_dir_of, save_config
 from alignclip.distributed.env import DistEnv, setup_distributed_env
+from alignclip.losses.temperature import clamp_logit_scale_
 from alignclip.training import checkpoint as ckpt
 from alignclip.training.deepspeed_config import (batch_layout, build_deepspeed_config, resolve_device,
                                                  write_deepspeed_config)
@@ -129,6 +130,9 @@ def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[s
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / run.accumulation
         engine.backward(total)
         engine.step()  # DeepSpeed steps the optimizer (with clipping) at the accumulation boundary only
+    # The forward clamp bounds the scale the loss uses; this keeps the STORED value (and ZeRO's fp32 master copy)
+    # at most ln 100 too, so the temperature never freezes above the bound where the clamp passes no gradient.
+    clamp_logit_scale_(engine, engine.module.max_logit_scale)
     state.step += 1
     state.samples_seen += run.config.train.global_batch_size
     state.batch_in_epoch += run.accumulation
