@@ -3,6 +3,7 @@
     python tools/bench_loss.py                      # b in {1024, 4096, 8192}, d = 768, AlignCLIP's loss
     python tools/bench_loss.py --chunk-sizes 1024 512  # one chunked row per loss.chunk_size
     python tools/bench_loss.py --batch-sizes 32768 --impls chunked triton --device cuda
+    python tools/bench_loss.py --saved-by-term --batch-sizes 512 8192   # what each dense term keeps for backward
 
 The loss is the AlignCLIP objective through ``alignclip.losses.build_objective`` (CRsep + 1/2 IMSep image side,
 rescaled with unit-norm sentence embeddings of width --semantic-dim), i.e. exactly what training runs for
@@ -19,6 +20,11 @@ another's free lists):
   time         median over --repeats of forward + backward, after one warm-up, in a second child with the default
                allocator (CUDA: synchronised).
 Ratios are against dense at the same batch size.
+
+``--saved-by-term`` measures something else: for each loss term alone (and the whole AlignCLIP objective), through
+the dense reference, the bytes of the tensors autograd saves for backward (``torch.autograd.graph
+.saved_tensors_hooks``, each storage counted once, the input features excluded): the b^2 memory that the fused
+kernels remove.
 """
 
 from __future__ import annotations
@@ -67,6 +73,63 @@ def _case(impl: str, batch: int, dim: int, semantic_dim: int, chunk_size: int, d
             torch.cuda.synchronize()
 
     return step
+
+
+# term label -> the LossConfig weights that turn on that term alone (DESIGN.md section 5)
+TERMS = {
+    "clip": {"clip_weight": 1.0},
+    "crsep": {"crsep_weight": 1.0},
+    "imsep image": {"imsep_weight": 1.0, "imsep_sides": "image"},
+    "imsep text": {"imsep_weight": 1.0, "imsep_sides": "text"},
+    "imsep both": {"imsep_weight": 1.0, "imsep_sides": "both"},
+    "imsep image D=1": {"imsep_weight": 1.0, "imsep_sides": "image", "imsep_rescale": False},
+    "uniform": {"uniform_weight": 1.0},
+    "xuniform": {"xuniform_weight": 1.0},
+    "align": {"align_weight": 1.0},
+    "AlignCLIP (crsep + 1/2 imsep)": {"crsep_weight": 1.0, "imsep_weight": 0.5},
+}
+
+
+def saved_for_backward_mib(weights: dict, batch: int, dim: int, semantic_dim: int) -> float:
+    """MiB of the tensors the dense objective saves for backward (storages counted once, inputs excluded)."""
+    import torch
+    import torch.nn.functional as F
+
+    from alignclip.config import LossConfig
+    from alignclip.losses import build_objective
+
+    objective = build_objective(LossConfig(impl="dense", **{"clip_weight": 0.0, **weights}))
+    gen = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).requires_grad_()
+    semantic = F.normalize(torch.randn(batch, semantic_dim, generator=gen), dim=-1)
+    logit_scale = torch.tensor([2.659], requires_grad=True)
+    inputs = {t.untyped_storage().data_ptr() for t in (image, text, semantic, logit_scale)}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        total = objective(image, text, logit_scale, semantic).total
+    total.backward()
+    return sum(saved.values()) / 2**20
+
+
+def _saved_by_term_table(args) -> None:
+    print(f"Saved for backward by the dense reference, per term alone; d={args.dim} k={args.semantic_dim}, fp32")
+    header = f"{'term':>30} " + " ".join(f"{f'b={b} MiB':>14} {'b^2 floats':>10}" for b in args.batch_sizes)
+    print(header)
+    print("-" * len(header))
+    for label, weights in TERMS.items():
+        cells = []
+        for batch in args.batch_sizes:
+            mib = saved_for_backward_mib(weights, batch, args.dim, args.semantic_dim)
+            cells.append(f"{mib:>14.1f} {mib * 2**20 / 4 / batch**2:>10.2f}")
+        print(f"{label:>30} " + " ".join(cells), flush=True)
 
 
 def _child(args) -> dict:
@@ -123,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--saved-by-term", action="store_true",
+                        help="print what each dense term saves for backward instead of the impl comparison")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -130,6 +195,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args)))
+        return
+    if args.saved_by_term:
+        _saved_by_term_table(args)
         return
     impls = args.impls or (["dense", "chunked"] + (["triton"] if args.device == "cuda" else []))
     # (label, impl, chunk): one chunked row per chunk size; dense and triton do not tile by loss.chunk_size.
