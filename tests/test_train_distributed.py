@@ -418,6 +418,39 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
     assert "restart with 2 ranks" in proc.stderr and "ds_to_universal" in proc.stderr
 
 
+def _weights_after_setup(rank: int, world_size: int, overrides: list[str]):
+    from alignclip.config import load_config
+    from alignclip.distributed.env import setup_distributed_env
+    from alignclip.training import loop
+
+    run = loop._setup(load_config(None, overrides), setup_distributed_env())
+    weights = {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
+    optimizer_steps = {int(s["step"]) for s in run.engine.optimizer.optimizer.state.values() if "step" in s}
+    state = (run.state.step, run.state.batch_in_epoch, run.state.world_size)
+    run.monitor.close()
+    run.preemption.restore()
+    return weights, optimizer_steps, state
+
+
+@pytest.mark.heavy
+def test_resume_at_another_world_size_through_a_universal_checkpoint(toy_data, tmp_path):
+    """2 ranks train 4 steps; 1 rank with deepspeed.universal_checkpoint=true converts the checkpoint, loads the
+    same weights and Adam state (step count 4), and trains on to step 6."""
+    two = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": 4})
+    assert wait_all(launch(two, world_size=2, log_dir=tmp_path)) == [0, 0]
+    saved = final_weights(tmp_path)
+    one = [o for o in two if not o.startswith("train.max_steps")] + ["train.max_steps=6",
+                                                                     "deepspeed.universal_checkpoint=true"]
+    (weights, optimizer_steps, state), = run_on_ranks(_weights_after_setup, 1, one)
+    assert (tmp_path / "checkpoints" / "step_00000004_universal" / "trainer_state.json").is_file()
+    assert_same_weights(weights, saved, atol=0.0)
+    assert optimizer_steps == {4} and state == (4, 4, 1)
+    assert wait_all(launch(one, world_size=1, log_dir=tmp_path)) == [0]
+    assert latest_step(tmp_path) == 6
+    log = (tmp_path / "train.log").read_text()
+    assert "step_00000004 at step 4 (epoch 0, batch 4)" in log
+
+
 # ------------------------------------------------------------------------------------ the embedded default
 @pytest.mark.heavy
 def test_run_default_generates_data_trains_and_reports_where_things_are(tmp_path):

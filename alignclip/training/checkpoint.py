@@ -10,6 +10,9 @@ Layout (docs/training.md)::
             rng_rank<R>.pt              torch / CUDA / numpy / python RNG states of rank R
             trainer_state.json          TrainerState below (written last: its presence marks completeness)
 
+A run resumed at another world size (``deepspeed.universal_checkpoint=true``) first converts its checkpoint into
+DeepSpeed's universal form, ``step_X_universal/`` beside it (rank 0, once), and loads that.
+
 Atomicity: every rank writes into ``step_X.tmp/``; after a barrier rank 0 renames it to ``step_X/`` (a rename is
 atomic on POSIX) and then replaces ``latest`` by writing ``latest.tmp`` and renaming it. A crash at any point
 leaves either the previous ``latest`` (pointing at a complete directory) or the new one; a stale ``*.tmp`` is
@@ -23,6 +26,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,6 +39,7 @@ import torch.distributed as dist
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 @dataclass
@@ -44,6 +50,7 @@ class TrainerState:
     batch_in_epoch: int = 0  # loader batches (per rank) of that epoch already consumed: the data position
     skipped_steps: int = 0  # batches dropped for a non-finite loss (train.nonfinite=skip)
     world_size: int = 1
+    accumulation: int = 1  # micro-batches per step: converts batch_in_epoch when the world size changes
     config_hash: str = ""
 
 
@@ -165,32 +172,58 @@ def read_state(checkpoint: Path) -> TrainerState:
 
 
 def check_world_size(state: TrainerState, checkpoint: Path, world_size: int, universal: bool) -> None:
-    """ZeRO partitions the optimizer state by rank: a different world size needs a universal checkpoint."""
+    """ZeRO partitions the optimizer state by rank: another world size needs a universal checkpoint."""
     if state.world_size == world_size or universal:
         return
     raise CheckpointWorldSizeError(
         f"checkpoint {checkpoint} was written by {state.world_size} ranks, this run has {world_size}. ZeRO "
-        f"partitions the optimizer state by rank, so restart with {state.world_size} ranks (train.micro_batch_size "
-        f"keeps the global batch if the memory per device differs). DeepSpeed's universal checkpoints are the way "
-        f"to change the world size: convert with\n"
-        f"  python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder {checkpoint} "
-        f"--output_folder {checkpoint}_universal\n"
-        f"  cp {checkpoint / STATE_FILE} {checkpoint}_universal/ && echo {checkpoint.name}_universal > "
-        f"{checkpoint.parent / LATEST}\n"
-        f"and restart with deepspeed.universal_checkpoint=true. Caveat: DeepSpeed 0.19's converter stops on 0-dim "
-        f"parameters ('zero-dimensional tensor cannot be concatenated'), and the logit scale is one, so with that "
-        f"version only the first way works.")
+        f"partitions the optimizer state by rank. Either restart with {state.world_size} ranks "
+        f"(train.micro_batch_size keeps the global batch if the memory per device differs), or add "
+        f"deepspeed.universal_checkpoint=true: the trainer then converts the checkpoint to DeepSpeed's universal "
+        f"form (python -m deepspeed.checkpoint.ds_to_universal, into {checkpoint.name}{UNIVERSAL_SUFFIX}/) and "
+        f"resumes from it at the same step; the rest of that epoch is then read in the new ranks' shard split.")
 
 
-def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool = False) -> TrainerState:
-    """Restore engine (weights, optimizer, counters) and this rank's RNG; return the trainer state."""
+def to_universal(checkpoint: Path) -> Path:
+    """Collective: DeepSpeed's universal form of ``checkpoint`` (any world size can load it), converted once by
+    rank 0 into ``<name>_universal/`` (complete or absent, like every checkpoint) with the trainer state copied."""
+    target = checkpoint.with_name(checkpoint.name + UNIVERSAL_SUFFIX)
+    if _rank() == 0 and not (target / STATE_FILE).is_file():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+               "--input_folder", str(checkpoint), "--output_folder", str(tmp)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                               f"{out.stderr[-3000:]}")
+        shutil.copy2(checkpoint / STATE_FILE, tmp / STATE_FILE)
+        _fsync_dir(tmp)
+        tmp.rename(target)
+        _fsync_dir(target.parent)
+    _barrier()
+    return target
+
+
+def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool = False,
+                    accumulation: int = 1) -> TrainerState:
+    """Restore engine (weights, optimizer, counters) and this rank's RNG; return the trainer state, its data
+    position in this run's micro-batches. Another world size goes through a universal checkpoint."""
     state = read_state(checkpoint)
     check_world_size(state, checkpoint, world_size, universal)
-    path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True,
+    source = checkpoint
+    if state.world_size != world_size and not checkpoint.name.endswith(UNIVERSAL_SUFFIX):
+        source = to_universal(checkpoint)
+    # DeepSpeed reads this flag at load time only: a universal source needs it, a native one must not have it
+    engine._config.load_universal_checkpoint = source.name.endswith(UNIVERSAL_SUFFIX)
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {checkpoint}")
-    rng_file = checkpoint / f"rng_rank{_rank()}.pt"
-    if rng_file.is_file():  # absent after a world-size change: the new ranks keep their fresh seeds
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
+    rng_file = source / f"rng_rank{_rank()}.pt"
+    if state.world_size == world_size and rng_file.is_file():  # other ranks keep their fresh seeds
         restore_rng(torch.load(rng_file, weights_only=False))
+    if state.accumulation != accumulation:  # the same number of steps into the epoch
+        state.batch_in_epoch = state.batch_in_epoch // state.accumulation * accumulation
+    state.accumulation = accumulation
     return state

@@ -285,9 +285,11 @@ def _setup(config: Config, env: DistEnv) -> _Run:
     _seed(config.train.seed + 1_000_003 * env.rank)  # per-rank streams for anything random in the step
     objective = build_objective(config.loss).to(device)
 
-    state = ckpt.TrainerState(world_size=env.world_size, config_hash=config_hash(config))
+    state = ckpt.TrainerState(world_size=env.world_size, accumulation=layout.accumulation,
+                              config_hash=config_hash(config))
     if latest is not None:
-        state = ckpt.load_checkpoint(engine, latest, env.world_size, config.deepspeed.universal_checkpoint)
+        state = ckpt.load_checkpoint(engine, latest, env.world_size, config.deepspeed.universal_checkpoint,
+                                     layout.accumulation)
     resumed_hash, state.config_hash, state.world_size = state.config_hash, config_hash(config), env.world_size
 
     total_steps = config.train.epochs * steps_per_epoch
