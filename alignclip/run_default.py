@@ -54,13 +54,13 @@ def prepare_data(config: Config) -> Config:
     print(f"data: generated shards in {dataset.root} ({time.perf_counter() - started:.1f} s)", flush=True)
     if not build_objective(config.loss).needs_semantic or config.data.semantic_dir:
         return config
-    from alignclip.semantic import SemanticEncoder, embed_shards
+    from alignclip.semantic import SemanticEncoder, embed_shards, sidecar_path
 
     model_tag = Path(config.loss.semantic_model).name.replace("/", "_")
     semantic_dir = dataset.root / f"semantic-{model_tag}"
     shards = shardlib.expand_spec(dataset.spec("train")) + shardlib.expand_spec(dataset.spec("val"))
     started = time.perf_counter()
-    if not all((semantic_dir / (Path(s).stem + ".sem.npz")).is_file() for s in shards):
+    if not all(sidecar_path(semantic_dir, s).is_file() for s in shards):
         encoder = SemanticEncoder(config.loss.semantic_model, "auto", batch_size=config.loss.semantic_batch_size)
         embed_shards(shards, encoder, semantic_dir)
         del encoder
