@@ -108,6 +108,12 @@ class DataConfig:
     samples_per_epoch: int = 0  # 0: counted from the shards (sizes in their json or by reading them)
     workers: int = 2
     shuffle_buffer: int = 1000  # sample-level shuffle inside each worker; larger = better mixing, more memory
+    # Batches each worker keeps ready (DataLoader prefetch_factor): workers x prefetch batches absorb decode
+    # jitter; throughput itself comes from enough workers (docs/performance.md sizes both).
+    prefetch_factor: int = 4
+    # Page-locked host batches, so host-to-device copies are asynchronous (non_blocking) and overlap the step.
+    # null = on when training on CUDA (pinning costs a copy and locked memory and buys nothing on CPU).
+    pin_memory: Optional[bool] = None
     image_key: str = "jpg;png;jpeg;webp"
     text_key: str = "txt"
     semantic_key: str = "sem.npy"  # precomputed sentence embedding, when the shard has one
@@ -138,6 +144,16 @@ class TrainConfig:
     keep_checkpoints: int = 3
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
+    # The fast path (docs/performance.md measures each switch on CPU and argues its H100 effect). null = auto:
+    # resolved per device by alignclip.perf.fast_path.resolve_fast_path.
+    compile: Optional[bool] = None  # torch.compile through engine.compile(); auto: on CUDA, off on CPU (slower here)
+    compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    adamw_impl: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach | loop
+    sdpa: bool = True  # attention through F.scaled_dot_product_attention (flash kernels); false = explicit math
+    channels_last: Optional[bool] = None  # NHWC images into the patch conv; auto: on CUDA (cuDNN's native layout)
+    # Peak TFLOP/s of one device for MFU; 0 = the table of alignclip/perf/peaks.py (H100, H200, A100 by name and
+    # precision). CPUs have no entry: there perf/mfu is not logged unless this is set.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -198,6 +214,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.nonfinite": ("stop", "skip"),
+    "train.adamw_impl": ("auto", "fused", "foreach", "loop"),
     "deepspeed.zero_stage": (0, 1, 2),
     "launch.executor": ("slurm", "local"),
 }
@@ -296,13 +313,15 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
                           f"of 'model.vision.patch_size' ({m.vision.patch_size})")
-    positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size"]
+    positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size",
+                "data.prefetch_factor"]
     for key in positive:
         if _get(config, key) <= 0:
             raise ConfigError(f"{source}: key '{key}' must be > 0, got {_get(config, key)}")
     nonneg = ["loss.clip_weight", "loss.crsep_weight", "loss.imsep_weight", "loss.uniform_weight",
               "loss.xuniform_weight", "loss.align_weight", "train.warmup_steps", "train.max_steps",
-              "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "data.workers"]
+              "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "data.workers",
+              "train.peak_tflops"]
     for key in nonneg:
         if _get(config, key) < 0:
             raise ConfigError(f"{source}: key '{key}' must be >= 0, got {_get(config, key)}")
