@@ -146,9 +146,11 @@ class TrainConfig:
     max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
     # The fast path (docs/performance.md measures each switch on CPU and argues its H100 effect). null = auto:
     # resolved per device by alignclip.perf.fast_path.resolve_fast_path.
-    compile: Optional[bool] = None  # torch.compile through engine.compile(); auto: on CUDA, off on CPU (slower here)
+    # torch.compile through engine.compile(); auto: on CUDA, off on CPU (no gain at the tiny sizes CPUs train here,
+    # and tens of seconds to minutes of compiling at start)
+    compile: Optional[bool] = None
     compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
-    adamw_impl: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach | loop
+    adamw_impl: str = "auto"  # auto (= fused: one kernel over ZeRO's flat partition, CUDA and CPU) | foreach | loop
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (flash kernels); false = explicit math
     channels_last: Optional[bool] = None  # NHWC images into the patch conv; auto: on CUDA (cuDNN's native layout)
     # Peak TFLOP/s of one device for MFU; 0 = the table of alignclip/perf/peaks.py (H100, H200, A100 by name and

@@ -336,11 +336,13 @@ class TrainLoader:
     """An epoch of batches for one rank. ``len()`` is the full epoch's number of batches (equal on every rank);
     iterating yields batches ``start_batch .. len() - 1``. ``stats()`` gives the skip counters so far."""
 
-    def __init__(self, settings: ReaderSettings, plan: EpochPlan, num_workers: int, pin_memory: bool = False):
+    def __init__(self, settings: ReaderSettings, plan: EpochPlan, num_workers: int, pin_memory: bool = False,
+                 prefetch_factor: int = 4):
         self.settings = settings
         self.plan = plan
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
         self._reader_stats: dict[int, dict[str, int]] = {}
         self.batches_yielded = 0
 
@@ -362,7 +364,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         dataset = ShardBatches(self.settings)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            persistent_workers=False)
         for batch in loader:
             stats = batch.pop("_stats")
             self._reader_stats[stats.pop("reader")] = stats
@@ -427,7 +430,10 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
     if not 0 <= start_batch <= plan.batches_per_epoch:
         raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
     settings = reader_settings(config, shards, rank, world_size, epoch, start_batch, plan)
-    return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=torch.cuda.is_available())
+    # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (perf.fast_path)
+    pin_memory = config.data.pin_memory if config.data.pin_memory is not None else torch.cuda.is_available()
+    return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=pin_memory,
+                       prefetch_factor=config.data.prefetch_factor)
 
 
 def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: int = 0) -> Iterator[dict]:

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from alignclip.config import Config, config_hash, run_dir_of, save_config
 from alignclip.distributed.env import DistEnv, setup_distributed_env
 from alignclip.losses.temperature import clamp_logit_scale_
+from alignclip.perf.fast_path import (FastPath, compile_engine, images_to_device, prepare_model, resolve_fast_path,
+                                      tokens_to_device)
 from alignclip.training import checkpoint as ckpt
 from alignclip.training.deepspeed_config import (batch_layout, build_deepspeed_config, resolve_device,
                                                  write_deepspeed_config)
@@ -60,6 +62,9 @@ class _Run:
     eval_batch: Optional[dict]
     semantic_encoder: object = None
     skips_in_a_row: int = 0
+    fast: Optional[FastPath] = None  # the resolved fast-path switches (None: plain copies, as built by hand)
+    flops_per_sample: float = 0.0  # model FLOPs of one training step per sample (alignclip.perf.flops)
+    peak_tflops: Optional[float] = None  # the device's peak for MFU; None: unknown (CPUs), MFU not logged
 
 
 def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
@@ -67,7 +72,7 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
     run = _setup(config, dist_env or setup_distributed_env())
     state, cfg, mon = run.state, run.config, run.monitor
     result = RunResult(0, state.step, run.run_dir, ckpt.find_latest(run.run_dir))
-    window = _Window()
+    window, shown = _Window(), {}
     try:
         while state.step < run.total_steps:
             batches = _epoch_batches(run)
@@ -76,11 +81,13 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                 result.losses.append((state.step, stats["loss/total"]))
                 last = state.step == run.total_steps
                 if _every(state.step, cfg.logging.log_every_steps) or last:
-                    mon.scalars(state.step, {**stats, **window.rates(run), **memory_gb()})
+                    rates = window.rates(run)
+                    mon.scalars(state.step, {**stats, **rates, **memory_gb()})
+                    shown = {short: rates[tag] for short, tag in _BAR_RATES.items() if tag in rates}
                     window = _Window()
                 if _every(state.step, cfg.logging.gap_every_steps) or last:
                     result.gap = _log_gap_metrics(run)
-                mon.advance(state.step, {"loss": stats["loss/total"], "lr": stats["train/lr"]})
+                mon.advance(state.step, {"loss": stats["loss/total"], "lr": stats["train/lr"], **shown})
                 preempted = run.preemption.agree()  # collective: every rank stops at the same step
                 if preempted or _every(state.step, cfg.train.checkpoint_every_steps) or last:
                     result.checkpoint = ckpt.save_checkpoint(run.engine, run.run_dir, state, cfg.train.keep_checkpoints)
@@ -112,7 +119,7 @@ def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[s
         t = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t
-        outputs = engine(batch["image"].to(run.device, run.input_dtype), batch["text"].to(run.device))
+        outputs = engine(*_to_device(run, batch))
         loss = run.objective(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
                              _semantic_embeddings(run, batch))
         bad_term = _nonfinite_term(loss)
@@ -157,6 +164,10 @@ def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[s
     return stats
 
 
+# throughput on the console's progress bar, as of the last log step
+_BAR_RATES = {"samples/s": "perf/samples_per_s", "TFLOP/s/dev": "perf/tflops_per_device", "mfu": "perf/mfu"}
+
+
 class _Window:
     """Time and data-wait accumulated since the last log line, for throughput figures."""
 
@@ -170,9 +181,25 @@ class _Window:
         if not self.steps or self.seconds <= 0:
             return {}
         samples_per_s = self.steps * run.config.train.global_batch_size / self.seconds
-        return {"perf/samples_per_s": samples_per_s,
-                "perf/samples_per_s_per_device": samples_per_s / run.env.world_size,
-                "perf/data_wait_share": self.wait / self.seconds, "perf/step_time_s": self.seconds / self.steps}
+        per_device = samples_per_s / run.env.world_size
+        rates = {"perf/samples_per_s": samples_per_s, "perf/samples_per_s_per_device": per_device,
+                 "perf/data_wait_share": self.wait / self.seconds, "perf/step_time_s": self.seconds / self.steps}
+        if run.flops_per_sample:
+            # model FLOPs (no recompute) per second and device; MFU only where the device's peak is known
+            tflops = per_device * run.flops_per_sample / 1e12
+            rates["perf/tflops_per_device"] = tflops
+            if run.peak_tflops:
+                rates["perf/mfu"] = tflops / run.peak_tflops
+        return rates
+
+
+def _to_device(run: _Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (cast to the input dtype) and tokens on the device: asynchronous copies from pinned batches and
+    channels-last images when the fast path says so."""
+    if run.fast is None:
+        return batch["image"].to(run.device, run.input_dtype), batch["text"].to(run.device)
+    return (images_to_device(batch["image"], run.device, run.input_dtype, run.fast),
+            tokens_to_device(batch["text"], run.device, run.fast))
 
 
 def _every(step: int, period: int) -> bool:
@@ -256,6 +283,8 @@ def _setup(config: Config, env: DistEnv) -> _Run:
     from alignclip.data import build_eval_batch, build_train_loader
     from alignclip.losses import build_objective
     from alignclip.models import build_model
+    from alignclip.perf.flops import step_flops
+    from alignclip.perf.peaks import peak_tflops
 
     device_type = resolve_device(config.train.device)
     layout = batch_layout(config, env.world_size)  # fails early, naming the keys, before any process group
@@ -280,8 +309,10 @@ def _setup(config: Config, env: DistEnv) -> _Run:
         ckpt.check_world_size(ckpt.read_state(latest), latest, env.world_size, config.deepspeed.universal_checkpoint)
     steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
     _seed(config.train.seed)  # the same initial weights on every rank
-    model = build_model(config.model)
-    engine = initialize_engine(model, build_optimizer(model, config.train), ds_config)
+    fast = resolve_fast_path(config, device_type)
+    model = prepare_model(build_model(config.model), fast)
+    engine = compile_engine(initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
+                                              ds_config), fast)
     _seed(config.train.seed + 1_000_003 * env.rank)  # per-rank streams for anything random in the step
     objective = build_objective(config.loss).to(device)
 
@@ -304,9 +335,14 @@ def _setup(config: Config, env: DistEnv) -> _Run:
     monitor.info(f"run {run_dir}: world {env.world_size} ({env.source}), {device_type}, global batch "
                  f"{layout.global_batch} = {layout.micro_batch} x {layout.accumulation} x {env.world_size}, "
                  f"{steps_per_epoch} steps/epoch, {total_steps} steps, zero stage {config.deepspeed.zero_stage}")
+    flops = step_flops(config)
+    peak = peak_tflops(device, fast.precision, config.train.peak_tflops)
+    peak_text = f"{peak:g} TFLOP/s" if peak else "unknown (perf/mfu not logged; set train.peak_tflops)"
+    monitor.info(f"fast path: {fast.describe()}; {flops.total / 1e9:.4g} GFLOP per sample per step (model FLOPs), "
+                 f"device peak {peak_text}")
     eval_batch = build_eval_batch(config, config.logging.gap_batch_size) if env.is_main else None
     input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     return _Run(config=config, env=env, run_dir=run_dir, engine=engine, objective=objective, state=state,
                 monitor=monitor, preemption=preemption, device=device, input_dtype=input_dtype,
                 accumulation=layout.accumulation, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                eval_batch=eval_batch)
+                eval_batch=eval_batch, fast=fast, flops_per_sample=flops.total, peak_tflops=peak)
