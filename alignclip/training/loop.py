@@ -61,6 +61,8 @@ class _Run:
     total_steps: int
     eval_batch: Optional[dict]
     semantic_encoder: object = None
+    loader: object = None  # the current epoch's TrainLoader
+    data_counts: dict = field(default_factory=dict)  # loader counters of the finished epochs
     skips_in_a_row: int = 0
     fast: Optional[FastPath] = None  # the resolved fast-path switches (None: plain copies, as built by hand)
     flops_per_sample: float = 0.0  # model FLOPs of one training step per sample (alignclip.perf.flops)
@@ -82,7 +84,7 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                 last = state.step == run.total_steps
                 if _every(state.step, cfg.logging.log_every_steps) or last:
                     rates = window.rates(run)
-                    mon.scalars(state.step, {**stats, **rates, **memory_gb()})
+                    mon.scalars(state.step, {**stats, **rates, **memory_gb(), **_data_counts(run)})
                     shown = {short: rates[tag] for short, tag in _BAR_RATES.items() if tag in rates}
                     window = _Window()
                 if _every(state.step, cfg.logging.gap_every_steps) or last:
@@ -97,6 +99,7 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                              f"{state.step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
                     result.exit_code = REQUEUE_EXIT_CODE
                     return _finish(run, result)
+            _close_epoch_counts(run)
             del batches  # stops the loader's workers
             if state.batch_in_epoch >= run.steps_per_epoch * run.accumulation:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -256,9 +259,34 @@ def _log_gap_metrics(run: _Run) -> dict[str, float]:
 def _epoch_batches(run: _Run) -> Iterator[dict]:
     from alignclip.data import build_train_loader
 
-    loader = build_train_loader(run.config, run.env.rank, run.env.world_size, run.state.epoch,
-                                start_batch=run.state.batch_in_epoch)
-    return iter(loader)
+    run.loader = build_train_loader(run.config, run.env.rank, run.env.world_size, run.state.epoch,
+                                    start_batch=run.state.batch_in_epoch)
+    return iter(run.loader)
+
+
+def _data_counts(run: _Run) -> dict[str, float]:
+    """The loader's counters (samples read; corrupt, missing or empty samples and bad shards skipped), summed over
+    ranks (a collective: every rank logs at the same steps) and over this process's epochs, as data/<counter>."""
+    from alignclip.data.pipeline import reduce_stats
+
+    epoch = reduce_stats(run.loader.stats()) if run.loader is not None else {}
+    return {f"data/{name}": float(run.data_counts.get(name, 0) + epoch.get(name, 0))
+            for name in sorted(set(run.data_counts) | set(epoch)) if name != "batches"}
+
+
+def _close_epoch_counts(run: _Run) -> None:
+    """Fold the finished loader's counters into the run's; say so in train.log when samples were skipped."""
+    if run.loader is None:
+        return
+    from alignclip.data.pipeline import reduce_stats
+
+    epoch = reduce_stats(run.loader.stats())
+    skipped = {k: v for k, v in epoch.items() if v and k not in ("samples_read", "batches", "wrapped_passes")}
+    if skipped:
+        run.monitor.info(f"data: epoch {run.state.epoch} skipped {skipped} (counted in TensorBoard as data/*)")
+    for name, value in epoch.items():
+        run.data_counts[name] = run.data_counts.get(name, 0) + value
+    run.loader = None
 
 
 def _finish(run: _Run, result: RunResult) -> RunResult:
