@@ -215,7 +215,7 @@ def test_prune_keeps_the_newest_k(tmp_path):
 
 def test_resume_with_another_world_size_says_how_to_convert(tmp_path):
     state = ckpt.TrainerState(step=5, world_size=8)
-    expected = "(?s)restart with 8 ranks.*ds_to_universal.*universal_checkpoint=true"
+    expected = "(?s)restart with 8 ranks.*universal_checkpoint=true.*ds_to_universal"
     with pytest.raises(ckpt.CheckpointWorldSizeError, match=expected):
         ckpt.check_world_size(state, tmp_path / "step_00000005", world_size=4, universal=False)
     ckpt.check_world_size(state, tmp_path, world_size=4, universal=True)
