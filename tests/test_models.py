@@ -150,3 +150,40 @@ def test_size_command_prints_every_model_config():
     out = subprocess.run([sys.executable, "-m", "alignclip.models"], capture_output=True, text=True, cwd=REPO_ROOT,
                          check=True).stdout
     assert "sharedclip_vit_b16" in out and "124,393,729" in out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pooled_last_block_equals_the_full_block_at_the_pooled_rows_values_and_gradients(causal):
+    from alignclip.models.layers import pooled_block
+
+    m = load_config("model/clip_tiny").model
+    torch.manual_seed(0)
+    block = build_model(m).text_trunk.blocks[-1]
+    x = torch.randn(5, m.text.context_length, m.text.width, requires_grad=True)
+    index = torch.tensor([0, 3, 31, 7, 12])
+    results = []
+    for run in ("full", "pooled"):
+        block.zero_grad()
+        x.grad = None
+        rows = block(x, is_causal=causal)[torch.arange(5), index] if run == "full" else \
+            pooled_block(block, x, index, causal)
+        (rows * torch.linspace(-1, 1, m.text.width)).sum().backward()
+        results.append((rows.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (full, full_dx, full_grads), (pooled, pooled_dx, pooled_grads) = results
+    torch.testing.assert_close(pooled, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled_dx, full_dx, rtol=0, atol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(pooled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_forward_matches_the_all_positions_forward():
+    # with autograd on, the trunks run their last block at the pooled rows only; without, over every position
+    m = load_config("model/clip_tiny").model
+    torch.manual_seed(0)
+    model = build_model(m)
+    images, tokens = _batch(m)
+    with torch.no_grad():
+        full = model(images, tokens)
+    pooled = model(images, tokens)
+    for key in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(pooled[key].detach(), full[key], rtol=0, atol=1e-6)

@@ -2,7 +2,8 @@
 
 A model is stems + trunks: CLIP gives each modality its own trunk, SharedCLIP gives both the same one
 (seeds/001 section 3.1, Figure 2). The trunk is timm's pre-norm ``Block`` (scaled-dot-product attention, so flash
-kernels on H100), a final LayerNorm and a bias-free projection.
+kernels on H100), a final LayerNorm and a bias-free projection. In training the trunk's last block is evaluated at
+the pooled position of each sequence only (``pooled_block``), since the pooled row is all the trunk returns.
 """
 
 from __future__ import annotations
@@ -89,14 +90,60 @@ class Trunk(nn.Module):
         """Tokens [b, n, width] -> pooled, projected [b, embed_dim].
 
         ``pool_index`` picks one position per row (the end-of-text token); None takes position 0 (class token).
+        With autograd on (training), the last block runs at the pooled positions only (``pooled_block``): the same
+        values and gradients without the rows nothing reads. Without it, every block runs over every position, so
+        evaluation and forward hooks see the last block's full output.
         """
-        for block in self.blocks:
+        pooled_last = torch.is_grad_enabled() and len(self.blocks) > 0
+        blocks = self.blocks[:-1] if pooled_last else self.blocks
+        for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, None, causal, use_reentrant=False)
             else:
                 x = block(x, is_causal=causal)
-        pooled = x[:, 0] if pool_index is None else x[torch.arange(x.shape[0], device=x.device), pool_index]
+        rows = torch.arange(x.shape[0], device=x.device)
+        index = torch.zeros_like(rows) if pool_index is None else pool_index
+        if pooled_last:
+            if self.grad_checkpointing:
+                pooled = checkpoint(pooled_block, self.blocks[-1], x, index, causal, use_reentrant=False)
+            else:
+                pooled = pooled_block(self.blocks[-1], x, index, causal)
+        else:
+            pooled = x[rows, index]
         return self.proj(self.norm(pooled))
+
+
+def pooled_block(block: Block, x: torch.Tensor, index: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``block(x, is_causal=causal)[rows, index]`` -> [b, width], computing only that row of each sequence.
+
+    Keys and values come from every position (a causal query at ``index`` sees positions <= ``index``); the
+    query, the attention output projection and the MLP run on one position per sequence instead of n. In the last
+    block of a trunk that is all the pooled output reads: a 4-block tower skips about a fifth of its linear FLOPs
+    (forward and backward), a 12-block one about 7 %.
+    """
+    attn = block.attn
+    b, n, _ = x.shape
+    rows = torch.arange(b, device=x.device)
+    heads, head_dim, inner = attn.num_heads, attn.head_dim, attn.attn_dim
+    h = block.norm1(x)
+    q_weight, kv_weight = attn.qkv.weight.split([inner, 2 * inner])
+    q_bias, kv_bias = attn.qkv.bias.split([inner, 2 * inner]) if attn.qkv.bias is not None else (None, None)
+    k, v = F.linear(h, kv_weight, kv_bias).reshape(b, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q = F.linear(h[rows, index], q_weight, q_bias).reshape(b, heads, 1, head_dim)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = None
+    if causal:  # [b, 1, 1, n]: the query at ``index`` attends to positions 0 .. index
+        mask = (torch.arange(n, device=x.device) <= index[:, None])[:, None, None, :]
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:  # timm's explicit path (train.sdpa=false)
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(dim=-1) @ v
+    out = attn.proj(attn.norm(out.reshape(b, inner)))
+    y = x[rows, index] + block.drop_path1(block.ls1(attn.proj_drop(out)))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
