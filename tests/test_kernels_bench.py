@@ -13,12 +13,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.heavy
 def test_bench_loss_prints_one_table_with_ratios_against_dense():
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "bench_loss.py"), "--batch-sizes", "64",
-                          "--dim", "32", "--semantic-dim", "16", "--chunk-sizes", "16", "--repeats", "1",
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "bench_loss.py"), "--batch-sizes", "256",
+                          "--dim", "32", "--semantic-dim", "16", "--chunk-sizes", "64", "--repeats", "1",
                           "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = {line.split()[1]: line.split() for line in out.stdout.splitlines() if line.strip().startswith("64 ")}
-    assert set(rows) == {"dense", "chunked/16"}
+    rows = {line.split()[1]: line.split() for line in out.stdout.splitlines() if line.strip().startswith("256 ")}
+    assert set(rows) == {"dense", "chunked/64"}
     assert rows["dense"][3] == "1.000" and rows["dense"][5] == "1.00"  # dense is its own base
     for cells in rows.values():
         assert float(cells[2]) >= 0 and float(cells[4]) > 0  # peak MiB, median seconds

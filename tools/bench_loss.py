@@ -218,7 +218,8 @@ def main(argv=None) -> None:
         base = rows.get("dense")
         flops = 18 * batch**2 * args.dim + 2 * batch**2 * args.semantic_dim
         for label, r in rows.items():
-            mem_ratio = f"{r['peak_mib'] / base['peak_mib']:.3f}" if base else "-"
+            # a tiny case can fit in pages the process already had: no peak, no ratio
+            mem_ratio = f"{r['peak_mib'] / base['peak_mib']:.3f}" if base and base["peak_mib"] > 0 else "-"
             time_ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "-"
             print(f"{batch:>6} {label:>13} {r['peak_mib']:>10.1f} {mem_ratio:>8} {r['median_s']:>8.3f} "
                   f"{time_ratio:>8} {flops / r['median_s'] / 1e9:>8.1f}", flush=True)
