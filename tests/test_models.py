@@ -176,14 +176,21 @@ def test_pooled_last_block_equals_the_full_block_at_the_pooled_rows_values_and_g
         torch.testing.assert_close(pooled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_training_forward_matches_the_all_positions_forward():
-    # with autograd on, the trunks run their last block at the pooled rows only; without, over every position
-    m = load_config("model/clip_tiny").model
-    torch.manual_seed(0)
-    model = build_model(m)
+@pytest.mark.parametrize("name", ["model/clip_tiny", "model/sharedclip_tiny"])
+def test_pooled_last_block_model_gives_the_same_embeddings_and_gradients(name):
+    m = load_config(name).model
     images, tokens = _batch(m)
-    with torch.no_grad():
-        full = model(images, tokens)
-    pooled = model(images, tokens)
+    results = []
+    for pooled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(m)
+        model.set_pooled_last_block(pooled)
+        out = model(images, tokens)
+        (out["image_embeds"] * out["text_embeds"]).sum().backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (pooled, pooled_grads) = results
     for key in ("image_embeds", "text_embeds"):
-        torch.testing.assert_close(pooled[key].detach(), full[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(pooled[key], full[key], rtol=0, atol=1e-6)
+    assert pooled_grads.keys() == full_grads.keys()
+    for name_, grad in full_grads.items():
+        torch.testing.assert_close(pooled_grads[name_], grad, rtol=1e-4, atol=1e-6, msg=name_)

@@ -49,6 +49,12 @@ class ContrastiveModel(nn.Module):
         for trunk in self._trunks():
             trunk.grad_checkpointing = enable
 
+    def set_pooled_last_block(self, enable: bool = True) -> None:
+        """Run each trunk's last block at the pooled row only (layers.pooled_block): same embeddings and gradients,
+        about 1/layers x 5/6 fewer linear FLOPs per tower."""
+        for trunk in self._trunks():
+            trunk.pooled_last_block = enable
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self._trunk_for("image")(self.image_stem(images), pool_index=None, causal=False)
         return l2_normalize(x) if normalize else x

@@ -2,8 +2,8 @@
 
 A model is stems + trunks: CLIP gives each modality its own trunk, SharedCLIP gives both the same one
 (seeds/001 section 3.1, Figure 2). The trunk is timm's pre-norm ``Block`` (scaled-dot-product attention, so flash
-kernels on H100), a final LayerNorm and a bias-free projection. In training the trunk's last block is evaluated at
-the pooled position of each sequence only (``pooled_block``), since the pooled row is all the trunk returns.
+kernels on H100), a final LayerNorm and a bias-free projection. With ``pooled_last_block`` on, the trunk's last
+block is evaluated at the pooled position of each sequence only (``pooled_block``), the one row the trunk returns.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class Trunk(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpointing = False
+        # Off by default: alignclip.perf.flops counts (and tests against torch's counter) every position of every
+        # block; turn it on (ContrastiveModel.set_pooled_last_block) where that count is not relied on.
+        self.pooled_last_block = False
 
     def init_weights(self) -> None:
         """CLIP's initialisation: residual projections scaled down with depth."""
@@ -90,11 +93,10 @@ class Trunk(nn.Module):
         """Tokens [b, n, width] -> pooled, projected [b, embed_dim].
 
         ``pool_index`` picks one position per row (the end-of-text token); None takes position 0 (class token).
-        With autograd on (training), the last block runs at the pooled positions only (``pooled_block``): the same
-        values and gradients without the rows nothing reads. Without it, every block runs over every position, so
-        evaluation and forward hooks see the last block's full output.
+        With ``pooled_last_block``, the last block runs at the pooled positions only (``pooled_block``): the same
+        values and gradients without the rows nothing reads (forward hooks on that block then do not fire).
         """
-        pooled_last = torch.is_grad_enabled() and len(self.blocks) > 0
+        pooled_last = self.pooled_last_block and len(self.blocks) > 0
         blocks = self.blocks[:-1] if pooled_last else self.blocks
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -104,7 +106,7 @@ class Trunk(nn.Module):
         rows = torch.arange(x.shape[0], device=x.device)
         index = torch.zeros_like(rows) if pool_index is None else pool_index
         if pooled_last:
-            if self.grad_checkpointing:
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 pooled = checkpoint(pooled_block, self.blocks[-1], x, index, causal, use_reentrant=False)
             else:
                 pooled = pooled_block(self.blocks[-1], x, index, causal)
