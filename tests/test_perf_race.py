@@ -84,12 +84,12 @@ def test_the_race_refuses_to_change_the_model_or_the_loss_and_needs_two_towers()
     assert race.race_config("clip_tiny", overrides=("deepspeed.zero_stage=0",)).deepspeed.zero_stage == 0
 
 
-def _train_both_sides(rank, world_size, steps):
+def _train_both_sides(rank, world_size, steps, pooled_last_block):
     """Ours (DeepSpeed engine, the trainer's step) and OpenCLIP's loop, from the same weights on the same batches."""
     torch.manual_seed(0)
     config = race.race_config("clip_tiny", batch_size=8, total_steps=steps, lr=1e-3)
     batches = race.synthetic_batches(config.model, 8, steps, seed=1)
-    ours, theirs = race.build_trainers(config, steps)
+    ours, theirs = race.build_trainers(config, steps, pooled_last_block=pooled_last_block)
     losses = [(ours.step(b), theirs.step(b)) for b in batches]
     their_params = dict(theirs.model.named_parameters())
     pairs = {}
@@ -100,9 +100,10 @@ def _train_both_sides(rank, world_size, steps):
 
 
 @pytest.mark.heavy
-def test_both_trainers_take_the_same_steps_from_the_same_weights():
+@pytest.mark.parametrize("pooled_last_block", [False, True])
+def test_both_trainers_take_the_same_steps_from_the_same_weights(pooled_last_block):
     steps, lr = 4, 1e-3
-    losses, pairs = run_on_ranks(_train_both_sides, 1, steps)[0]
+    losses, pairs = run_on_ranks(_train_both_sides, 1, steps, pooled_last_block)[0]
     ours_first, theirs_first = losses[0]
     assert abs(ours_first - theirs_first) < 1e-5  # same weights, same batch, same loss math
     for ours_loss, their_loss in losses:

@@ -230,7 +230,7 @@ class OursTrainer:
 
     name = "ours"
 
-    def __init__(self, config: Config, model: nn.Module, total_steps: int):
+    def __init__(self, config: Config, model: nn.Module, total_steps: int, pooled_last_block: bool = False):
         import os
 
         from alignclip.distributed.env import detect
@@ -245,6 +245,7 @@ class OursTrainer:
         _ensure_process_group()
         fast = resolve_fast_path(config, "cpu")
         model = prepare_model(model, fast)
+        model.set_pooled_last_block(pooled_last_block)  # not (yet) a trainer switch: off in alignclip.train
         engine = compile_engine(initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
                                                   build_deepspeed_config(config, world_size=1, device="cpu")), fast)
         self.fast = fast
@@ -259,8 +260,9 @@ class OursTrainer:
 
     def describe(self) -> str:
         cfg = self.run.config
+        pooled = self.model.image_trunk.pooled_last_block
         return (f"DeepSpeed ZeRO stage {cfg.deepspeed.zero_stage}, world size 1 (gloo), fp32, "
-                f"grad clip {cfg.train.grad_clip:g}; {self.fast.describe()}")
+                f"grad clip {cfg.train.grad_clip:g}; {self.fast.describe()}; pooled_last_block={pooled}")
 
     def step(self, batch: dict) -> float:
         from alignclip.training.loop import _train_step, _Window
@@ -309,8 +311,11 @@ class OpenCLIPTrainer:
         return float(total_loss.detach())
 
 
-def build_trainers(config: Config, total_steps: int, seed: int = 0) -> tuple[OursTrainer, OpenCLIPTrainer]:
-    """Both trainers, starting from the same weights (our initialisation, copied into OpenCLIP's model)."""
+def build_trainers(config: Config, total_steps: int, seed: int = 0,
+                   pooled_last_block: bool = False) -> tuple[OursTrainer, OpenCLIPTrainer]:
+    """Both trainers, starting from the same weights (our initialisation, copied into OpenCLIP's model).
+    ``pooled_last_block``: our trunks' last blocks at the pooled row only (same math, less work; off in the
+    trainer for now, see ContrastiveModel.set_pooled_last_block)."""
     from alignclip.models import build_model
 
     torch.manual_seed(seed)
@@ -320,7 +325,7 @@ def build_trainers(config: Config, total_steps: int, seed: int = 0) -> tuple[Our
         raise AssertionError(f"parameter counts differ: ours {count_parameters(ours):,}, OpenCLIP "
                              f"{count_parameters(theirs):,}")
     copy_weights_to_openclip(ours, theirs)
-    return OursTrainer(config, ours, total_steps), OpenCLIPTrainer(config, theirs, total_steps)
+    return OursTrainer(config, ours, total_steps, pooled_last_block), OpenCLIPTrainer(config, theirs, total_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,8 +384,8 @@ def _interleaved(ours, theirs, batches: list[dict], start: int, steps: int) -> R
 
 def run_race(model: Optional[str] = None, batch_size: int = 64, steps: int = 4, repeats: int = 5,
              warmup_steps: int = 2, threads: Optional[int] = None, grad_clip: float = 1.0,
-             overrides: tuple[str, ...] = (), seed: int = 0, distinct_batches: int = 4,
-             on_start: Optional[Callable[[RaceResult], None]] = None,
+             overrides: tuple[str, ...] = (), pooled_last_block: bool = False, seed: int = 0,
+             distinct_batches: int = 4, on_start: Optional[Callable[[RaceResult], None]] = None,
              on_row: Optional[Callable[[RaceRow], None]] = None) -> RaceResult:
     """``repeats`` rows of ``steps`` timed steps per side, the two sides alternating step by step, after
     ``warmup_steps`` untimed steps per side. Both sides see the same batch at the same step index (and the same lr),
@@ -391,7 +396,7 @@ def run_race(model: Optional[str] = None, batch_size: int = 64, steps: int = 4, 
     total_steps = warmup_steps + repeats * steps
     config = race_config(model, batch_size, total_steps, grad_clip=grad_clip, overrides=overrides)
     batches = synthetic_batches(config.model, batch_size, distinct_batches, seed=seed + 1)
-    ours, theirs = build_trainers(config, total_steps, seed=seed)
+    ours, theirs = build_trainers(config, total_steps, seed=seed, pooled_last_block=pooled_last_block)
     result = RaceResult(config=config, steps=steps, warmup_steps=warmup_steps, threads=torch.get_num_threads(),
                         parameters=count_parameters(ours.model), ours_path=ours.describe())
     first = [math.nan, math.nan]
@@ -469,7 +474,7 @@ def format_table(result: RaceResult) -> str:
 
 def profile_sides(model: Optional[str] = None, batch_size: int = 64, steps: int = 2, warmup_steps: int = 2,
                   threads: Optional[int] = None, grad_clip: float = 1.0, overrides: tuple[str, ...] = (),
-                  row_limit: int = 25, sort_by: str = "self_cpu_time_total") -> dict[str, str]:
+                  pooled_last_block: bool = False, row_limit: int = 25, sort_by: str = "self_cpu_time_total") -> dict[str, str]:
     """torch.profiler's per-op table of each side over ``steps`` steps, after ``warmup_steps`` untimed ones."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -479,7 +484,7 @@ def profile_sides(model: Optional[str] = None, batch_size: int = 64, steps: int 
     config = race_config(model, batch_size, total_steps, grad_clip=grad_clip, overrides=overrides)
     batches = synthetic_batches(config.model, batch_size, 2, seed=1)
     tables = {}
-    for trainer in build_trainers(config, total_steps):
+    for trainer in build_trainers(config, total_steps, pooled_last_block=pooled_last_block):
         for i in range(warmup_steps):
             trainer.step(batches[i % len(batches)])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
