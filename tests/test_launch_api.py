@@ -11,7 +11,7 @@ import pytest
 from alignclip.config import ConfigError, load_config
 from alignclip.launch import (TrainJob, grid, make_executor, make_run, make_sweep, parse_axis, point_name, shell_env,
                               tasks_per_node)
-from launch_helpers import REPO_ROOT, base_config, job_env, logged_steps, tiny_overrides, trainer_state
+from launch_helpers import REPO_ROOT, base_config, job_env, logged_steps, tiny_overrides, trainer_state, unavailable
 
 
 def test_grid_is_the_cartesian_product_in_a_stable_order():
@@ -59,6 +59,12 @@ def test_run_dir_is_made_absolute_at_submission(tmp_path, monkeypatch):
 
 
 def test_slurm_executor_settings_come_from_config_launch(tmp_path):
+    from slurm_cluster import SlurmUnavailable, ensure_installed
+
+    try:  # submitit's Slurm executor looks for srun; this test may run before test_launch_slurm installs it
+        ensure_installed()
+    except SlurmUnavailable as err:
+        unavailable(f"Slurm's commands are missing: {err}")
     config = load_config(base_config(tmp_path), ["launch.nodes=4", "launch.gpus_per_node=8", "launch.cpus_per_task=12",
                                                  "launch.timeout_min=90", "launch.partition=h100",
                                                  "launch.signal_lead_s=180", "launch.mem_gb=500"])

@@ -74,16 +74,16 @@ def test_adamw_implementations_take_the_same_step():
         torch.manual_seed(0)
         model = build_model(config.model)
         opt = build_optimizer(model, config.train, impl)
-        for _ in range(2):
-            images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 32))
-            out = model(images, tokens)
-            (out["image_embeds"] @ out["text_embeds"].T).sum().backward()
-            opt.step()
-            opt.zero_grad()
+        images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 32))
+        out = model(images, tokens)
+        (out["image_embeds"] @ out["text_embeds"].T).sum().backward()
+        opt.step()
         weights[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    # One step from identical weights and gradients, so only the optimizer's arithmetic differs. (A second step
+    # would not compare: Adam's first update is ~lr sign(g), and rounding noise flips the sign of near-zero
+    # gradients, moving such entries by up to 2 lr between implementations.)
     assert torch.equal(weights["foreach"], weights["loop"])
-    # the fused kernel rounds in another order: entries whose gradient is near eps move by up to 1 % of lr
-    assert torch.allclose(weights["fused"], weights["loop"], rtol=0, atol=1e-2 * config.train.lr)
+    assert torch.allclose(weights["fused"], weights["loop"], rtol=0, atol=1e-4 * config.train.lr)
 
 
 def test_auto_switches_resolve_per_device():
