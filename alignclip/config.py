@@ -58,6 +58,9 @@ class ModelConfig:
     init_temperature: float = 0.07  # logit_scale starts at ln(1 / 0.07)
     max_logit_scale: float = math.log(100.0)  # clamp s = exp(logit_scale) <= 100, as CLIP
     grad_checkpointing: bool = False
+    # Run each trunk's last block at the pooled position only (the one row the embedding reads): the same values
+    # and gradients, ~1/layers of the linear work less (alignclip.models.layers.pooled_block; perf.flops counts it)
+    pooled_last_block: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- loss

@@ -52,7 +52,7 @@ def test_model_flops_match_torch_flop_counter_forward_and_backward(name):
 
 def test_tiny_clip_forward_equals_a_hand_count():
     # clip_tiny: 64 px / 8 px patches = 64 + 1 image tokens, 32 text tokens, width 64, MLP 256, 2 layers, embed 64
-    config = load_config("configs/model/clip_tiny.yaml")
+    config = load_config("configs/model/clip_tiny.yaml", ["model.pooled_last_block=false"])
     linear = lambda tokens: 2 * tokens * (3 * 64 * 64 + 64 * 64 + 64 * 256 + 256 * 64) * 2  # noqa: E731
     attention = lambda tokens: 2 * (2 * tokens * tokens * 64) * 2  # noqa: E731  (QK^T and PV, 2 layers)
     patch = 2 * (8 * 8 * 3) * 64 * 64
@@ -60,6 +60,11 @@ def test_tiny_clip_forward_equals_a_hand_count():
     hand = patch + linear(65) + attention(65) + head + linear(32) + attention(32) + head
     assert hand == 23_347_712
     assert sum(p.forward for p in model_parts(config.model)) == hand
+    # the default runs the last block at the pooled row only: keys and values at every token, the rest at one
+    last_full = lambda tokens: linear(tokens) / 2 + attention(tokens) / 2  # noqa: E731  (one layer)
+    last_pooled = lambda tokens: 2 * tokens * 2 * 64 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 256) + 4 * tokens * 64  # noqa
+    pooled = hand - last_full(65) - last_full(32) + last_pooled(65) + last_pooled(32)
+    assert sum(p.forward for p in model_parts(load_config("configs/model/clip_tiny.yaml").model)) == pooled
 
 
 def test_backward_is_twice_forward_except_the_patch_embedding():
@@ -72,8 +77,12 @@ def test_backward_is_twice_forward_except_the_patch_embedding():
 
 
 def test_paper_shape_matches_the_documented_figures():
-    """ViT-B/16 image + 768-wide text: ~48.4 GFLOP forward, ~145 per training step (docs/performance.md)."""
-    config = load_config("configs/model/alignclip_vit_b16.yaml")
+    """ViT-B/16 image + 768-wide text: ~48.4 GFLOP forward, ~145 per training step with every block at every
+    position; 45.1 / 135.0 with the last block at the pooled row only, the default (docs/performance.md)."""
+    pooled = load_config("configs/model/alignclip_vit_b16.yaml")
+    assert sum(p.forward for p in model_parts(pooled.model)) / 1e9 == pytest.approx(45.08, abs=0.01)
+    assert step_flops(pooled).total / 1e9 == pytest.approx(135.0, abs=0.1)
+    config = load_config("configs/model/alignclip_vit_b16.yaml", ["model.pooled_last_block=false"])
     parts = {p.name: p for p in model_parts(config.model)}
     assert parts["image/trunk.linear"].forward / 1e9 == pytest.approx(33.46, abs=0.01)
     assert parts["image/trunk.attention"].forward / 1e9 == pytest.approx(1.43, abs=0.01)
@@ -83,7 +92,7 @@ def test_paper_shape_matches_the_documented_figures():
     assert step_flops(config).total / 1e9 == pytest.approx(145.0, abs=0.2)
     assert activation_bytes_per_sample(config.model) / 1e6 == pytest.approx(61.7 + 24.1, abs=0.1)
     # CLIP and SharedCLIP do the same work per sample
-    clip = load_config("configs/model/clip_vit_b16.yaml")
+    clip = load_config("configs/model/clip_vit_b16.yaml", ["model.pooled_last_block=false"])
     assert sum(p.forward for p in model_parts(clip.model)) == model_fwd
 
 

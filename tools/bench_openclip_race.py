@@ -3,7 +3,7 @@
     python tools/bench_openclip_race.py                        # the race model, batch 64, 5 repeats x 4 steps
     python tools/bench_openclip_race.py --model clip_tiny --batch 32
     python tools/bench_openclip_race.py --override deepspeed.zero_stage=0   # vary OUR side only
-    python tools/bench_openclip_race.py --pooled-last-block    # our trunks' last blocks at the pooled row only
+    python tools/bench_openclip_race.py --full-last-block    # our trunks' last blocks at every row, as OpenCLIP
     python tools/bench_openclip_race.py --profile              # per-op tables of both sides instead of the race
 
 Both sides start from the same weights and train on the same inputs with the same math (alignclip.perf.openclip_race
@@ -37,9 +37,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grad-clip", type=float, default=1.0, help="both sides (0: no clipping)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for OUR side (not model.* or loss.*), repeatable")
-    parser.add_argument("--pooled-last-block", action="store_true",
-                        help="our side: each trunk's last block at the pooled row only (same math, less work; "
-                             "not yet on in the trainer)")
+    parser.add_argument("--full-last-block", action="store_true",
+                        help="our side: each trunk's last block at every row, as OpenCLIP computes it (the trainer, "
+                             "and the race by default, run it at the pooled row only: model.pooled_last_block)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler per-op tables instead")
     parser.add_argument("--profile-rows", type=int, default=25)
     args = parser.parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         if args.profile:
             tables = race.profile_sides(args.model, args.batch, steps=args.steps, warmup_steps=args.warmup,
                                         threads=args.threads, grad_clip=args.grad_clip,
-                                        overrides=tuple(args.override), pooled_last_block=args.pooled_last_block,
+                                        overrides=tuple(args.override), pooled_last_block=False if args.full_last_block else None,
                                         row_limit=args.profile_rows)
             for name, table in tables.items():
                 print(f"===== {name}: {args.steps} steps, batch {args.batch}, {args.threads} threads")
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
 
     result = race.run_race(args.model, args.batch, steps=args.steps, repeats=args.repeats, warmup_steps=args.warmup,
                            threads=args.threads, grad_clip=args.grad_clip, overrides=tuple(args.override),
-                           pooled_last_block=args.pooled_last_block, on_start=start, on_row=lambda row: print(race.format_row(row), flush=True))
+                           pooled_last_block=False if args.full_last_block else None, on_start=start, on_row=lambda row: print(race.format_row(row), flush=True))
     print(race.format_summary(result))
     print(f"parameters: {result.parameters:,} on each side")
 

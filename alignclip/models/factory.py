@@ -23,6 +23,7 @@ def build_model(cfg: ModelConfig) -> ContrastiveModel:
     model = ContrastiveModel(image_stem, text_stem, image_trunk, text_trunk, cfg.init_temperature,
                              cfg.max_logit_scale)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model.set_pooled_last_block(cfg.pooled_last_block)
     return model
 
 

@@ -70,9 +70,7 @@ class Trunk(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpointing = False
-        # Off by default: alignclip.perf.flops counts (and tests against torch's counter) every position of every
-        # block; turn it on (ContrastiveModel.set_pooled_last_block) where that count is not relied on.
-        self.pooled_last_block = False
+        self.pooled_last_block = False  # build_model sets it from model.pooled_last_block (on by default)
 
     def init_weights(self) -> None:
         """CLIP's initialisation: residual projections scaled down with depth."""

@@ -15,6 +15,8 @@ L layers, joint width e, global batch N, embedding width d = e, sentence-embeddi
 
     block linear layers     2 T w (4 w + 2 m) L       (qkv 3w^2, out-proj w^2, fc1 w m, fc2 m w)
     attention               4 T^2 w L                 (Q K^T and P V)
+    with model.pooled_last_block (the default) the last block runs at the pooled row only: its keys and values
+    still cost 4 T w^2, its query, out-proj and MLP 2 w (2 w + 2 m), its attention 4 T w
     patch embedding         2 (p^2 3) w (T_i - 1)
     head (pooled token)     2 w e                     (the projection; the final norm is elementwise)
     loss, dense             cross-modal 4 N d fwd / 8 N d bwd; IMSep per side 2 N d + 2 N k fwd / 4 N d bwd;
@@ -115,6 +117,10 @@ def model_parts(model: ModelConfig) -> list[Part]:
     for modality, cfg, tokens in (("image", v, ti), ("text", t, tt)):
         linear = block_linear_flops(tokens, cfg.width, cfg.mlp_ratio, cfg.layers)
         attention = attention_flops(tokens, cfg.width, cfg.layers)
+        if model.pooled_last_block and cfg.layers > 0:  # the last block: keys/values at T rows, the rest at one
+            w, m = cfg.width, int(cfg.width * cfg.mlp_ratio)
+            linear += 4.0 * tokens * w * w + 2.0 * w * (2 * w + 2 * m) - block_linear_flops(tokens, w, cfg.mlp_ratio, 1)
+            attention += 4.0 * tokens * w - attention_flops(tokens, w, 1)
         head = 2.0 * cfg.width * e
         parts += [Part(f"{modality}/{trunk}.linear", linear, 2 * linear),
                   Part(f"{modality}/{trunk}.attention", attention, 2 * attention),

@@ -230,7 +230,7 @@ class OursTrainer:
 
     name = "ours"
 
-    def __init__(self, config: Config, model: nn.Module, total_steps: int, pooled_last_block: bool = False):
+    def __init__(self, config: Config, model: nn.Module, total_steps: int, pooled_last_block: Optional[bool] = None):
         import os
 
         from alignclip.distributed.env import detect
@@ -245,7 +245,8 @@ class OursTrainer:
         _ensure_process_group()
         fast = resolve_fast_path(config, "cpu")
         model = prepare_model(model, fast)
-        model.set_pooled_last_block(pooled_last_block)  # not (yet) a trainer switch: off in alignclip.train
+        if pooled_last_block is not None:  # else as the config says (model.pooled_last_block, on by default)
+            model.set_pooled_last_block(pooled_last_block)
         engine = compile_engine(initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
                                                   build_deepspeed_config(config, world_size=1, device="cpu")), fast)
         self.fast = fast
@@ -312,10 +313,10 @@ class OpenCLIPTrainer:
 
 
 def build_trainers(config: Config, total_steps: int, seed: int = 0,
-                   pooled_last_block: bool = False) -> tuple[OursTrainer, OpenCLIPTrainer]:
+                   pooled_last_block: Optional[bool] = None) -> tuple[OursTrainer, OpenCLIPTrainer]:
     """Both trainers, starting from the same weights (our initialisation, copied into OpenCLIP's model).
-    ``pooled_last_block``: our trunks' last blocks at the pooled row only (same math, less work; off in the
-    trainer for now, see ContrastiveModel.set_pooled_last_block)."""
+    ``pooled_last_block``: whether our trunks' last blocks run at the pooled row only (same math, less work);
+    None keeps the config's ``model.pooled_last_block`` (on by default, as in the trainer)."""
     from alignclip.models import build_model
 
     torch.manual_seed(seed)
@@ -384,7 +385,7 @@ def _interleaved(ours, theirs, batches: list[dict], start: int, steps: int) -> R
 
 def run_race(model: Optional[str] = None, batch_size: int = 64, steps: int = 4, repeats: int = 5,
              warmup_steps: int = 2, threads: Optional[int] = None, grad_clip: float = 1.0,
-             overrides: tuple[str, ...] = (), pooled_last_block: bool = False, seed: int = 0,
+             overrides: tuple[str, ...] = (), pooled_last_block: Optional[bool] = None, seed: int = 0,
              distinct_batches: int = 4, on_start: Optional[Callable[[RaceResult], None]] = None,
              on_row: Optional[Callable[[RaceRow], None]] = None) -> RaceResult:
     """``repeats`` rows of ``steps`` timed steps per side, the two sides alternating step by step, after
@@ -474,7 +475,7 @@ def format_table(result: RaceResult) -> str:
 
 def profile_sides(model: Optional[str] = None, batch_size: int = 64, steps: int = 2, warmup_steps: int = 2,
                   threads: Optional[int] = None, grad_clip: float = 1.0, overrides: tuple[str, ...] = (),
-                  pooled_last_block: bool = False, row_limit: int = 25, sort_by: str = "self_cpu_time_total") -> dict[str, str]:
+                  pooled_last_block: Optional[bool] = None, row_limit: int = 25, sort_by: str = "self_cpu_time_total") -> dict[str, str]:
     """torch.profiler's per-op table of each side over ``steps`` steps, after ``warmup_steps`` untimed ones."""
     from torch.profiler import ProfilerActivity, profile
 
