@@ -127,16 +127,22 @@ def test_logit_scale_is_clamped_in_forward_at_ln_100():
     assert math.isclose(model(images, tokens)["logit_scale"].exp().item(), 100.0, rel_tol=1e-5)
 
 
+def _joint_step(m, configure):
+    """The same seeded model, configured by ``configure(model)``, after one joint forward + backward."""
+    images, tokens = _batch(m)
+    torch.manual_seed(0)
+    model = build_model(m)
+    configure(model)
+    out = model(images, tokens)
+    (out["image_embeds"] * out["text_embeds"]).sum().backward()
+    return model, out
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     m = load_config("model/sharedclip_tiny").model
-    images, tokens = _batch(m)
     grads = []
     for ckpt in (False, True):
-        torch.manual_seed(0)
-        model = build_model(m)
-        model.set_grad_checkpointing(ckpt)
-        out = model(images, tokens)
-        (out["image_embeds"] * out["text_embeds"]).sum().backward()
+        model, _ = _joint_step(m, lambda model: model.set_grad_checkpointing(ckpt))
         grads.append(model.trunk.blocks[0].mlp.fc1.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -179,14 +185,9 @@ def test_pooled_last_block_equals_the_full_block_at_the_pooled_rows_values_and_g
 @pytest.mark.parametrize("name", ["model/clip_tiny", "model/sharedclip_tiny"])
 def test_pooled_last_block_model_gives_the_same_embeddings_and_gradients(name):
     m = load_config(name).model
-    images, tokens = _batch(m)
     results = []
     for pooled in (False, True):
-        torch.manual_seed(0)
-        model = build_model(m)
-        model.set_pooled_last_block(pooled)
-        out = model(images, tokens)
-        (out["image_embeds"] * out["text_embeds"]).sum().backward()
+        model, out = _joint_step(m, lambda model: model.set_pooled_last_block(pooled))
         results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (full, full_grads), (pooled, pooled_grads) = results
     for key in ("image_embeds", "text_embeds"):

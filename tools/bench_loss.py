@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -41,11 +40,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
 
 
 def _case(impl: str, batch: int, dim: int, semantic_dim: int, chunk_size: int, device: str, seed: int):
@@ -144,11 +138,12 @@ def _child(args) -> dict:
             before = torch.cuda.memory_allocated()
             step()
             return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-        before = _status_kib("VmRSS")
+        from alignclip.perf.host_memory import reset_peak_rss, status_kib
+
+        reset_peak_rss()
+        before = status_kib("VmRSS")
         step()
-        return {"peak_mib": (_status_kib("VmHWM") - before) / 1024}
+        return {"peak_mib": (status_kib("VmHWM") - before) / 1024}
     step = _case(args.impl, args.batch, args.dim, args.semantic_dim, args.chunk_size, args.device, 0)
     step()  # warm-up
     times = []

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+from alignclip.perf.host_memory import reset_peak_rss, status_kib
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
@@ -72,19 +73,13 @@ class BenchResult:
     warmup_s: float = 0.0  # the untimed first steps together: torch.compile's compilation shows here
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
-
-
 def _reset_peak_memory(device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
+    else:
+        reset_peak_rss()
 
 
 def _peak_memory_gib(device) -> float:
@@ -93,7 +88,7 @@ def _peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
-        return _status_kib("VmHWM") / 2**20
+        return status_kib("VmHWM") / 2**20
     except (OSError, AttributeError):
         import resource
 
