@@ -19,8 +19,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+from alignclip.paths import CONFIG_DIR  # noqa: F401  (re-exported: names resolve under it)
 
 
 class ConfigError(ValueError):
@@ -121,7 +120,7 @@ class DataConfig:
     text_key: str = "txt"
     semantic_key: str = "sem.npy"  # precomputed sentence embedding, when the shard has one
     semantic_dir: str = ""  # sidecar folder of per-shard embeddings, when not stored in the shards
-    cache_dir: str = ""  # where generated shards go; "" = <repo>/data/generated
+    cache_dir: str = ""  # where generated shards go; "" = $ALIGNCLIP_CACHE/generated (~/.cache/alignclip/generated)
     generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
 
 
@@ -256,9 +255,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictC
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """Accept a path, or a name under configs/ (``experiment/embedded_default``)."""
+    """Accept a path, or a name under the shipped configs/ (``experiment/embedded_default``, with or without
+    ``.yaml``); a relative path is tried from the working directory first."""
     p = Path(name_or_path)
-    for candidate in (p, p.with_suffix(".yaml"), CONFIG_DIR / p, (CONFIG_DIR / p).with_suffix(".yaml")):
+    bases = [p, CONFIG_DIR / p]
+    if len(p.parts) > 1 and p.parts[0] == "configs":  # "configs/experiment/X.yaml" as the docs write it: the
+        bases.append(CONFIG_DIR.joinpath(*p.parts[1:]))  # shipped copy when run outside a checkout
+    for candidate in (c for base in bases for c in (base, base.with_suffix(".yaml"))):
         if candidate.is_file():
             return candidate
     raise ConfigError(f"config file not found: {name_or_path} (looked as a path and under {CONFIG_DIR})")

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from alignclip.config import REPO_ROOT, Config, ConfigError, load_config, run_dir_of
+from alignclip.config import Config, ConfigError, load_config, run_dir_of
+from alignclip.paths import SLURM_DIR
 
-DEFAULT_ENV_FILE = REPO_ROOT / "slurm" / "env.sh"
+DEFAULT_ENV_FILE = SLURM_DIR / "env.sh"  # slurm/env.sh of the checkout, or the copy shipped in the wheel
 # How long a task that asked for a requeue waits for Slurm to kill it before giving up (Slurm's KillWait is
 # usually 30 s; a job that is still alive after this was not requeued).
 _REQUEUE_GRACE_S = 300
@@ -190,19 +191,19 @@ def make_executor(config: Config, folder: str | Path, executor: Optional[str] = 
     launch = config.launch
     kind = executor or launch.executor
     ntasks = tasks_per_node(config)
-    # the job unpickles TrainJob, so this checkout must be importable there even when it is not pip-installed
-    importable = f'export PYTHONPATH={shlex.quote(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+    # the job unpickles TrainJob: it finds alignclip as the submitter did (installed, or through the PYTHONPATH
+    # and working directory that sbatch and the local executor pass on), so nothing is added here
     if kind == "local":
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=launch.timeout_min, tasks_per_node=ntasks, nodes=1,
-                             gpus_per_node=launch.gpus_per_node, setup=[importable])
+                             gpus_per_node=launch.gpus_per_node)
         return ex
     if kind != "slurm":
         raise ConfigError(f"key 'launch.executor' is {kind!r}; expected 'slurm' or 'local'")
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=launch.max_requeues)
     params: dict = dict(nodes=launch.nodes, ntasks_per_node=ntasks, cpus_per_task=launch.cpus_per_task,
                         time=launch.timeout_min, job_name=job_name, array_parallelism=launch.array_parallelism,
-                        setup=[importable, f"source {shlex.quote(str(env_file_of(config)))}"],
+                        setup=[f"source {shlex.quote(str(env_file_of(config)))}"],
                         stderr_to_stdout=True,
                         # our signal, not submitit's USR2: the trainer's handler saves (see module docstring)
                         additional_parameters={"signal": f"USR1@{launch.signal_lead_s}", "requeue": True})

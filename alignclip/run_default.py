@@ -4,9 +4,9 @@
     python -m alignclip.run_default --clip          # the same for CLIP (configs/experiment/embedded_clip.yaml)
     python -m alignclip.run_default key=value ...   # config overrides, as for alignclip.train
 
-Steps: render the generated shards if absent (under data/generated); when the loss rescales IMSep, encode every
-caption once with the offline MiniLM into sidecar files next to the shards (the "precomputed" path of DESIGN.md
-section 7, so the training step never runs SBERT); train (resuming if the run directory has a checkpoint); print
+Steps: render the generated shards if absent (under ``$ALIGNCLIP_CACHE/generated``, default
+``~/.cache/alignclip/generated``); when the loss rescales IMSep, encode every caption once with the offline MiniLM
+into sidecar files next to the shards (precomputed caption embeddings, so the training step never runs SBERT); train (resuming if the run directory has a checkpoint); print
 where the checkpoints and TensorBoard logs are and the final gap metrics on the held-out batch.
 """
 
@@ -30,9 +30,9 @@ def _defaults_for_a_laptop() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the default run reaches for a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from alignclip.config import REPO_ROOT
+    from alignclip.paths import cache_dir
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir("torch_extensions")))
 
 
 def _has_cuda() -> bool:

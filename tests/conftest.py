@@ -1,77 +1,18 @@
-"""Shared test set-up: offline hubs, DeepSpeed on its CPU accelerator, and a runner for gloo process groups."""
+"""Shared test set-up: offline hubs, DeepSpeed on its CPU accelerator, one OpenMP thread per process.
+
+The helpers live in the ``tests.helpers`` package; the ``heavy`` and ``slurm`` markers are registered in
+pyproject.toml (``make test-fast`` deselects ``heavy``).
+"""
 
 from __future__ import annotations
 
 import os
-import pickle
-import socket
-import sys
-import tempfile
-import traceback
-from pathlib import Path
 
-import pytest
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_entry(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        result = fn(rank, world_size, *args)
-        payload = ("ok", result)
-    except BaseException:  # report the worker's traceback in the parent's failure message
-        payload = ("error", traceback.format_exc())
-    finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(payload, f)
-
-
-def run_on_ranks(fn, world_size: int, *args):
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes joined in a gloo group.
-
-    ``fn`` must be defined at module level (it is pickled by name). Returns the per-rank results (picklable,
-    e.g. CPU tensors); a worker's exception fails the caller with that worker's traceback.
-    """
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_entry, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-                           join=True, start_method="spawn")
-        results = []
-        for rank in range(world_size):
-            with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
-                status, value = pickle.load(f)
-            if status != "ok":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results.append(value)
-    return results
-
-
-@pytest.fixture
-def ranks():
-    """The ``run_on_ranks`` helper as a fixture."""
-    return run_on_ranks
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))

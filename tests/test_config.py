@@ -3,8 +3,9 @@ import sys
 
 import pytest
 
-from alignclip.config import (CONFIG_DIR, REPO_ROOT, Config, ConfigError, config_hash, from_yaml_text, load_config,
+from alignclip.config import (CONFIG_DIR, Config, ConfigError, config_hash, from_yaml_text, load_config,
                               save_config, to_yaml)
+from tests.helpers import REPO_ROOT
 
 
 def test_schema_defaults_are_the_paper_recipe():

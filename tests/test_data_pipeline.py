@@ -216,7 +216,7 @@ def _rank_reads_its_share(rank: int, world_size: int, folder: str) -> dict:
 
 @pytest.mark.heavy
 def test_two_real_ranks_split_the_epoch_and_sum_their_counts(eight_shards):
-    from conftest import run_on_ranks
+    from tests.helpers.ranks import run_on_ranks
 
     results = run_on_ranks(_rank_reads_its_share, 2, str(eight_shards))
     assert sorted(results[0]["keys"] + results[1]["keys"]) == [f"{i:09d}" for i in range(128)]

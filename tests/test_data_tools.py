@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -11,14 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignclip.config import REPO_ROOT
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.tools import command
 
 
 @pytest.fixture
@@ -39,39 +31,39 @@ def photo_folder(tmp_path) -> tuple[Path, Path]:
 
 
 def test_make_shards_from_a_folder_then_validate_and_resume(photo_folder, tmp_path, capsys):
-    make_shards = _tool("make_shards")
+    make_shards = command("make_shards")
     images, captions = photo_folder
     out = tmp_path / "shards"
     args = ["folder", "--images", str(images), "--captions", str(captions), "--out", str(out),
             "--samples-per-shard", "4"]
-    assert make_shards.main(args) == 0
+    assert make_shards(args) == 0
     assert "wrote 3 shard(s) with 10 samples (1 unreadable images left out)" in capsys.readouterr().out
     with tarfile.open(out / "00000.tar") as tar:
         names = tar.getnames()
     assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"] and "000000002.jpg" in names  # bmp
     assert json.loads((out / "00002_stats.json").read_text())["successes"] == 2  # img8, img9; missing.jpg failed
 
-    assert make_shards.main(["validate", str(out)]) == 0
+    assert make_shards(["validate", str(out)]) == 0
     assert '"usable": 10' in capsys.readouterr().out
 
-    assert make_shards.main(args) == 0  # same arguments: resume, keep everything
+    assert make_shards(args) == 0  # same arguments: resume, keep everything
     assert "kept 3 finished shard(s)" in capsys.readouterr().out
-    assert make_shards.main(args[:-1] + ["5"]) == 2  # other arguments: refused
+    assert make_shards(args[:-1] + ["5"]) == 2  # other arguments: refused
     assert "--overwrite" in capsys.readouterr().err
-    assert make_shards.main(args[:-1] + ["5", "--overwrite"]) == 0
+    assert make_shards(args[:-1] + ["5", "--overwrite"]) == 0
     assert "wrote 3 shard(s)" in capsys.readouterr().out
 
 
 def test_validate_reports_corrupt_images_and_damaged_shards(tmp_path, capsys):
-    make_shards = _tool("make_shards")
+    make_shards = command("make_shards")
     out = tmp_path / "gen"
-    assert make_shards.main(["generated", "--out", str(out), "--num-shards", "2", "--samples-per-shard", "8",
+    assert make_shards(["generated", "--out", str(out), "--num-shards", "2", "--samples-per-shard", "8",
                              "--image-size", "32"]) == 0
-    assert make_shards.main(["validate", str(out)]) == 0
+    assert make_shards(["validate", str(out)]) == 0
     data = (out / "train-00001.tar").read_bytes()
     (out / "train-00001.tar").write_bytes(data[: len(data) // 2])
     report = tmp_path / "report.json"
-    assert make_shards.main(["validate", str(out), "--json", str(report)]) == 1
+    assert make_shards(["validate", str(out), "--json", str(report)]) == 1
     printed = capsys.readouterr().out
     assert "PROBLEM" in printed and "truncated_shard" in printed
     totals = json.loads(report.read_text())["totals"]
@@ -79,12 +71,12 @@ def test_validate_reports_corrupt_images_and_damaged_shards(tmp_path, capsys):
 
 
 def test_embed_captions_tool_writes_sidecars_for_its_array_part(tmp_path, capsys):
-    make_shards, embed = _tool("make_shards"), _tool("embed_captions")
+    make_shards, embed = command("make_shards"), command("embed_captions")
     shards = tmp_path / "gen"
-    assert make_shards.main(["generated", "--out", str(shards), "--num-shards", "3", "--samples-per-shard", "4",
+    assert make_shards(["generated", "--out", str(shards), "--num-shards", "3", "--samples-per-shard", "4",
                              "--image-size", "32"]) == 0
     sem = tmp_path / "sem"
-    assert embed.main([str(shards), "--out", str(sem), "--model", "minilm-offline", "--device", "cpu",
+    assert embed([str(shards), "--out", str(sem), "--model", "minilm-offline", "--device", "cpu",
                        "--shard-index", "1", "--num-parts", "2"]) == 0
     assert sorted(p.name for p in sem.iterdir()) == ["train-00001.sem.npz"]
     with np.load(sem / "train-00001.sem.npz") as npz:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+from tests.helpers.tools import script
 
 
 @pytest.mark.heavy
@@ -25,8 +25,8 @@ def test_bench_loss_prints_one_table_with_ratios_against_dense():
 
 
 def test_saved_for_backward_counts_the_b_squared_matrices_each_term_keeps():
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    from bench_loss import TERMS, saved_for_backward_mib
+    bench_loss = script("bench_loss")
+    TERMS, saved_for_backward_mib = bench_loss.TERMS, bench_loss.saved_for_backward_mib
 
     batch, dim = 256, 8  # b >> d: the b x b matrices dominate
     b2_floats = lambda weights: saved_for_backward_mib(weights, batch, dim, dim) * 2**20 / (4 * batch**2)  # noqa

@@ -13,14 +13,14 @@ import os
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
 from alignclip.config import LossConfig
 from alignclip.losses import build_objective, dense
-from test_kernels_chunked import REL_TOL, assert_matches_dense, make_batch, relative_error, run_terms
+from tests.helpers import REPO_ROOT
+from tests.helpers.kernels import REL_TOL, assert_matches_dense, make_batch, relative_error, run_terms
 
 pytest.importorskip("triton")
 
@@ -99,8 +99,7 @@ def _run_checks() -> dict:
 @pytest.fixture(scope="module")
 def interpreted_outcomes():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    tests_dir = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])  # tests.helpers, alignclip
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

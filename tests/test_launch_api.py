@@ -11,7 +11,8 @@ import pytest
 from alignclip.config import ConfigError, load_config
 from alignclip.launch import (TrainJob, grid, make_executor, make_run, make_sweep, parse_axis, point_name, shell_env,
                               tasks_per_node)
-from launch_helpers import REPO_ROOT, base_config, job_env, logged_steps, tiny_overrides, trainer_state, unavailable
+from tests.helpers.launch import base_config, job_env, job_overrides, logged_steps, trainer_state, unavailable
+from tests.helpers.tools import command
 
 
 def test_grid_is_the_cartesian_product_in_a_stable_order():
@@ -59,7 +60,7 @@ def test_run_dir_is_made_absolute_at_submission(tmp_path, monkeypatch):
 
 
 def test_slurm_executor_settings_come_from_config_launch(tmp_path):
-    from slurm_cluster import SlurmUnavailable, ensure_installed
+    from tests.helpers.slurm_cluster import SlurmUnavailable, ensure_installed
 
     try:  # submitit's Slurm executor looks for srun; this test may run before test_launch_slurm installs it
         ensure_installed()
@@ -108,15 +109,14 @@ def test_train_job_turns_a_trainer_exit_into_an_error_submitit_can_record(tmp_pa
 def test_local_executor_runs_a_two_point_sweep_of_two_task_runs_through_tools_sweep(tmp_path, monkeypatch):
     """The same job path without Slurm: tools/sweep.py --executor local --wait, each point 2 ranks (submitit's
     local variables -> setup_distributed_env), each in its own run dir."""
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
-    from sweep import main as sweep_main
+    sweep_main = command("sweep")
 
     for key, value in job_env().items():
         monkeypatch.setenv(key, value)
     for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]:
         monkeypatch.delenv(key)
     steps = 3
-    overrides = tiny_overrides(tmp_path / "data", **{"train.max_steps": steps, "output_dir": str(tmp_path / "runs"),
+    overrides = job_overrides(tmp_path / "data", **{"train.max_steps": steps, "output_dir": str(tmp_path / "runs"),
                                                      "name": "local", "launch.tasks_per_node": 2})
     code = sweep_main(["--config", base_config(tmp_path), "--executor", "local", "--wait",
                        "--grid", "train.lr=1e-3,2e-3", *overrides])

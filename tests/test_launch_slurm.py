@@ -1,7 +1,7 @@
 """The Slurm launch path against a real Slurm: sbatch scripts, preemption + requeue + resume, submitit sweeps, and a
 two-node job across network namespaces.
 
-The fixtures start throw-away clusters (tests/slurm_cluster.py: installs Debian's packages when root and missing,
+The fixtures start throw-away clusters (tests/helpers/slurm_cluster.py: installs Debian's packages when root and missing,
 starts munged/slurmctld/slurmd, stops exactly what it started). Without root or Slurm the tests skip with the
 reason; under CI=true they fail instead. Every job trains a tiny AlignCLIP with the real trainer (2 CPU tasks).
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import (REPO_ROOT, base_config, final_weights, job_env, logged_steps, max_weight_difference,
-                            script_config_args, tiny_overrides, trainer_state, unavailable)
-from slurm_cluster import LocalSlurm, SlurmUnavailable, TwoNodeSlurm
+from tests.helpers import REPO_ROOT
+from tests.helpers.launch import (base_config, final_weights, job_env, job_overrides, logged_steps,
+                                  max_weight_difference, script_config_args, trainer_state, unavailable)
+from tests.helpers.slurm_cluster import LocalSlurm, SlurmUnavailable, TwoNodeSlurm
 
 pytestmark = [pytest.mark.heavy, pytest.mark.slurm]
 
@@ -83,7 +84,7 @@ def _log(run_dir: Path, job_id: int) -> str:
 def _sbatch_run(cluster, work: Path, name: str, *sbatch_args: str, steps: int = STEPS) -> tuple[int, Path]:
     run_dir = work / name
     args = [*CPU_TASKS, *sbatch_args, SCRIPT, *script_config_args(work),
-            *tiny_overrides(work / "data", run_dir, **{"train.max_steps": steps})]
+            *job_overrides(work / "data", run_dir, **{"train.max_steps": steps})]
     return cluster.sbatch(*args, env=job_env(), cwd=work), run_dir
 
 
@@ -147,7 +148,7 @@ def test_submitit_sweep_is_one_array_each_point_in_its_own_run_dir_and_a_preempt
     for key, value in {**slurm.env, **job_env()}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(work)
-    overrides = tiny_overrides(work / "data", **{"train.max_steps": STEPS, "launch.tasks_per_node": 1,
+    overrides = job_overrides(work / "data", **{"train.max_steps": STEPS, "launch.tasks_per_node": 1,
                                                  "output_dir": str(work / "sweeps"), "name": "lr"})
     submitted = submit_sweep(base_config(work), grid({"train.lr": ["1e-3", "2e-3"]}), overrides, executor="slurm")
     array_ids = {s.job_id.split("_")[0] for s in submitted}
@@ -178,7 +179,7 @@ def test_two_node_job_puts_one_rank_per_node_and_matches_the_one_node_run(two_no
     env = {**job_env(), "GLOO_SOCKET_IFNAME": TwoNodeSlurm.IFNAME}
     run_dir = work / "two_node"
     args = [*CPU_TASKS, "--nodes=2", "--ntasks-per-node=1", SCRIPT, *script_config_args(work),
-            *tiny_overrides(work / "data", run_dir, **{"train.max_steps": STEPS})]
+            *job_overrides(work / "data", run_dir, **{"train.max_steps": STEPS})]
     job_id = two_node.sbatch(*args, env=env, cwd=work)
     state = two_node.wait_job(job_id, JOB_TIMEOUT_S)
     log = _log(run_dir, job_id)

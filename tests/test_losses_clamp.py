@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import run_on_ranks
+from tests.helpers.ranks import run_on_ranks
 
 MAX = math.log(100.0)
 STEPS = 8

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from alignclip.config import LossConfig
 from alignclip.losses import build_objective
 
-from conftest import run_on_ranks
+from tests.helpers.ranks import run_on_ranks
 
 GLOBAL_BATCH, DIM, SEMANTIC_DIM, WORLD = 8, 6, 5, 2
 

@@ -151,7 +151,7 @@ def test_size_command_prints_every_model_config():
     import subprocess
     import sys
 
-    from alignclip.config import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     out = subprocess.run([sys.executable, "-m", "alignclip.models"], capture_output=True, text=True, cwd=REPO_ROOT,
                          check=True).stdout

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_on_ranks
+from tests.helpers import REPO_ROOT
+from tests.helpers.ranks import run_on_ranks
 
 COLUMNS = ["case", "batch", "samples/s", "step ms", "data", "fwd", "loss", "bwd", "optim", "GFLOP/sample",
            "TFLOP/s", "MFU", "peak GiB", "warm-up s"]
@@ -138,7 +139,7 @@ def _train_with_peak(rank: int, world_size: int, overrides: list[str]):
 
 @pytest.mark.heavy
 def test_trainer_logs_model_tflops_and_mfu_to_tensorboard(tmp_path):
-    from test_train_distributed import scalar_events, tiny_overrides, write_toy_shards
+    from tests.helpers.tiny import scalar_events, tiny_overrides, write_toy_shards
 
     data = {"train": write_toy_shards(tmp_path / "train", num_shards=2, per_shard=16),
             "val": write_toy_shards(tmp_path / "val", num_shards=1, per_shard=16, seed=1)}

@@ -15,7 +15,7 @@ import torch
 from alignclip.config import ConfigError
 from alignclip.models import build_model
 from alignclip.perf import openclip_race as race
-from conftest import run_on_ranks
+from tests.helpers.ranks import run_on_ranks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,25 +2,12 @@
 data), then export, gap analysis side by side, evaluation, aligner distillation against the baselines. A few steps
 teach nothing, so this pins the chain and its outputs; the accuracies of a longer run are in docs/analysis.md."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-import sys
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import run_on_ranks  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.ranks import run_on_ranks
+from tests.helpers.tools import command
 
 
 def _train_tiny(rank, world_size, root: str):
@@ -51,9 +38,9 @@ def trained(tmp_path_factory):
 def test_gap_analysis_evaluate_and_distill_tools(trained):
     root = trained
     paths = {name: root / "exported" / f"{name}.safetensors" for name in ("clip", "alignclip")}
-    _tool("export").main([str(root / "runs" / "clip"), str(paths["clip"])])
+    command("export")([str(root / "runs" / "clip"), str(paths["clip"])])
     cache = root / "cache"
-    _tool("gap_analysis").main(["--model", f"clip={paths['clip']}",
+    command("gap_analysis")(["--model", f"clip={paths['clip']}",
                                 "--model", f"alignclip={root / 'runs' / 'alignclip'}",  # a run dir: exported here
                                 "--out", str(root / "gap"), "--cache-dir", str(cache)])
     figures = json.loads((root / "gap" / "gap_metrics.json").read_text())
@@ -70,7 +57,7 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     (root / "size_templates.txt").write_text("a {c} shape\na {c} object\n")
     (root / "size_labels.tsv").write_text("".join(f"{key}\t{sizes[lab['size']]}\n"
                                                   for key, lab in tasks["val_labels"].items()))
-    _tool("evaluate").main(["--model", str(paths["alignclip"]), "--out", str(root / "eval"), "--name", "tiny",
+    command("evaluate")(["--model", str(paths["alignclip"]), "--out", str(root / "eval"), "--name", "tiny",
                             "--classnames", str(root / "sizes.txt"), "--templates", str(root / "size_templates.txt"),
                             "--labels", str(root / "size_labels.tsv")])
     names = sorted(p.name for p in (root / "eval").glob("*.json"))
@@ -80,7 +67,7 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     zs = json.loads((root / "eval" / "generated_tiny_zeroshot_colour.json").read_text())
     assert set(zs["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
 
-    _tool("distill_aligner").main(["--fit", str(paths["clip"]), "--out", str(root / "aligner"), "--max-epochs", "3",
+    command("distill_aligner")(["--fit", str(paths["clip"]), "--out", str(root / "aligner"), "--max-epochs", "3",
                                    "--hidden", "32", "--recipe", "mlp_cos:cos=1",
                                    "--recipe", "mlp_all:cos=1,clip=1,imsep=0.5"])
     rows = json.loads((root / "aligner" / "aligner_comparison.json").read_text())
@@ -88,7 +75,7 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     assert rows["mean_centering"]["gap"]["centroid_distance"] < rows["identity"]["gap"]["centroid_distance"]
     assert "arithmetic" in rows["mlp_cos"]["tasks"]
     # the saved aligner evaluates as a wrapper of the image encoder
-    _tool("evaluate").main(["--model", str(cache / "clip" / "val"), "--aligner",
+    command("evaluate")(["--model", str(cache / "clip" / "val"), "--aligner",
                             str(root / "aligner" / "mlp_cos.safetensors"), "--out", str(root / "eval_aligned"),
                             "--name", "clip+mlp"])
     assert (root / "eval_aligned" / "generated_clip_mlp_retrieval.json").is_file()
@@ -103,7 +90,7 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
         expected = torch.nn.functional.normalize(wrapped.aligner(wrapped.model.encode_image(images)), dim=-1)
         torch.testing.assert_close(wrapped.encode_image(images), expected)
         assert wrapped(images, tokenizer(["a red circle", "a blue square"]))["text_embeds"].shape == (2, 64)
-    _tool("gap_analysis").main(["--model", f"clip={cache / 'clip' / 'val'}", "--aligner",
+    command("gap_analysis")(["--model", f"clip={cache / 'clip' / 'val'}", "--aligner",
                                 f"clip={root / 'aligner' / 'mlp_cos.safetensors'}", "--out", str(root / "gap2")])
     figures = json.loads((root / "gap2" / "gap_metrics.json").read_text())
     assert set(figures) == {"clip", "clip+mlp_cos"}

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import run_on_ranks  # noqa: E402
+from tests.helpers.ranks import run_on_ranks
 
 
 def _train_and_checkpoint(rank, world_size, run_root: str):

@@ -2,12 +2,11 @@
 SIGKILL, preemption, a kill during checkpoint writing, TensorBoard read-back.
 
 Every case trains a tiny CLIP (32 px images, width 32, one block per tower) on small colour-shape shards written
-here through the data package's ShardWriter, so the runs take seconds after DeepSpeed's op is compiled once.
+through the data package's ShardWriter (tests.helpers.tiny), so the runs take seconds after DeepSpeed's op is compiled once.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -20,44 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO_ROOT, free_port, run_on_ranks
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
-SHAPES = ("square", "disc", "bar")
-
-
-def _draw(colour: str, shape: str, rng: np.random.Generator, size: int = 40) -> bytes:
-    pixels = np.full((size, size, 3), 245, np.uint8) + rng.integers(0, 10, (size, size, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx = rng.integers(14, size - 14, 2)
-    mask = {"square": (abs(yy - cy) < 9) & (abs(xx - cx) < 9),
-            "disc": (yy - cy) ** 2 + (xx - cx) ** 2 < 100,
-            "bar": (abs(yy - cy) < 4) & (abs(xx - cx) < 13)}[shape]
-    pixels[mask] = COLOURS[colour]
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-def write_toy_shards(folder: Path, num_shards: int = 4, per_shard: int = 32, seed: int = 0,
-                     corrupt_every: int = 0) -> str:
-    """Caption = colour + shape: a task that a tiny model learns in a few dozen steps. With ``corrupt_every`` = k,
-    every k-th sample's image is bytes no decoder reads."""
-    from alignclip.data.writer import ShardWriter, sample_key, shard_name
-
-    rng = np.random.default_rng(seed)
-    for s in range(num_shards):
-        with ShardWriter(folder / shard_name(s)) as writer:
-            for i in range(per_shard):
-                colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-                image = _draw(colour, shape, rng)
-                if corrupt_every and i % corrupt_every == corrupt_every - 1:
-                    image = b"\xff\xd8 not a jpeg"
-                writer.write(sample_key(s, i, per_shard), {"jpg": image,
-                                                           "txt": f"a {colour} {shape}", "json": {}})
-    return str(folder) + "/"
+from tests.helpers import REPO_ROOT
+from tests.helpers.ranks import free_port, run_on_ranks
+from tests.helpers.tiny import scalar_events, tiny_overrides, write_toy_shards
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +30,6 @@ def toy_data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("toy")
     return {"train": write_toy_shards(root / "train", num_shards=4, per_shard=32, seed=0),
             "val": write_toy_shards(root / "val", num_shards=1, per_shard=32, seed=1)}
-
-
-def tiny_overrides(data: dict[str, str], run_dir: Path, **extra) -> list[str]:
-    base = {
-        "run_dir": str(run_dir), "data.train": data["train"], "data.val": data["val"], "data.workers": 0,
-        "data.shuffle_buffer": 16,
-        "model.arch": "clip", "model.embed_dim": 32,
-        "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
-        "model.vision.layers": 1, "model.vision.heads": 2,
-        "model.text.context_length": 16, "model.text.width": 32, "model.text.layers": 1, "model.text.heads": 2,
-        "loss.impl": "dense", "train.global_batch_size": 16, "train.epochs": 4, "train.lr": 2e-3,
-        "train.warmup_steps": 3, "train.precision": "fp32", "train.device": "cpu",
-        "train.checkpoint_every_steps": 1000, "logging.log_every_steps": 1, "logging.gap_every_steps": 1000,
-        "logging.gap_batch_size": 32, "logging.progress_bar": False,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -142,17 +90,6 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
     states = torch.load(find_latest(run_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return states["module"]
-
-
-def scalar_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    out = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags["scalars"]}
-    out.update({tag: [(e.step, 0.0) for e in acc.Histograms(tag)] for tag in tags["histograms"]})
-    return out
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:

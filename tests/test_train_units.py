@@ -253,6 +253,6 @@ def _any_rank_on(rank: int, world_size: int):
 
 
 def test_any_rank_agrees_across_processes():
-    from conftest import run_on_ranks
+    from tests.helpers.ranks import run_on_ranks
 
     assert run_on_ranks(_any_rank_on, 2) == [True, True]

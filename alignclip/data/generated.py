@@ -265,10 +265,10 @@ class GeneratedDataset:
 
 
 def dataset_dir(data_cfg) -> Path:
-    from alignclip.config import REPO_ROOT
+    from alignclip.paths import cache_dir
 
     g = data_cfg.generated
-    base = Path(data_cfg.cache_dir) if data_cfg.cache_dir else REPO_ROOT / "data" / "generated"
+    base = Path(data_cfg.cache_dir) if data_cfg.cache_dir else cache_dir("generated")
     tag = f"v{GENERATOR_VERSION}-seed{g.seed}-{g.num_shards}x{g.samples_per_shard}-val{g.val_samples}-px{g.image_size}"
     return base / tag
 

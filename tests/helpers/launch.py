@@ -1,4 +1,4 @@
-"""Shared by the launch tests: a tiny AlignCLIP run (seconds per step on CPU) and readers of its run directory."""
+"""What the launch tests submit (``job_overrides``, ``job_env``) and how they read a run directory back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+from tests.helpers.tiny import tiny_overrides
+
 SCRIPT_DEFAULT = REPO_ROOT / "configs/experiment/cc12m_alignclip.yaml"  # what slurm/pretrain_alignclip.sh trains
 FALLBACKS = ("configs/experiment/embedded_default.yaml",)
 
@@ -31,34 +33,20 @@ def script_config_args(tmp_dir: Path) -> list[str]:
     return [] if Path(config) == SCRIPT_DEFAULT else ["--config", config]
 
 
-def tiny_overrides(cache_dir: Path, run_dir: Path | None = None, **extra) -> list[str]:
-    """AlignCLIP (SharedCLIP + CRSep + IMSep with the offline MiniLM) at toy size on a small generated dataset."""
-    values = {
-        "model.arch": "sharedclip", "model.embed_dim": 32,
-        "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
-        "model.vision.layers": 1, "model.vision.heads": 2, "model.vision.mlp_ratio": 4.0,
-        "model.text.context_length": 16, "model.text.width": 32, "model.text.layers": 1, "model.text.heads": 2,
-        "model.text.mlp_ratio": 4.0, "model.grad_checkpointing": False,
-        "loss.impl": "dense", "loss.clip_weight": 0.0, "loss.crsep_weight": 1.0, "loss.imsep_weight": 0.5,
-        "loss.imsep_sides": "image", "loss.uniform_weight": 0.0, "loss.xuniform_weight": 0.0,
-        "loss.align_weight": 0.0, "loss.semantic_model": "minilm-offline",
-        "data.train": "generated", "data.val": "generated", "data.cache_dir": str(cache_dir), "data.workers": 0,
-        "data.shuffle_buffer": 16, "data.resampled": False, "data.samples_per_epoch": 0,
-        "data.generated.num_shards": 2, "data.generated.samples_per_shard": 32, "data.generated.image_size": 32,
-        "data.generated.val_samples": 32, "data.generated.seed": 0,
-        "train.seed": 0, "train.global_batch_size": 16, "train.micro_batch_size": 0, "train.max_steps": 12,
-        "train.lr": 1e-3, "train.warmup_steps": 2, "train.min_lr": 0.0, "train.precision": "fp32",
-        "train.device": "cpu", "train.checkpoint_every_steps": 1000, "train.keep_checkpoints": 2,
-        "deepspeed.zero_stage": 1,
-        "logging.tensorboard": True, "logging.log_every_steps": 1, "logging.gap_every_steps": 1000,
-        "logging.gap_batch_size": 16, "logging.progress_bar": False,
+def job_overrides(cache_dir: Path, run_dir: Path | None = None, **extra) -> list[str]:
+    """``tiny_overrides``' AlignCLIP on the generated dataset, pinned against whatever the base experiment file sets
+    (it is the CC12M recipe), with the schedule and the ``launch`` settings the launch tests submit."""
+    pinned = {
+        "model.vision.mlp_ratio": 4.0, "model.text.mlp_ratio": 4.0, "model.grad_checkpointing": False,
+        "loss.uniform_weight": 0.0, "loss.xuniform_weight": 0.0, "loss.align_weight": 0.0,
+        "data.resampled": False, "data.samples_per_epoch": 0,
+        "train.seed": 0, "train.epochs": 30, "train.micro_batch_size": 0, "train.max_steps": 12, "train.lr": 1e-3,
+        "train.warmup_steps": 2, "train.min_lr": 0.0, "train.keep_checkpoints": 2,
+        "deepspeed.zero_stage": 1, "logging.tensorboard": True, "logging.gap_batch_size": 16,
         "launch.gpus_per_node": 0, "launch.tasks_per_node": 2, "launch.cpus_per_task": 1,
         "launch.timeout_min": 10, "launch.signal_lead_s": 30, "launch.max_requeues": 3,
     }
-    if run_dir is not None:
-        values["run_dir"] = str(run_dir)
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return tiny_overrides(cache_dir, run_dir, alignclip=True, **{**pinned, **extra})
 
 
 def job_env() -> dict[str, str]:

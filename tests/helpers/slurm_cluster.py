@@ -1,4 +1,4 @@
-"""Throw-away Slurm clusters on this one machine, for the launch tests (DESIGN.md section 12).
+"""Throw-away Slurm clusters on this one machine, for the launch tests (what they exercise: docs/slurm.md).
 
 * ``LocalSlurm``: munged + slurmctld + one slurmd on localhost (node name = ``hostname``).
 * ``TwoNodeSlurm``: munged + slurmctld in the root namespace and two slurmds, each in its own network, UTS and
@@ -10,7 +10,7 @@ through ``SLURM_CONF`` (``cluster.env``). ``stop()`` cancels the jobs, TERMs the
 whatever is left in its namespaces and deletes the links, namespaces and files. Needs root; when Slurm is not
 installed and we are root, ``ensure_installed()`` installs Debian's packages (``apt-get update`` once, ~10 s).
 
-Run by hand: ``python tests/slurm_cluster.py [--two-node]`` starts a cluster, prints its ``SLURM_CONF`` and
+Run by hand: ``python -m tests.helpers.slurm_cluster [--two-node]`` (from the repository root) starts a cluster, prints its ``SLURM_CONF`` and
 stops it on Ctrl-C.
 """
 
