@@ -1,4 +1,5 @@
-# Two commands for a fresh clone: `make run` (the embedded default, end to end) and `make test` (the suite).
+# Two commands for a fresh clone: `make run` (the embedded default, end to end) and `make test` (the suite);
+# `make test-fast` is the daily subset (everything not marked heavy).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,8 +7,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# the generated dataset and other caches stay in the checkout (`make clean` removes them); installed: ~/.cache/alignclip
+export ALIGNCLIP_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast wheel clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,5 +26,11 @@ run: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+test-fast: setup
+	$(PY) -m pytest -q -m "not heavy" tests
+
+wheel: setup
+	$(PY) -m pip wheel --no-deps -q -w dist .
+
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) .cache build dist *.egg-info
