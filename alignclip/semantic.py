@@ -1,4 +1,5 @@
-"""Sentence embeddings of captions (E_s of DESIGN.md section 7, the rescaling of IMSep, seeds/001 eq. 9-11).
+"""Sentence embeddings of captions (E_s, which rescales IMSep: Eslami & de Melo, ICLR 2025, arXiv:2406.17639,
+eq. 8-10).
 
 One interface, two modes:
 

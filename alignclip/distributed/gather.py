@@ -1,11 +1,11 @@
 """The project's one gather: features across ranks, with or without gradient.
 
-Gradient convention (DESIGN.md section 5): every rank's loss is a mean over its own rows against all gathered
-columns, so the global-batch loss is the AVERAGE over ranks of the per-rank losses. ``all_gather_with_grad``'s
-backward SUMS the gradients that all ranks send to a slice, so a rank's feature gradient is W x the gradient of
-the global-batch loss; DeepSpeed's averaging of parameter gradients over the W ranks then gives exactly the
-global-batch gradient. Parameters that enter the loss directly on every rank (the logit scale) get the per-rank
-gradient, whose average over ranks is again the global one.
+Gradient convention (every loss in ``alignclip.losses`` follows it): every rank's loss is a mean over its own rows
+against all gathered columns, so the global-batch loss is the AVERAGE over ranks of the per-rank losses.
+``all_gather_with_grad``'s backward SUMS the gradients that all ranks send to a slice, so a rank's feature gradient
+is W x the gradient of the global-batch loss; DeepSpeed's averaging of parameter gradients over the W ranks then
+gives exactly the global-batch gradient. Parameters that enter the loss directly on every rank (the logit scale)
+get the per-rank gradient, whose average over ranks is again the global one.
 
 Every function is the identity when torch.distributed is not initialised or the world has one rank.
 """

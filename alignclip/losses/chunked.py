@@ -1,4 +1,4 @@
-"""Chunked CLIP + IMSep cross-entropies in O(b d + tile^2) memory (DESIGN.md section 6).
+"""Chunked CLIP + IMSep cross-entropies in O(b d + tile^2) memory (docs/performance.md).
 
 Entry points: ``contrastive_terms(...)`` (what ``loss.impl=chunked`` calls), the signature of
 ``alignclip.losses.dense.contrastive_terms`` plus the keyword ``chunk_size`` (``loss.chunk_size``, the tile edge);
@@ -8,7 +8,7 @@ chunked above.
 Every term is a row-wise cross-entropy over a logit matrix L = s R in the gathered layout (local rows x global
 columns, the positive of row i in column ``offset + i``):
 
-    CLIP image->text   R_ij = v_i . t_j                           (seeds/001 eq. 2)
+    CLIP image->text   R_ij = v_i . t_j                           (Eslami & de Melo, ICLR 2025, arXiv:2406.17639, eq. 2)
     CLIP text->image   R_ij = t_i . v_j                           (eq. 3, rows of P^T for the local texts)
     IMSep, one side    R_ij = (x_i . x_j)(1 - e_i . e_j),  R_{i,offset+i} = v_i . t_i   (eq. 7-11)
                        (x = E_v or E_t, e = E_s; D = 1 without rescaling)
@@ -166,7 +166,7 @@ def _sl(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
 # ------------------------------------------------------------------------- single process: the tile walks
 def _paired_forward(a: Tensor, b: Tensor, s: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(row LSE, column LSE, diagonal) of s a b^T from ONE pass over its tiles: rows give the a->b direction,
-    columns the b->a direction (seeds/001 eq. 2-3 with offset 0)."""
+    columns the b->a direction (Eslami & de Melo eq. 2-3 with offset 0)."""
     n, device, acc = a.shape[0], a.device, _acc_dtype(a)
     row_max = torch.full((n,), float("-inf"), dtype=acc, device=device)
     col_max = torch.full((n,), float("-inf"), dtype=acc, device=device)

@@ -1,4 +1,8 @@
-"""Dense reference implementations of every loss term (DESIGN.md section 5), in the gathered layout.
+"""Dense reference implementations of every loss term, in the gathered layout.
+
+Sources: the CLIP, CRSep and IMSep terms follow Eslami & de Melo, "Mitigate the Gap", ICLR 2025, arXiv:2406.17639
+(eq. 1-13); the uniformity and alignment terms follow Fahim, Murphy & Fyshe, "It's Not a Modality Gap", 2024,
+arXiv:2405.18570 (eq. 2-5).
 
 Layout. A rank holds ``n`` local samples; ``*_all`` are the features of the whole global batch of ``N`` samples
 (gathered from every rank, the local ones included, in rank order), and ``offset`` is the global index of this
@@ -11,7 +15,7 @@ is the global-batch loss. The uniformity terms are the log of a mean over all pa
 callable that sums each rank's partial sum (with gradient) before the log.
 
 Notation: E_v, E_t are the L2-normalised image and text embeddings, s = exp(logit_scale), CE(L, y) the mean over
-rows i of -log softmax(L_i)[y_i], P = E_v E_t^T (seeds/001 eq. 1-4).
+rows i of -log softmax(L_i)[y_i], P = E_v E_t^T (Eslami & de Melo eq. 1-4).
 
 These functions materialise n x N matrices: they are the oracle the fused implementations
 (``alignclip.losses.chunked``, ``alignclip.losses.triton_kernels``) are tested against, and what ``loss.impl=dense``
@@ -34,8 +38,8 @@ class ContrastiveTerms(NamedTuple):
 
     image_to_text: CE(s P, y)            (rows: local images, columns: all texts)
     text_to_image: CE(s P^T, y)          (rows: local texts, columns: all images)
-    imsep_image:   L_IMsep, image side   (seeds/001 eq. 7-11)
-    imsep_text:    L_IMsep, text side    (appendix A.2, "TT")
+    imsep_image:   L_IMsep, image side   (Eslami & de Melo eq. 7-11)
+    imsep_text:    L_IMsep, text side    (their appendix A.2, "TT")
     """
 
     image_to_text: Optional[Tensor]
@@ -51,7 +55,7 @@ def local_labels(n: int, offset: int, device: torch.device) -> Tensor:
 
 def cross_modal_cross_entropies(image_local: Tensor, text_local: Tensor, image_all: Tensor, text_all: Tensor,
                                 logit_scale: Tensor, offset: int) -> tuple[Tensor, Tensor]:
-    """(CE(s P, y), CE(s P^T, y)) for the local rows (seeds/001 eq. 2-3).
+    """(CE(s P, y), CE(s P^T, y)) for the local rows (Eslami & de Melo eq. 2-3).
 
     Row i of s P^T is text i against all images, so the text->image direction uses the LOCAL texts against ALL
     images (not the transpose of this rank's image->text block, which would only hold local image columns).
@@ -65,7 +69,7 @@ def cross_modal_cross_entropies(image_local: Tensor, text_local: Tensor, image_a
 
 def imsep_loss(same_local: Tensor, same_all: Tensor, positive_logit: Tensor, logit_scale: Tensor, offset: int,
                semantic_local: Optional[Tensor] = None, semantic_all: Optional[Tensor] = None) -> Tensor:
-    """L_IMsep on one side (seeds/001 eq. 7-11): CE(s [diag(P) + (X X^T) ⊙ D], y).
+    """L_IMsep on one side (Eslami & de Melo eq. 7-11): CE(s [diag(P) + (X X^T) ⊙ D], y).
 
     same_local / same_all: the side's embeddings X (E_v for the image side, E_t for the text side).
     positive_logit: [n] the paired cosine v_i . t_i of each local row, placed on the diagonal.
@@ -148,33 +152,33 @@ def _log_mean_exp_off_diagonal(x_local: Tensor, y_all: Tensor, offset: int,
 
 def uniformity(x_local: Tensor, x_all: Tensor, offset: int,
                all_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """U(X) = log mean_{i != j} exp(-2 ||x_i - x_j||^2) (seeds/002 eq. 2). Same value on every rank."""
+    """U(X) = log mean_{i != j} exp(-2 ||x_i - x_j||^2) (Fahim et al. eq. 2). Same value on every rank."""
     return _log_mean_exp_off_diagonal(x_local, x_all, offset, all_reduce)
 
 
 def uniformity_loss(image_local: Tensor, text_local: Tensor, image_all: Tensor, text_all: Tensor, offset: int,
                     all_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """L_uniform = 1/2 (U(E_v) + U(E_t)) (seeds/002 eq. 3)."""
+    """L_uniform = 1/2 (U(E_v) + U(E_t)) (Fahim et al. eq. 3)."""
     return 0.5 * (uniformity(image_local, image_all, offset, all_reduce)
                   + uniformity(text_local, text_all, offset, all_reduce))
 
 
 def cross_uniformity_loss(image_local: Tensor, text_all: Tensor, offset: int,
                           all_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """L_xuniform = log mean_{i != j} exp(-2 ||v_i - t_j||^2) (seeds/002 eq. 4); local images x all texts
+    """L_xuniform = log mean_{i != j} exp(-2 ||v_i - t_j||^2) (Fahim et al. eq. 4); local images x all texts
     covers every ordered pair (i, j) once across ranks."""
     return _log_mean_exp_off_diagonal(image_local, text_all, offset, all_reduce)
 
 
 def alignment_loss(image_local: Tensor, text_local: Tensor) -> Tensor:
-    """L_align = mean_i ||v_i - t_i||^2 (seeds/002 eq. 5, squared); a mean over local rows."""
+    """L_align = mean_i ||v_i - t_i||^2 (Fahim et al. eq. 5, squared); a mean over local rows."""
     return ((image_local - text_local) ** 2).sum(dim=1).mean()
 
 
 # --------------------------------------------------------------------------------- whole objectives (oracles)
 def clip_loss(image_local: Tensor, text_local: Tensor, image_all: Tensor, text_all: Tensor, logit_scale: Tensor,
               offset: int = 0) -> Tensor:
-    """L_clip = 1/2 [CE(s P, y) + CE(s P^T, y)] (seeds/001 eq. 4)."""
+    """L_clip = 1/2 [CE(s P, y) + CE(s P^T, y)] (Eslami & de Melo eq. 4)."""
     i2t, t2i = cross_modal_cross_entropies(image_local, text_local, image_all, text_all, logit_scale, offset)
     return 0.5 * (i2t + t2i)
 
@@ -183,7 +187,7 @@ def alignclip_loss(image_local: Tensor, text_local: Tensor, image_all: Tensor, t
                    semantic_local: Optional[Tensor], semantic_all: Optional[Tensor], logit_scale: Tensor,
                    offset: int = 0, *, alpha: float = 1.0, beta: float = 0.5,
                    imsep_sides: tuple[str, ...] = ("image",), imsep_rescale: bool = True) -> Tensor:
-    """L = alpha L_CRsep + beta L_IMsep (seeds/001 eq. 13), L_CRsep = CE(sP, y) + CE(sP^T, y) (eq. 12, a sum);
+    """L = alpha L_CRsep + beta L_IMsep (Eslami & de Melo eq. 13), L_CRsep = CE(sP, y) + CE(sP^T, y) (eq. 12, a sum);
     with both sides, L_IMsep is the sum of the image-side and text-side losses (appendix A.2)."""
     terms = contrastive_terms(image_local, text_local, image_all, text_all, semantic_local, semantic_all,
                               logit_scale, offset, imsep_sides=imsep_sides, imsep_rescale=imsep_rescale)
@@ -194,7 +198,8 @@ def alignclip_loss(image_local: Tensor, text_local: Tensor, image_all: Tensor, t
 def cua_loss(image_local: Tensor, text_local: Tensor, image_all: Tensor, text_all: Tensor, logit_scale: Tensor,
              offset: int = 0, all_reduce: Optional[Callable[[Tensor], Tensor]] = None,
              cross_uniform: bool = False) -> Tensor:
-    """L_CUA = L_clip + L_uniform + L_align; with ``cross_uniform`` L_CUAXU = L_CUA + L_xuniform (seeds/002)."""
+    """L_CUA = L_clip + L_uniform + L_align; with ``cross_uniform`` L_CUAXU = L_CUA + L_xuniform (Fahim et al.,
+    section 4: their eq. 1 + 3 + 5, and + 4)."""
     loss = (clip_loss(image_local, text_local, image_all, text_all, logit_scale, offset)
             + uniformity_loss(image_local, text_local, image_all, text_all, offset, all_reduce)
             + alignment_loss(image_local, text_local))

@@ -1,4 +1,5 @@
-"""The training objective built from the ``loss`` config section (DESIGN.md section 5).
+"""The training objective built from the ``loss`` config section (the terms: ``alignclip.losses.dense``
+and docs/losses.md).
 
     total = clip_weight L_clip + crsep_weight L_CRsep + imsep_weight L_IMsep
             + uniform_weight L_uniform + xuniform_weight L_xuniform + align_weight L_align

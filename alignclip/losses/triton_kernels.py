@@ -1,4 +1,4 @@
-"""Triton kernels for the CLIP + IMSep cross-entropies (DESIGN.md section 6), behind the chunked interface.
+"""Triton kernels for the CLIP + IMSep cross-entropies (docs/performance.md), behind the chunked interface.
 
 Entry point (what ``loss.impl=triton`` calls): ``contrastive_terms(...)``, the signature of
 ``alignclip.losses.dense.contrastive_terms`` plus the keyword ``chunk_size`` (unused here: the tile shape is the
