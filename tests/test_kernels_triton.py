@@ -23,6 +23,7 @@ from tests.helpers import REPO_ROOT
 from tests.helpers.kernels import REL_TOL, assert_matches_dense, make_batch, relative_error, run_terms
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.heavy  # one child process runs every check under the Triton interpreter
 
 
 def triton_impl(*args, **kwargs):

@@ -147,6 +147,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.heavy  # builds every model config, the paper-scale ones included, in a subprocess
 def test_size_command_prints_every_model_config():
     import subprocess
     import sys

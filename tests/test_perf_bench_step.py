@@ -36,6 +36,7 @@ def _rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.heavy  # the benchmark script end to end in a subprocess (DeepSpeed engines)
 def test_bench_step_prints_one_consistent_table_for_the_tiny_alignclip():
     batch, peak = 8, 2.0
     cmd = [sys.executable, "tools/bench_step.py", "--config", "configs/model/alignclip_tiny.yaml", "--batch",

@@ -252,6 +252,7 @@ def _any_rank_on(rank: int, world_size: int):
     return any_rank(rank == 1)
 
 
+@pytest.mark.heavy  # two spawned processes in a gloo group
 def test_any_rank_agrees_across_processes():
     from tests.helpers.ranks import run_on_ranks
 
