@@ -8,7 +8,6 @@ each test below reports its check's outcome from that run."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
