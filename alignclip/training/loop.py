@@ -98,6 +98,7 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                     mon.info(f"preempted ({run.preemption.describe()}): saved {result.checkpoint} at step "
                              f"{state.step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
                     result.exit_code = REQUEUE_EXIT_CODE
+                    batches.close()  # shuts the loader's workers down (they ignore the signal) before exiting
                     return _finish(run, result)
             _close_epoch_counts(run)
             del batches  # stops the loader's workers
