@@ -214,6 +214,8 @@ def verify_manifest(checkpoint: Path) -> Optional[str]:
     checkpoint written before manifests existed has none: accepted (None), its load still has to succeed."""
     manifest_path = checkpoint / MANIFEST
     if not manifest_path.is_file():
+        if any(checkpoint.glob(RNG_FILE.format(rank="*"))):  # written since manifests exist: it lost its manifest
+            return f"{manifest_path}: missing"
         return None
     try:
         expected = json.loads(manifest_path.read_text())["files"]
@@ -264,14 +266,15 @@ def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int)
             _fsync_dir(root)
             prune(root, keep)
     except Exception as err:
+        message = describe_write_error(err, tmp)  # before the clean-up: it reads the free space left
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space a partial save took
-        raise CheckpointWriteError(_describe_write_error(err, tmp)) from err
+        raise CheckpointWriteError(message) from err
     _barrier()
     return final
 
 
-def _describe_write_error(err: Exception, path: Path) -> str:
+def describe_write_error(err: Exception, path: Path) -> str:
     """Name the path, and say "no space left on device" when it is so: DeepSpeed's torch.save reports a full disk
     as ``basic_ios::clear: iostream error``, so the free space is checked as well as the errno."""
     full = isinstance(err, OSError) and err.errno == errno.ENOSPC
