@@ -1,4 +1,4 @@
-"""Throw-away Slurm clusters on this one machine, for the launch tests (DESIGN.md section 12).
+"""Throw-away Slurm clusters on this one machine, for the launch tests (tests/test_launch_slurm.py).
 
 * ``LocalSlurm``: munged + slurmctld + one slurmd on localhost (node name = ``hostname``).
 * ``TwoNodeSlurm``: munged + slurmctld in the root namespace and two slurmds, each in its own network, UTS and

@@ -20,7 +20,7 @@ and atomically, and a resume checks it before loading. ``resume`` walks the comp
 missing/extra/resized/changed file or a load error is reported loudly (which file of which checkpoint) and the
 next older checkpoint is tried; when none verifies, ``CheckpointError`` (exit 2). Hashing streams each file in
 8 MiB chunks and is split over the ranks (file i is hashed by rank i mod world), so its cost is one extra read of
-the checkpoint spread over the ranks (sha256 runs at a few hundred MB/s per core; tools/ has no benchmark for it).
+the checkpoint spread over the ranks (docs/training.md gives a measured rate).
 
 Atomicity: every rank writes into ``step_X.tmp/``; after a barrier rank 0 renames it to ``step_X/`` (a rename is
 atomic on POSIX) and then replaces ``latest`` by writing ``latest.tmp`` and renaming it. A crash at any point
