@@ -110,6 +110,8 @@ if [ "$rc" -gt 128 ]; then  # the last wait was interrupted just as the step end
     rc=$?
 fi
 set -e
+# The step is over: nothing to forward any more (and `scontrol requeue` itself TERMs this shell).
+trap '' TERM USR1 USR2 INT
 
 if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ]; then
     if "$PYTHON" -m alignclip.launch requeue --max-requeues "$MAX_REQUEUES"; then

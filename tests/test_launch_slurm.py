@@ -25,8 +25,8 @@ from slurm_cluster import LocalSlurm, SlurmUnavailable, TwoNodeSlurm
 pytestmark = [pytest.mark.heavy, pytest.mark.slurm]
 
 SCRIPT = str(REPO_ROOT / "slurm" / "pretrain_alignclip.sh")
-STEPS = 30  # long enough to signal mid-run (a step takes ~0.2 s here), short enough for the test budget
-JOB_TIMEOUT_S = 300
+STEPS = 16  # long enough to signal mid-run (after step 3), short enough for the test budget
+JOB_TIMEOUT_S = 900  # a hang guard only: on a loaded 2-core machine one requeued job takes ~7 minutes
 # the recipes' loader, with worker processes that receive Slurm's signals too (2 ranks x 2 workers: 4 shards)
 WORKERS = {"data.workers": 2, "data.generated.num_shards": 4, "data.generated.samples_per_shard": 16}
 
