@@ -347,8 +347,11 @@ def from_yaml_text(text: str) -> Config:
 
 
 def config_hash(config: Config) -> str:
-    """A short digest of the resolved config; checkpoints record it so a resume can tell what changed."""
-    return hashlib.sha256(to_yaml(config).encode()).hexdigest()[:16]
+    """A short digest of the resolved config; checkpoints record it so a resume can tell what changed. The
+    ``launch`` section is left out: resources and time limits say where a run goes, not what it trains."""
+    from dataclasses import replace
+
+    return hashlib.sha256(to_yaml(replace(config, launch=LaunchConfig())).encode()).hexdigest()[:16]
 
 
 def run_dir_of(config: Config) -> Path:

@@ -16,8 +16,11 @@ with ``REQUEUE_EXIT_CODE``. ``TrainJob`` catches that exit and global rank 0 run
 (``SIGUSR2``, which its handler would answer by checkpointing from rank 0 alone) is forwarded to ``SIGUSR1`` so it
 takes the same path.
 
-``python -m alignclip.launch shell-env --config C key=value ...`` prints the shell variables that
-``slurm/pretrain.sh`` needs (run dir, master port, requeue code and limit, env file).
+One source of truth for resources: ``slurm/pretrain.sh`` submits itself with the flags
+``python -m alignclip.launch sbatch-args --config C key=value ...`` derives from the ``launch`` section (the same
+fields the submitit executor reads), and ``python -m alignclip.launch shell-env ...`` prints the variables its
+batch shell needs (run dir, master port, env file). One requeue routine: ``requeue_job`` (``python -m
+alignclip.launch requeue`` in the batch shell, ``TrainJob`` under submitit).
 """
 
 from __future__ import annotations
@@ -164,23 +167,55 @@ class TrainJob:
 
     def _requeue(self) -> None:
         """Rank 0 requeues the Slurm job; every rank then waits to be killed (so submitit records no result)."""
-        job_id = os.environ.get("SLURM_JOB_ID")
-        if not job_id or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        if not os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
             return  # local executor: nothing to requeue; resubmitting the same run resumes it
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        if restarts >= self.max_requeues:
-            print(f"[launch] preempted after {restarts} requeues (launch.max_requeues={self.max_requeues}): "
-                  "not requeueing", flush=True)
-            return
         if os.environ.get("SLURM_PROCID", "0") == "0":
-            array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-            target = f"{array[0]}_{array[1]}" if all(array) else job_id
-            print(f"[launch] checkpoint saved; requeueing job {target} (restart {restarts + 1})", flush=True)
-            subprocess.run(["scontrol", "requeue", target], check=True, timeout=60)
-        time.sleep(_REQUEUE_GRACE_S)
+            requeued = requeue_job(self.max_requeues)
+        else:
+            requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < self.max_requeues
+        if requeued:
+            time.sleep(_REQUEUE_GRACE_S)
 
     def __repr__(self) -> str:
         return f"TrainJob({self.config_path!r}, {self.overrides!r})"
+
+
+def requeue_job(max_requeues: int, environ: Mapping[str, str] = os.environ) -> bool:
+    """Requeue this Slurm job (or array task) after a preemption exit, unless it was requeued ``max_requeues``
+    times already. True if requeued. The one requeue routine of both launch paths."""
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        print("[launch] not inside a Slurm job: nothing to requeue", flush=True)
+        return False
+    restarts = int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts >= max_requeues:
+        print(f"[launch] preempted after {restarts} requeues (launch.max_requeues={max_requeues}): "
+              "not requeueing", flush=True)
+        return False
+    array = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    target = f"{array[0]}_{array[1]}" if all(array) else job_id
+    print(f"[launch] checkpoint saved; requeueing job {target} (restart {restarts + 1})", flush=True)
+    subprocess.run(["scontrol", "requeue", target], check=True, timeout=60)
+    return True
+
+
+def sbatch_args(config: Config, job_name: Optional[str] = None) -> list[str]:
+    """``sbatch`` command-line flags for ``config.launch``: what ``#SBATCH`` lines would say, from the config.
+    The signal goes to the job steps (the trainers) ``signal_lead_s`` before the time limit; the batch shell of
+    slurm/pretrain.sh forwards whatever it receives itself."""
+    launch = config.launch
+    args = [f"--job-name={job_name or config.name}", f"--nodes={launch.nodes}",
+            f"--ntasks-per-node={tasks_per_node(config)}", f"--cpus-per-task={launch.cpus_per_task}",
+            f"--time={launch.timeout_min}", "--requeue", f"--signal=USR1@{launch.signal_lead_s}",
+            "--open-mode=append", "--output=%x-%j.out"]
+    if launch.gpus_per_node > 0:
+        args.append(f"--gpus-per-node={launch.gpus_per_node}")
+    if launch.mem_gb > 0:
+        args.append(f"--mem={launch.mem_gb}G")
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(launch, key):
+            args.append(f"--{key}={getattr(launch, key)}")
+    return args
 
 
 # ------------------------------------------------------------------------------------------ executors
@@ -300,16 +335,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alignclip.launch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("shell-env", "print the variables slurm/pretrain.sh sources"),
+                       ("sbatch-args", "print the sbatch flags of the config's launch section, one per line"),
                        ("submit", "submit one run through submitit")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", required=True)
         p.add_argument("overrides", nargs="*")
         if name == "submit":
             p.add_argument("--executor", choices=("slurm", "local"), default=None)
+    p = sub.add_parser("requeue", help="requeue this Slurm job after a preemption exit (exit 0 if requeued, 1 if not)")
+    p.add_argument("--max-requeues", type=int, required=True)
     args = parser.parse_args(argv)
+    if args.command == "requeue":
+        raise SystemExit(0 if requeue_job(args.max_requeues) else 1)
     try:
         if args.command == "shell-env":
             sys.stdout.write(shell_env(args.config, args.overrides))
+        elif args.command == "sbatch-args":
+            print("\n".join(sbatch_args(make_run(args.config, args.overrides).config)))
         else:
             s = submit(args.config, args.overrides, args.executor)
             print(f"submitted job {s.job_id}: run dir {s.run.run_dir}")

@@ -11,6 +11,7 @@ import pytest
 from alignclip.config import ConfigError, load_config
 from alignclip.launch import (TrainJob, grid, make_executor, make_run, make_sweep, parse_axis, point_name, shell_env,
                               tasks_per_node)
+from tests.helpers import REPO_ROOT
 from tests.helpers.launch import base_config, job_env, job_overrides, logged_steps, trainer_state, unavailable
 from tests.helpers.tools import command
 
@@ -128,3 +129,63 @@ def test_local_executor_runs_a_two_point_sweep_of_two_task_runs_through_tools_sw
         assert logged_steps(run_dir) == list(range(1, steps + 1))
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
     assert (tmp_path / "runs" / "local" / "sweep.json").exists()
+
+
+# ------------------------------------------------------------------- one launch path (slurm/pretrain.sh)
+SCRIPT = REPO_ROOT / "slurm" / "pretrain_alignclip.sh"
+
+
+def test_sbatch_flags_come_from_the_launch_section():
+    from alignclip.launch import sbatch_args
+
+    config = load_config("experiment/cc12m_alignclip", ["launch.nodes=4", "launch.timeout_min=90",
+                                                        "launch.partition=h100", "launch.mem_gb=200"])
+    flags = sbatch_args(config)
+    assert flags[:9] == ["--job-name=cc12m_alignclip", "--nodes=4", "--ntasks-per-node=8", "--cpus-per-task=12",
+                         "--time=90", "--requeue", "--signal=USR1@120", "--open-mode=append", "--output=%x-%j.out"]
+    assert set(flags[9:]) == {"--gpus-per-node=8", "--mem=200G", "--partition=h100"}
+    cpu = sbatch_args(load_config("experiment/cc12m_alignclip", ["launch.gpus_per_node=0", "launch.tasks_per_node=2"]))
+    assert "--ntasks-per-node=2" in cpu and not any(f.startswith("--gpus-per-node") for f in cpu)
+
+
+def test_a_time_limit_or_any_launch_key_does_not_change_the_run_hash():
+    from alignclip.config import config_hash
+
+    base = load_config("experiment/cc12m_alignclip")
+    for override in ("launch.timeout_min=5", "launch.nodes=16", "launch.partition=other", "launch.max_requeues=1"):
+        assert config_hash(load_config("experiment/cc12m_alignclip", [override])) == config_hash(base), override
+    assert config_hash(load_config("experiment/cc12m_alignclip", ["train.lr=1e-5"])) != config_hash(base)
+
+
+def test_node_lists_with_suffixes_and_several_ranges_follow_slurm_semantics(monkeypatch):
+    """Without scontrol (outside a job), submitit's parser; with it, Slurm's (test_launch_slurm.py compares)."""
+    from alignclip.distributed.env import expand_nodelist
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert expand_nodelist("node-[001-002]-ib") == ["node-001-ib", "node-002-ib"]  # was [node-001, node-002, -ib]
+    assert expand_nodelist("gpu[08-10,12]-ib,cpu1") == ["gpu08-ib", "gpu09-ib", "gpu10-ib", "gpu12-ib", "cpu1"]
+    assert expand_nodelist("rack[1-2]-n[01-02]") == ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]
+    assert expand_nodelist("node-001-ib,node-002-ib") == ["node-001-ib", "node-002-ib"]  # Slurm 22.05's form
+    assert expand_nodelist("node7") == ["node7"] and expand_nodelist("") == []
+
+
+def test_requeue_outside_a_job_does_nothing_and_says_so(capsys):
+    from alignclip.launch import requeue_job
+
+    assert requeue_job(3, environ={}) is False
+    assert "not inside a Slurm job" in capsys.readouterr().out
+    assert requeue_job(3, environ={"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "3"}) is False
+    assert "after 3 requeues" in capsys.readouterr().out
+
+
+def test_pretrain_script_refuses_a_bad_override_before_submitting_and_needs_a_config(tmp_path):
+    import subprocess
+
+    env = {**os.environ, **job_env(), "PATH": os.environ["PATH"]}
+    env.pop("SLURM_JOB_ID", None)
+    done = subprocess.run(["bash", str(SCRIPT), "train.lrr=1"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "train.lrr" in done.stderr, done.stderr
+    done = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "pretrain.sh"), "train.lr=1"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--config FILE is required" in done.stderr

@@ -327,7 +327,7 @@ def test_sigusr1_on_one_rank_makes_every_rank_save_and_exit_for_requeue(toy_data
     checkpoint = tmp_path / "checkpoints" / f"step_{stopped_at:08d}"
     for rank in (0, 1):  # every rank wrote its optimizer partition and its RNG state
         assert (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
-        assert (checkpoint / f"rng_rank{rank}.pt").is_file()
+        assert (checkpoint / f"rng_state_rank{rank}.pt").is_file()
     assert f"preempted (signal received by another rank): saved {checkpoint}" in log.read_text()  # rank 0's view
 
     assert wait_all(launch(overrides, world_size=2, log_dir=tmp_path)) == [0, 0]
@@ -348,7 +348,7 @@ run.state.step = 1
 real_save = torch.save
 def save_then_die(obj, f, *args, **kwargs):  # dies once the engine's files and the RNG state are written
     real_save(obj, f, *args, **kwargs)
-    if "rng_rank" in str(f):
+    if "rng_state_rank" in str(f):
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save = save_then_die
 ckpt.save_checkpoint(run.engine, run.run_dir, run.state, keep=3)
@@ -365,7 +365,7 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
                           capture_output=True, timeout=240)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
     checkpoints = tmp_path / "checkpoints"
-    assert (checkpoints / "step_00000001.tmp" / "rng_rank0.pt").is_file()  # the interrupted save's leftovers
+    assert (checkpoints / "step_00000001.tmp" / "rng_state_rank0.pt").is_file()  # the interrupted save's leftovers
     assert (checkpoints / "latest").read_text().strip() == "step_00000000"
     assert find_latest(tmp_path) == checkpoints / "step_00000000"
 

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
+from alignclip.training.preemption import ignore_preemption_signals
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ class TrainLoader:
         dataset = ShardBatches(self.settings)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=ignore_preemption_signals)
         for batch in loader:
             stats = batch.pop("_stats")
             self._reader_stats[stats.pop("reader")] = stats

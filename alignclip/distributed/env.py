@@ -48,20 +48,25 @@ class DistEnv:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list to host names: ``gpu[01-03,7],cpu1`` -> gpu01 gpu02 gpu03 gpu7 cpu1."""
-    hosts: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[\]]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            width = len(lo)  # keep zero padding: node[08-10]
-            hosts += [f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
-    return hosts
+    """Slurm's compressed host list to host names, by Slurm itself (``scontrol show hostnames``; inside a job
+    scontrol has its configuration) or, where scontrol is missing or refuses the list (Slurm 22.05 does not parse
+    suffixed ranges such as ``node-[001-002]-ib``, which newer Slurm writes), by submitit's parser."""
+    import shutil
+    import subprocess
+
+    if not nodelist:
+        return []
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    from submitit.slurm.slurm import _parse_node_list  # noqa: PLC2701 (submitit's tested hostlist parser)
+
+    return _parse_node_list(nodelist)
 
 
 def tasks_on_node(tasks_per_node: str, node: int) -> int:

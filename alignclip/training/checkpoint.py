@@ -7,21 +7,33 @@ Layout (docs/training.md)::
         step_00001000/
             mp_rank_00_model_states.pt  DeepSpeed engine save (module weights, engine counters)
             *_optim_states.pt           DeepSpeed ZeRO optimizer partitions, one per data-parallel rank
-            rng_rank<R>.pt              torch / CUDA / numpy / python RNG states of rank R
-            trainer_state.json          TrainerState below (written last: its presence marks completeness)
+            rng_state_rank<R>.pt        torch / CUDA / numpy / python RNG states of rank R, plain tensors and
+                                        numbers only (loads with ``torch.load(weights_only=True)``)
+            trainer_state.json          TrainerState below (JSON)
+            manifest.json               size and SHA-256 of every other file (written last)
 
 A run resumed at another world size (``deepspeed.universal_checkpoint=true``) first converts its checkpoint into
 DeepSpeed's universal form, ``step_X_universal/`` beside it (rank 0, once), and loads that.
 
+Verification: ``manifest.json`` lists every file of the checkpoint with its size and SHA-256; it is written last
+and atomically, and a resume checks it before loading. ``resume`` walks the complete checkpoints newest first: a
+missing/extra/resized/changed file or a load error is reported loudly (which file of which checkpoint) and the
+next older checkpoint is tried; when none verifies, ``CheckpointError`` (exit 2). Hashing streams each file in
+8 MiB chunks and is split over the ranks (file i is hashed by rank i mod world), so its cost is one extra read of
+the checkpoint spread over the ranks (docs/training.md gives a measured rate).
+
 Atomicity: every rank writes into ``step_X.tmp/``; after a barrier rank 0 renames it to ``step_X/`` (a rename is
 atomic on POSIX) and then replaces ``latest`` by writing ``latest.tmp`` and renaming it. A crash at any point
 leaves either the previous ``latest`` (pointing at a complete directory) or the new one; a stale ``*.tmp`` is
-removed by the next save (saves are collective, so none is in progress then). The file system must be shared
-by all ranks (as on a Slurm cluster).
+removed at the start of a run (``resume``) and by the next save (saves are collective, so none is in progress
+then). A failed write names the path and says "no space left on device" when the disk is full, and removes its
+partial ``.tmp``. The file system must be shared by all ranks (as on a Slurm cluster).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -36,9 +48,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from alignclip.config import ConfigError
+from alignclip.training.preemption import any_rank
+
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+LEGACY_RNG = "rng_rank{rank}.pt"  # pickled RNG states of checkpoints written before manifests existed
+RNG_FILE = "rng_state_rank{rank}.pt"
+_HASH_CHUNK = 8 << 20
+_LOW_SPACE_BYTES = 1 << 20  # after a failed write, less free space than this means the disk filled up
 UNIVERSAL_SUFFIX = "_universal"
 
 
@@ -56,6 +76,15 @@ class TrainerState:
 
 class CheckpointWorldSizeError(RuntimeError):
     pass
+
+
+class CheckpointError(ConfigError):
+    """No usable checkpoint in a run directory that has some: the run's input is broken, exit 2 like a config
+    error (``python -m alignclip.train`` maps ConfigError to exit 2)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed; the message names the path and the cause (e.g. no space left on device)."""
 
 
 def step_name(step: int) -> str:
@@ -94,7 +123,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------------------------------- RNG
 def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors, numbers and lists only: ``torch.load(weights_only=True)`` reads them
+    back, so resuming never unpickles objects (torch / CUDA states are uint8 tensors already; numpy's MT19937 key
+    becomes an int64 tensor, python's state a list of ints)."""
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -102,10 +139,102 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    else:  # legacy: numpy's own tuple
+        np.random.set_state(numpy_state)
+    python_state = state["python"]
+    if isinstance(python_state, dict):
+        random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+    else:
+        random.setstate(python_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng(checkpoint: Path, rank: int) -> Optional[dict]:
+    """Rank ``rank``'s RNG states of ``checkpoint`` (None when it has none). Loaded with ``weights_only=True``:
+    a planted pickle payload fails to load instead of running.
+
+    Fallback for old checkpoints (no manifest, pickled ``rng_rank<R>.pt`` with numpy's tuple): that one file is
+    read with ``weights_only=False``, as those checkpoints always were; they are trusted input like DeepSpeed's
+    own files (docs/training.md, threat model)."""
+    current = checkpoint / RNG_FILE.format(rank=rank)
+    if current.is_file():
+        return torch.load(current, map_location="cpu", weights_only=True)
+    legacy = checkpoint / LEGACY_RNG.format(rank=rank)
+    if legacy.is_file() and not (checkpoint / MANIFEST).is_file():
+        return torch.load(legacy, map_location="cpu", weights_only=False)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, streamed in chunks (ZeRO partitions can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _files_of(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _shared_digests(folder: Path, names: list[str]) -> dict[str, str]:
+    """Digests of ``names`` under ``folder``; file i is hashed by rank i mod world and the results are gathered
+    (collective when the world has > 1 rank)."""
+    mine = {n: file_digest(folder / n) for n in names[_rank()::_world()]}
+    if _world() == 1:
+        return mine
+    gathered: list = [None] * _world()
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def write_manifest(folder: Path) -> None:
+    """Collective: size and SHA-256 of every file in ``folder`` into ``folder/manifest.json`` (rank 0, atomic)."""
+    names = _files_of(folder)
+    digests = _shared_digests(folder, names)
+    if _rank() == 0:
+        files = {n: {"size": (folder / n).stat().st_size, "sha256": digests[n]} for n in names}
+        _write_atomic(folder / MANIFEST, (json.dumps({"algorithm": "sha256", "files": files}, indent=1)
+                                          + "\n").encode())
+
+
+def verify_manifest(checkpoint: Path) -> Optional[str]:
+    """Collective: None if every file matches ``manifest.json``, else what failed (naming the file). A
+    checkpoint written before manifests existed has none: accepted (None), its load still has to succeed."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        if any(checkpoint.glob(RNG_FILE.format(rank="*"))):  # written since manifests exist: it lost its manifest
+            return f"{manifest_path}: missing"
+        return None
+    try:
+        expected = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{manifest_path}: unreadable manifest ({err})"
+    present = set(_files_of(checkpoint))
+    for name in sorted(set(expected) - present):
+        return f"{checkpoint / name}: listed in the manifest but missing"
+    for name in sorted(present - set(expected)):
+        return f"{checkpoint / name}: not listed in the manifest"
+    for name in sorted(expected):
+        size = (checkpoint / name).stat().st_size
+        if size != expected[name]["size"]:
+            return f"{checkpoint / name}: {size} bytes, the manifest says {expected[name]['size']}"
+    digests = _shared_digests(checkpoint, sorted(expected))
+    for name in sorted(expected):
+        if digests[name] != expected[name]["sha256"]:
+            return f"{checkpoint / name}: SHA-256 differs from the manifest (the bytes changed after the save)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -115,26 +244,56 @@ def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int)
     name = step_name(state.step)
     tmp, final = root / (name + ".tmp"), root / name
     rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step_*.tmp"):  # left by a crash during an earlier save
-            shutil.rmtree(stale)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    torch.save(capture_rng(), tmp / f"rng_rank{rank}.pt")
-    _barrier()  # every rank's files are in tmp
-    if rank == 0:
-        _write_atomic(tmp / STATE_FILE, (json.dumps(asdict(state), indent=2) + "\n").encode())
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. preempted right after a periodic save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, (name + "\n").encode())
-        _fsync_dir(root)
-        prune(root, keep)
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale(root)  # left by a crash during an earlier save
+        _barrier()
+        engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        torch.save(capture_rng(), tmp / RNG_FILE.format(rank=rank))
+        _barrier()  # every rank's files are in tmp
+        if rank == 0:
+            _write_atomic(tmp / STATE_FILE, (json.dumps(asdict(state), indent=2) + "\n").encode())
+        _barrier()
+        write_manifest(tmp)  # last: it covers every other file
+        if rank == 0:
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (e.g. preempted right after a periodic save)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(root)
+            _write_atomic(root / LATEST, (name + "\n").encode())
+            _fsync_dir(root)
+            prune(root, keep)
+    except Exception as err:
+        message = describe_write_error(err, tmp)  # before the clean-up: it reads the free space left
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a partial save took
+        raise CheckpointWriteError(message) from err
     _barrier()
     return final
+
+
+def describe_write_error(err: Exception, path: Path) -> str:
+    """Name the path, and say "no space left on device" when it is so: DeepSpeed's torch.save reports a full disk
+    as ``basic_ios::clear: iostream error``, so the free space is checked as well as the errno."""
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    free = None
+    for probe in (path, path.parent, path.parent.parent):
+        try:
+            free = shutil.disk_usage(probe).free
+            break
+        except OSError:
+            continue
+    full = full or (free is not None and free < _LOW_SPACE_BYTES)
+    cause = f"no space left on device ({free} bytes free)" if full else f"{type(err).__name__}: {err}"
+    return f"writing checkpoint {path} failed: {cause}"
+
+
+def remove_stale(root: Path) -> None:
+    """Delete ``step_*.tmp`` folders (partial saves of a crashed or failed run). Rank 0, with no save running."""
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -159,16 +318,36 @@ def find_latest(run_dir: str | Path) -> Optional[Path]:
     """The checkpoint ``latest`` names, if complete; else the newest complete one; None for a fresh run."""
     root = checkpoints_dir(run_dir)
     pointer = root / LATEST
+    ordered = candidates(root)
+    readable = [c for c in ordered if _peek_state(c) is not None]
+    return readable[0] if readable else None
+
+
+def candidates(root: Path) -> list[Path]:
+    """Complete checkpoints, newest first, the one ``latest`` names leading."""
+    ordered = complete_checkpoints(root)[::-1]
+    pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if (named / STATE_FILE).is_file():
-            return named
-    complete = complete_checkpoints(root)
-    return complete[-1] if complete else None
+        if named in ordered:
+            ordered.remove(named)
+            ordered.insert(0, named)
+    return ordered
 
 
 def read_state(checkpoint: Path) -> TrainerState:
-    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    path = checkpoint / STATE_FILE
+    try:
+        return TrainerState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable trainer state ({type(err).__name__}: {err})") from None
+
+
+def _peek_state(checkpoint: Path) -> Optional[TrainerState]:
+    try:
+        return read_state(checkpoint)
+    except CheckpointError:
+        return None
 
 
 def check_world_size(state: TrainerState, checkpoint: Path, world_size: int, universal: bool) -> None:
@@ -220,10 +399,61 @@ def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool =
                                      load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
-    rng_file = source / f"rng_rank{_rank()}.pt"
-    if state.world_size == world_size and rng_file.is_file():  # other ranks keep their fresh seeds
-        restore_rng(torch.load(rng_file, weights_only=False))
+    if state.world_size == world_size:  # other world sizes: the ranks keep their fresh seeds
+        rng = load_rng(source, _rank())
+        if rng is not None:
+            restore_rng(rng)
     if state.accumulation != accumulation:  # the same number of steps into the epoch
         state.batch_in_epoch = state.batch_in_epoch // state.accumulation * accumulation
     state.accumulation = accumulation
     return state
+
+
+def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False, accumulation: int = 1,
+           warn=None) -> Optional[tuple[Path, TrainerState]]:
+    """Collective: restore the newest checkpoint that verifies and loads; None when the run has none.
+
+    Removes stale ``.tmp`` folders first. Each failure (manifest mismatch, unreadable state, load error on any
+    rank) is reported through ``warn`` (default: stderr, rank 0 and the failing rank), naming the file and the
+    checkpoint, and the next older checkpoint is tried; all ranks take the same decision. When checkpoints exist
+    but none is usable: ``CheckpointError``. A world-size mismatch is not a corruption and raises at once.
+    """
+    warn = warn or _warn
+    root = checkpoints_dir(run_dir)
+    if _rank() == 0 and root.is_dir():
+        remove_stale(root)
+    _barrier()
+    ordered = candidates(root)
+    failures = []
+    for checkpoint in ordered:
+        problem = verify_manifest(checkpoint)
+        state = None
+        if problem is None:
+            try:
+                state = read_state(checkpoint)
+            except CheckpointError as err:
+                problem = str(err)
+        if problem is None:
+            check_world_size(state, checkpoint, world_size, universal)
+            try:
+                state = load_checkpoint(engine, checkpoint, world_size, universal, accumulation)
+            except CheckpointWorldSizeError:
+                raise
+            except Exception as err:  # DeepSpeed / torch errors: name the checkpoint and what was said
+                problem = f"{checkpoint}: loading failed on rank {_rank()}: {type(err).__name__}: {err}"
+        if not any_rank(problem is not None):
+            if failures:
+                warn(f"WARNING: resuming from {checkpoint}, an OLDER checkpoint, because "
+                     f"{len(failures)} newer one(s) failed verification or loading")
+            return checkpoint, state
+        failures.append(problem or f"{checkpoint}: failed on another rank")
+        if problem is not None or _rank() == 0:
+            warn(f"WARNING: checkpoint {checkpoint} is unusable: {failures[-1]}; trying the next older one")
+    if not ordered:
+        return None
+    raise CheckpointError(f"no checkpoint in {root} verifies or loads ({len(ordered)} tried):\n  "
+                          + "\n  ".join(failures) + f"\nmove {root} aside to start the run afresh")
+
+
+def _warn(message: str) -> None:
+    print(f"[checkpoint] {message}", file=sys.stderr, flush=True)

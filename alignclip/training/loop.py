@@ -98,6 +98,7 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                     mon.info(f"preempted ({run.preemption.describe()}): saved {result.checkpoint} at step "
                              f"{state.step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
                     result.exit_code = REQUEUE_EXIT_CODE
+                    batches.close()  # shuts the loader's workers down (they ignore the signal) before exiting
                     return _finish(run, result)
             _close_epoch_counts(run)
             del batches  # stops the loader's workers
@@ -346,9 +347,10 @@ def _setup(config: Config, env: DistEnv) -> _Run:
 
     state = ckpt.TrainerState(world_size=env.world_size, accumulation=layout.accumulation,
                               config_hash=config_hash(config))
-    if latest is not None:
-        state = ckpt.load_checkpoint(engine, latest, env.world_size, config.deepspeed.universal_checkpoint,
-                                     layout.accumulation)
+    # verified resume: the newest checkpoint whose manifest and load check out (older ones on failure, loudly)
+    resumed = ckpt.resume(engine, run_dir, env.world_size, config.deepspeed.universal_checkpoint, layout.accumulation)
+    if resumed is not None:
+        latest, state = resumed
     resumed_hash, state.config_hash, state.world_size = state.config_hash, config_hash(config), env.world_size
 
     total_steps = config.train.epochs * steps_per_epoch

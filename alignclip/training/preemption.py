@@ -5,6 +5,13 @@ not at the same instant: a rank that acted alone would leave the others blocked 
 handler only records the signal, and ``agree()`` (called by every rank after each optimizer step) takes the
 MAX of the flag over ranks: one rank having seen it is enough for all to stop at the same step.
 
+Which signals: TERM (Slurm's preemption and ``scancel``), USR1 (``--signal=USR1@lead`` before the time limit),
+USR2 (submitit's preemption signal) and INT (Ctrl-C). Slurm and ``kill -TERM -- -PGID`` signal every process of the
+step, the DataLoader workers included; PyTorch's worker would die on SIGTERM (its own handler re-raises it) and the
+trainer would then fail with "DataLoader worker ... killed by signal". So the workers ignore these signals
+(``ignore_preemption_signals``, the loaders' ``worker_init_fn``): only the trainer acts, and it shuts its workers
+down after the save.
+
 Exit code: ``REQUEUE_EXIT_CODE`` = 124 means "stopped cleanly at a checkpoint, requeue me". It is neither 0 (the
 run finished) nor 1 (a failure); the Slurm scripts (slurm/) requeue the job on it, and the restarted command
 resumes from the checkpoint just written.
@@ -12,14 +19,34 @@ resumes from the checkpoint just written.
 
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 124
-PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the training DataLoader: the worker ignores the preemption signals, so the trainer
+    alone decides (and shuts the worker down after saving).
+
+    Ignoring SIGTERM also defeats the DataLoader's last-resort ``terminate()`` of a worker that does not exit, so
+    on Linux the worker asks the kernel for SIGKILL when its parent (the trainer) dies: no orphaned worker
+    outlives the job, even one blocked in a read.
+    """
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: Slurm's end-of-job SIGKILL and PyTorch's parent watchdog remain
 
 
 def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
