@@ -290,6 +290,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def check_repeated_overrides(overrides: list[str] | tuple[str, ...] | Any) -> None:
+    """A key given twice on a command line is an error: bash expands an unquoted
+    ``data.train=/d/{00000..01242}.tar`` into 1,243 ``data.train=`` words, of which the last would silently win
+    (the run would read one shard). Called where users' overrides enter (``parse_cli``, ``launch.make_run``), not
+    in ``load_config``, whose internal callers layer override lists on purpose. ``run_dir`` may repeat: the
+    launchers append the resolved absolute run dir after the user's overrides."""
+    values: dict[str, list[str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() != "run_dir":
+            values.setdefault(key.strip(), []).append(value)
+    for key, given in values.items():
+        if len(given) > 1:
+            from alignclip.data.shards import brace_pattern_of
+
+            pattern = brace_pattern_of(given)
+            hint = (f"; these look like the shell's expansion of a brace pattern: quote it, "
+                    f"{key}='{pattern}'" if pattern else "; give it once")
+            shown = given if len(given) <= 4 else given[:2] + ["..."] + given[-1:]
+            raise ConfigError(f"command-line override key '{key}' is given {len(given)} times ({shown}){hint}")
+
+
 def _get(config: Config, dotted: str) -> Any:
     obj: Any = config
     for part in dotted.split("."):
@@ -372,6 +394,7 @@ def parse_cli(argv: Optional[list[str]] = None, prog: str = "alignclip") -> tupl
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
     args = parser.parse_args(argv)
     try:
+        check_repeated_overrides(args.overrides)
         return load_config(args.config, args.overrides), list(args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
