@@ -121,6 +121,8 @@ class DataConfig:
     text_key: str = "txt"
     semantic_key: str = "sem.npy"  # precomputed sentence embedding, when the shard has one
     semantic_dir: str = ""  # sidecar folder of per-shard embeddings, when not stored in the shards
+    # Images with more pixels are skipped (counted as too_large_image, named in the log); 0 = no limit of ours
+    max_image_pixels: int = 100_000_000
     cache_dir: str = ""  # where generated shards go; "" = <repo>/data/generated
     generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
 

@@ -1,4 +1,5 @@
-"""tools/make_shards.py and tools/embed_captions.py, run as a user would (their main(), in process)."""
+"""make_shards (alignclip.commands.make_shards) and tools/embed_captions.py, run as a user would (their main(), in
+process)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alignclip.commands import make_shards
 from alignclip.config import REPO_ROOT
 
 
@@ -39,13 +41,13 @@ def photo_folder(tmp_path) -> tuple[Path, Path]:
 
 
 def test_make_shards_from_a_folder_then_validate_and_resume(photo_folder, tmp_path, capsys):
-    make_shards = _tool("make_shards")
     images, captions = photo_folder
     out = tmp_path / "shards"
     args = ["folder", "--images", str(images), "--captions", str(captions), "--out", str(out),
             "--samples-per-shard", "4"]
     assert make_shards.main(args) == 0
-    assert "wrote 3 shard(s) with 10 samples (1 unreadable images left out)" in capsys.readouterr().out
+    assert "wrote 3 shard(s) with 10 samples (1 unreadable images and 0 over 100,000,000 pixels left out)" \
+        in capsys.readouterr().out
     with tarfile.open(out / "00000.tar") as tar:
         names = tar.getnames()
     assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"] and "000000002.jpg" in names  # bmp
@@ -63,7 +65,6 @@ def test_make_shards_from_a_folder_then_validate_and_resume(photo_folder, tmp_pa
 
 
 def test_validate_reports_corrupt_images_and_damaged_shards(tmp_path, capsys):
-    make_shards = _tool("make_shards")
     out = tmp_path / "gen"
     assert make_shards.main(["generated", "--out", str(out), "--num-shards", "2", "--samples-per-shard", "8",
                              "--image-size", "32"]) == 0
@@ -79,7 +80,7 @@ def test_validate_reports_corrupt_images_and_damaged_shards(tmp_path, capsys):
 
 
 def test_embed_captions_tool_writes_sidecars_for_its_array_part(tmp_path, capsys):
-    make_shards, embed = _tool("make_shards"), _tool("embed_captions")
+    embed = _tool("embed_captions")
     shards = tmp_path / "gen"
     assert make_shards.main(["generated", "--out", str(shards), "--num-shards", "3", "--samples-per-shard", "4",
                              "--image-size", "32"]) == 0

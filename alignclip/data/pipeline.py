@@ -22,7 +22,7 @@ How an epoch is laid out (all of it a pure function of (data.train, train.seed, 
   crops of a batch depend only on its position in the epoch.
 * **Resume.** ``start_batch = k`` makes each reader skip its first batches by reading and checking samples
   without decoding them (JPEGs are entropy-decoded at 1/8 scale to tell a corrupt image, see
-  ``transforms.check_decodable``): the batches that follow equal those of an uninterrupted epoch.
+  ``images.check_decodable``): the batches that follow equal those of an uninterrupted epoch.
 * **Errors.** A missing image, an empty caption, a missing precomputed embedding (checked as a shard is read,
   before the buffer), an undecodable image (checked as it leaves the buffer), a truncated or unreadable tar are
   counted, logged (first few per reader) and skipped. Each batch carries its reader's
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from alignclip.data import images
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
 
@@ -71,6 +72,7 @@ class ReaderSettings:
     semantic_key: str = "sem.npy"
     semantic_dir: str = ""
     with_semantic: bool = False
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
 
 
 # ------------------------------------------------------------------------------------------- sample level
@@ -81,6 +83,10 @@ class _Sample:
     key: str
     where: str  # shard:key, for messages
     semantic: Optional[np.ndarray] = None
+
+
+def image_skip_kind(err: images.DecodeError) -> str:
+    return "too_large_image" if isinstance(err, images.ImageTooLarge) else "corrupt_image"
 
 
 def _attach_sidecar(raw_samples: Iterator[dict], table: dict[str, np.ndarray] | None) -> Iterator[dict]:
@@ -218,14 +224,14 @@ class ShardReader:
             draws = T.crop_draws(self._augment_rng)  # drawn for every sample, decodable or not, skipped or not
             try:
                 if skipped_valid < skip_samples:
-                    T.check_decodable(sample.image)
+                    images.check_decodable(sample.image, self.s.max_image_pixels)
                     skipped_valid += 1
                     invalid_in_a_row = 0
                     continue
-                image = T.decode_image(sample.image, min_size=self.s.image_size)
+                image = images.load_rgb(sample.image, self.s.max_image_pixels, min_size=self.s.image_size)
                 pixels = T.train_transform(image, self.s.image_size, draws)
-            except T.DecodeError as err:
-                self.errors.add("corrupt_image", f"{sample.where}: {err}")
+            except images.DecodeError as err:
+                self.errors.add(image_skip_kind(err), f"{sample.where}: {err}")
                 invalid_in_a_row += 1
                 if invalid_in_a_row > _MAX_INVALID_IN_A_ROW:
                     raise RuntimeError(f"data: {invalid_in_a_row} undecodable images in a row; counts "
@@ -244,7 +250,7 @@ class ShardReader:
         samples = [s for s, _ in batch]
         captions = [s.caption for s in samples]
         out = {
-            "image": T.normalize_batch([p for _, p in batch], shared=get_worker_info() is not None),
+            "image": T.stack_uint8([p for _, p in batch], shared=get_worker_info() is not None),
             "text": tokenizer(captions),
             "caption": captions,
             "key": [s.key for s in samples],
@@ -329,7 +335,7 @@ def reader_settings(config, shards: list[str], rank: int, world_size: int, epoch
         image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer, image_keys=_split_keys(data.image_key),
         text_key=data.text_key, semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
-        with_semantic=_probe_semantic(shards, data))
+        with_semantic=_probe_semantic(shards, data), max_image_pixels=data.max_image_pixels)
 
 
 class TrainLoader:
@@ -450,7 +456,8 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                               context_length=config.model.text.context_length,
                               image_keys=_split_keys(data.image_key), text_key=data.text_key,
                               semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
-                              with_semantic=_probe_semantic(shards, data, optional=True))
+                              with_semantic=_probe_semantic(shards, data, optional=True),
+                              max_image_pixels=data.max_image_pixels)
     reader = ShardReader(settings, 0)
     tokenizer = get_tokenizer(settings.context_length)
     batch: list[tuple[_Sample, np.ndarray]] = []
@@ -458,24 +465,28 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
     for shard in shards:
         for sample in reader._usable(shard):
             try:
-                pixels = T.eval_transform(T.decode_image(sample.image, min_size=settings.image_size),
-                                          settings.image_size)
-            except T.DecodeError as err:
-                reader.errors.add("corrupt_image", f"{sample.where}: {err}")
+                pixels = T.eval_transform(images.load_rgb(sample.image, settings.max_image_pixels,
+                                                          min_size=settings.image_size), settings.image_size)
+            except images.DecodeError as err:
+                reader.errors.add(image_skip_kind(err), f"{sample.where}: {err}")
                 continue
             batch.append((sample, pixels))
             seen += 1
             if len(batch) == batch_size or (limit and seen == limit):
-                out = reader._collate(batch, tokenizer)
-                out.pop("_stats")
-                yield out
+                yield _eval_batch(reader, batch, tokenizer)
                 batch = []
             if limit and seen == limit:
                 return
     if batch:
-        out = reader._collate(batch, tokenizer)
-        out.pop("_stats")
-        yield out
+        yield _eval_batch(reader, batch, tokenizer)
+
+
+def _eval_batch(reader: ShardReader, batch: list, tokenizer) -> dict:
+    """Evaluation batches are normalised on the host (float32): their users feed them to a model directly."""
+    out = reader._collate(batch, tokenizer)
+    out.pop("_stats")
+    out["image"] = T.normalize_on_device(out["image"])
+    return out
 
 
 def build_eval_batch(config, n: int, spec: str | None = None) -> dict:

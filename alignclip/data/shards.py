@@ -189,8 +189,8 @@ def count_samples(shards: Sequence[str]) -> int:
 class ShardErrors:
     """Counts of what a reader skipped; plain ints so they travel with a batch from a worker process."""
 
-    FIELDS = ("samples_read", "corrupt_image", "missing_image", "empty_caption", "missing_semantic",
-              "truncated_shard", "unreadable_shard", "wrapped_passes")
+    FIELDS = ("samples_read", "corrupt_image", "too_large_image", "missing_image", "empty_caption",
+              "missing_semantic", "truncated_shard", "unreadable_shard", "wrapped_passes")
 
     def __init__(self) -> None:
         self.counts = {name: 0 for name in self.FIELDS}

@@ -1,0 +1,1 @@
+"""Command-line entry points (argparse ``main(argv=None) -> int``); tools/ and console scripts call them."""
