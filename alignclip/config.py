@@ -121,6 +121,10 @@ class DataConfig:
     text_key: str = "txt"
     semantic_key: str = "sem.npy"  # precomputed sentence embedding, when the shard has one
     semantic_dir: str = ""  # sidecar folder of per-shard embeddings, when not stored in the shards
+    # Remote (http(s)://, s3://...) and pipe: shards: seconds without a byte before a read counts as stalled, and
+    # re-opens of a shard that fails before its first sample; then it is counted and skipped
+    io_timeout_s: float = 60.0
+    io_retries: int = 2
     # Images with more pixels are skipped (counted as too_large_image, named in the log); 0 = no limit of ours
     max_image_pixels: int = 100_000_000
     cache_dir: str = ""  # where generated shards go; "" = <repo>/data/generated

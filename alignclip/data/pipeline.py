@@ -72,7 +72,9 @@ class ReaderSettings:
     semantic_key: str = "sem.npy"
     semantic_dir: str = ""
     with_semantic: bool = False
+    semantic_dim: int = 0  # the embedding width every sample must have (0: not checked)
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
+    io: shardlib.StreamPolicy = field(default_factory=shardlib.StreamPolicy)
 
 
 # ------------------------------------------------------------------------------------------- sample level
@@ -103,7 +105,11 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
     if image is None:
         errors.add("missing_image", where)
         return None
-    caption = raw.get(settings.text_key, b"").decode("utf-8", errors="replace").strip()
+    try:
+        caption = raw.get(settings.text_key, b"").decode("utf-8").strip()
+    except UnicodeDecodeError as err:  # would train on U+FFFD replacement characters
+        errors.add("undecodable_caption", f"{where}: {settings.text_key} is not UTF-8 ({err})")
+        return None
     if not caption:
         errors.add("empty_caption", where)
         return None
@@ -120,7 +126,20 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
         else:
             errors.add("missing_semantic", where)
             return None
+        problem = semantic_problem(semantic, settings.semantic_dim)
+        if problem:
+            errors.add("bad_semantic", f"{where}: {settings.semantic_key} {problem}")
+            return None
     return _Sample(image, caption, raw["__key__"], where, semantic)
+
+
+def semantic_problem(embedding: np.ndarray, dim: int) -> str:
+    """Why a precomputed embedding cannot be used ("" when it can): not a vector of ``dim`` finite numbers."""
+    if embedding.ndim != 1 or (dim and embedding.shape[0] != dim):
+        return f"has shape {tuple(embedding.shape)}, expected ({dim},)"
+    if not np.issubdtype(embedding.dtype, np.number) or not np.isfinite(embedding.astype(np.float32)).all():
+        return "has non-finite values"
+    return ""
 
 
 def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -162,6 +181,10 @@ class ShardReader:
         rng = np.random.default_rng([self.s.seed, self.s.epoch, self.slot.index, 4, pass_index])
         return [mine[i] for i in rng.permutation(len(mine))]
 
+    def _borrowed_shards(self, pass_index: int) -> list[str]:
+        rng = np.random.default_rng([self.s.seed, self.s.epoch, self.slot.index, 5, pass_index])
+        return [self.s.shards[i] for i in rng.permutation(len(self.s.shards))]
+
     def _read_shard(self, shard: str) -> Iterator[dict]:
         table = None
         if self.s.with_semantic and self.s.semantic_dir:
@@ -172,7 +195,7 @@ class ShardReader:
             except FileNotFoundError as err:
                 log.warning("data: no semantic sidecar for %s (%s): its samples are skipped", shard, err)
                 table = {}
-        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors), table):
+        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors, self.s.io), table):
             self.errors.add("samples_read")
             yield raw
 
@@ -199,17 +222,25 @@ class ShardReader:
                                            f"{self.errors.counts}")
             yield from shuffled(endless(), self.s.shuffle_buffer, self._shuffle_rng)
             return
+        borrowing = False
         for pass_index in itertools.count():
             if pass_index:
                 self.errors.add("wrapped_passes")
             usable = 0
-            for sample in shuffled((x for shard in self._pass_shards(pass_index) for x in self._usable(shard)),
+            pass_shards = self._borrowed_shards(pass_index) if borrowing else self._pass_shards(pass_index)
+            for sample in shuffled((x for shard in pass_shards for x in self._usable(shard)),
                                    self.s.shuffle_buffer, self._shuffle_rng):
                 usable += 1
                 yield sample
-            if usable == 0:  # wrapping again would loop forever
-                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in its "
-                                   f"shards {self._pass_shards(0)}; counts {self.errors.counts}")
+            if usable == 0 and not borrowing:
+                # Its shards vanished or hold nothing usable: fill the quota from the whole list (in an order of
+                # this reader's own), so the epoch keeps its length.
+                borrowing = True
+                log.warning("data: rank %d reader %d: no usable sample in its shards %s; reading from all %d "
+                            "shards instead", self.s.rank, self.reader, self._pass_shards(0), len(self.s.shards))
+            elif usable == 0:  # wrapping again would loop forever
+                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in any "
+                                   f"of the {len(self.s.shards)} shards; counts {self.errors.counts}")
 
     def __iter__(self) -> Iterator[dict]:
         from alignclip.tokenizer import get_tokenizer
@@ -287,7 +318,7 @@ class EpochPlan:
     accumulation_steps: int = 1
 
 
-def plan_epoch(config, world_size: int, shards: list[str]) -> EpochPlan:
+def plan_epoch(config, world_size: int, shards: list[str], spec: str = "") -> EpochPlan:
     """Per-rank batch size and the number of batches per epoch, identical on every rank."""
     from alignclip.config import ConfigError
 
@@ -300,12 +331,45 @@ def plan_epoch(config, world_size: int, shards: list[str]) -> EpochPlan:
     if accumulation < 1 or accumulation * per_rank * world_size != train.global_batch_size:
         raise ConfigError(f"key 'train.micro_batch_size' ({train.micro_batch_size}) x world size ({world_size}) must "
                           f"divide 'train.global_batch_size' ({train.global_batch_size})")
-    samples = data.samples_per_epoch or shardlib.count_samples(shards)
+    samples = data.samples_per_epoch or epoch_samples(data, spec, shards)
     batches = samples // (per_rank * world_size) // accumulation * accumulation
     if batches == 0:
         raise ConfigError(f"{samples} samples per epoch ('data.samples_per_epoch' or counted from 'data.train') is "
                           f"less than one global batch ('train.global_batch_size' = {train.global_batch_size})")
     return EpochPlan(per_rank, batches, samples, accumulation)
+
+
+_COUNTS: dict[str, int] = {}  # spec -> samples: counted once per process, so later epochs keep the length
+
+
+def epoch_samples(data_cfg, spec: str, shards: list[str]) -> int:
+    """Samples per epoch when ``data.samples_per_epoch`` is 0: from the metadata beside the shards, a cached count,
+    or by reading them; on rank 0 only when a process group is up (the figure is broadcast), once per process and
+    spec (a folder that loses shards mid-run keeps its epoch length: the readers wrap to fill it). Logged with
+    where the figure came from."""
+    import torch.distributed as dist
+
+    key = spec or "\n".join(shards)
+    if key in _COUNTS:
+        return _COUNTS[key]
+    from alignclip.data.generated import dataset_dir
+
+    policy = stream_policy(data_cfg)
+    cache = dataset_dir(data_cfg).parent / "counts"  # data.cache_dir (the generated dataset's root)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [shardlib.count_samples(shards, policy, cache) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        samples, source = box[0]
+        source += " (on rank 0)"
+    else:
+        samples, source = shardlib.count_samples(shards, policy, cache)
+    log.info("data: %d samples per epoch in %d shards, from %s", samples, len(shards), source)
+    _COUNTS[key] = samples
+    return samples
+
+
+def stream_policy(data_cfg) -> shardlib.StreamPolicy:
+    return shardlib.StreamPolicy(timeout_s=data_cfg.io_timeout_s, retries=data_cfg.io_retries)
 
 
 def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool:
@@ -317,8 +381,20 @@ def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool
 
         if not optional or sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
             return True
-    first = next(shardlib.iter_raw_samples(shards[0]), None)
+    first = next(shardlib.iter_raw_samples(shards[0], policy=stream_policy(data_cfg)), None)
     return first is not None and data_cfg.semantic_key in first
+
+
+def _probe_semantic_dim(shards: list[str], data_cfg) -> int:
+    """The embedding width of the first shard's first sample with one (0: unknown, not checked)."""
+    for raw in itertools.islice(shardlib.iter_raw_samples(shards[0], policy=stream_policy(data_cfg)), 64):
+        if data_cfg.semantic_key in raw:
+            try:
+                vector = np.load(io.BytesIO(raw[data_cfg.semantic_key]), allow_pickle=False)
+            except (ValueError, OSError, EOFError):
+                continue
+            return int(vector.shape[0]) if vector.ndim == 1 else 0
+    return 0
 
 
 def _split_keys(keys: str) -> tuple[str, ...]:
@@ -335,7 +411,8 @@ def reader_settings(config, shards: list[str], rank: int, world_size: int, epoch
         image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer, image_keys=_split_keys(data.image_key),
         text_key=data.text_key, semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
-        with_semantic=_probe_semantic(shards, data), max_image_pixels=data.max_image_pixels)
+        with_semantic=_probe_semantic(shards, data), max_image_pixels=data.max_image_pixels,
+        semantic_dim=0 if data.semantic_dir else _probe_semantic_dim(shards, data), io=stream_policy(data))
 
 
 class TrainLoader:
@@ -432,7 +509,7 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
         raise ConfigError(f"key 'data.train': {err}") from err
     if not config.data.resampled:
         shardlib.check_enough_shards(shards, world_size, config.data.workers)
-    plan = plan_epoch(config, world_size, shards)
+    plan = plan_epoch(config, world_size, shards, spec)
     if not 0 <= start_batch <= plan.batches_per_epoch:
         raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
     settings = reader_settings(config, shards, rank, world_size, epoch, start_batch, plan)
@@ -457,7 +534,7 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                               image_keys=_split_keys(data.image_key), text_key=data.text_key,
                               semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
                               with_semantic=_probe_semantic(shards, data, optional=True),
-                              max_image_pixels=data.max_image_pixels)
+                              max_image_pixels=data.max_image_pixels, io=stream_policy(data))
     reader = ShardReader(settings, 0)
     tokenizer = get_tokenizer(settings.context_length)
     batch: list[tuple[_Sample, np.ndarray]] = []

@@ -32,7 +32,7 @@ class ShardReport:
 
 def validate_shard(shard: str, image_keys: Sequence[str] = ("jpg", "png", "jpeg", "webp"), text_key: str = "txt",
                    semantic_key: str = "sem.npy", max_bad_keys: int = 20) -> ShardReport:
-    report = ShardReport(shard, stats_count=shardlib._stats_count(shard))
+    report = ShardReport(shard, stats_count=shardlib.stats_count(shard))
     errors = shardlib.ShardErrors()
     for raw in shardlib.iter_raw_samples(shard, errors):
         report.samples += 1
