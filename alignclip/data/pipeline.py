@@ -507,7 +507,9 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
         shards = shardlib.expand_spec(spec)
     except FileNotFoundError as err:
         raise ConfigError(f"key 'data.train': {err}") from err
-    if not config.data.resampled:
+    if not config.data.resampled and epoch == 0:
+        # At start (the trainer sizes epochs with an epoch-0 loader) too few shards is a config error; in a later
+        # epoch a folder that lost shards is not: readers without a shard read from the whole list.
         shardlib.check_enough_shards(shards, world_size, config.data.workers)
     plan = plan_epoch(config, world_size, shards, spec)
     if not 0 <= start_batch <= plan.batches_per_epoch:
