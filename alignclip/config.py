@@ -108,6 +108,9 @@ class DataConfig:
     train: str = ""
     val: str = ""
     resampled: bool = False  # sample shards with replacement (infinite stream); needs samples_per_epoch
+    # One upsampling factor per '::' source of train, e.g. "1::0.5" (OpenCLIP's --train-data-upsampling-factors);
+    # needs resampled=true. "" = every shard equally likely
+    weights: str = ""
     samples_per_epoch: int = 0  # 0: counted from the shards (sizes in their json or by reading them)
     workers: int = 2
     shuffle_buffer: int = 1000  # sample-level shuffle inside each worker; larger = better mixing, more memory

@@ -75,6 +75,9 @@ class ReaderSettings:
     semantic_dim: int = 0  # the embedding width every sample must have (0: not checked)
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     io: shardlib.StreamPolicy = field(default_factory=shardlib.StreamPolicy)
+    # Weighted sources (resampled only): each shard's source index and the sources' upsampling factors
+    shard_sources: tuple[int, ...] = ()
+    source_weights: tuple[float, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------- sample level
@@ -85,6 +88,7 @@ class _Sample:
     key: str
     where: str  # shard:key, for messages
     semantic: Optional[np.ndarray] = None
+    shard: str = ""
 
 
 def image_skip_kind(err: images.DecodeError) -> str:
@@ -130,7 +134,7 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
         if problem:
             errors.add("bad_semantic", f"{where}: {settings.semantic_key} {problem}")
             return None
-    return _Sample(image, caption, raw["__key__"], where, semantic)
+    return _Sample(image, caption, raw["__key__"], where, semantic, raw["__shard__"])
 
 
 def semantic_problem(embedding: np.ndarray, dim: int) -> str:
@@ -173,6 +177,10 @@ class ShardReader:
         self._resample_rng = np.random.default_rng(base + [3])
         self.quota = len(range(reader, settings.batches_per_epoch, settings.num_readers))
         self.skip = len(range(reader, min(settings.start_batch, settings.batches_per_epoch), settings.num_readers))
+        # Weighted sources: samples taken from each, as counters (data/source<i>_samples in TensorBoard)
+        self._source_of = dict(zip(settings.shards, settings.shard_sources)) if settings.source_weights else {}
+        for i in range(len(settings.source_weights)):
+            self.errors.counts[f"source{i}_samples"] = 0
 
     def _pass_shards(self, pass_index: int) -> list[str]:
         mine = shardlib.slot_shards(self.s.shards, self.slot, self.s.seed, self.s.epoch)
@@ -209,10 +217,16 @@ class ShardReader:
     def samples(self) -> Iterator[_Sample]:
         """Shuffled undecoded samples, pass after pass (plain) or from an endless resampled shard stream."""
         if self.s.resampled:
+            probs = None
+            if self.s.source_weights:  # OpenCLIP's upsampling: a shard's weight is its source's factor
+                weights = np.array([self.s.source_weights[i] for i in self.s.shard_sources], np.float64)
+                probs = weights / weights.sum()
+
             def endless() -> Iterator[_Sample]:
                 empty_draws = 0
                 while True:
-                    shard = self.s.shards[int(self._resample_rng.integers(len(self.s.shards)))]
+                    shard = self.s.shards[int(self._resample_rng.choice(len(self.s.shards), p=probs))
+                                          if probs is not None else int(self._resample_rng.integers(len(self.s.shards)))]
                     empty_draws += 1
                     for sample in self._usable(shard):
                         empty_draws = 0
@@ -270,6 +284,8 @@ class ShardReader:
                 continue
             invalid_in_a_row = 0
             batch.append((sample, pixels))
+            if self._source_of:
+                self.errors.counts[f"source{self._source_of[sample.shard]}_samples"] += 1
             if len(batch) == self.s.batch_size:
                 yield self._collate(batch, tokenizer)
                 batch = []
@@ -460,7 +476,7 @@ class TrainLoader:
         total = {name: 0 for name in shardlib.ShardErrors.FIELDS}
         for counts in self._reader_stats.values():
             for name, value in counts.items():
-                total[name] += value
+                total[name] = total.get(name, 0) + value
         total["batches"] = self.batches_yielded
         return total
 
@@ -504,9 +520,16 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
 
     spec = resolve_spec(config.data, "train")
     try:
-        shards = shardlib.expand_spec(spec)
+        sources = shardlib.expand_sources(spec)
     except FileNotFoundError as err:
         raise ConfigError(f"key 'data.train': {err}") from err
+    shards = [shard for source in sources for shard in source]
+    weights: list[float] = []
+    if config.data.weights:
+        if not config.data.resampled:
+            raise ConfigError("key 'data.weights' mixes sources by resampling: set 'data.resampled=true' (and "
+                              "'data.samples_per_epoch')")
+        weights = shardlib.source_weights(config.data.weights, len(sources))
     if not config.data.resampled and epoch == 0:
         # At start (the trainer sizes epochs with an epoch-0 loader) too few shards is a config error; in a later
         # epoch a folder that lost shards is not: readers without a shard read from the whole list.
@@ -515,6 +538,9 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
     if not 0 <= start_batch <= plan.batches_per_epoch:
         raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
     settings = reader_settings(config, shards, rank, world_size, epoch, start_batch, plan)
+    if weights:
+        settings.shard_sources = tuple(i for i, source in enumerate(sources) for _ in source)
+        settings.source_weights = tuple(weights)
     # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (perf.fast_path)
     pin_memory = config.data.pin_memory if config.data.pin_memory is not None else torch.cuda.is_available()
     return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=pin_memory,

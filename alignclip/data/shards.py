@@ -82,17 +82,39 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def expand_spec(spec: str) -> list[str]:
-    """Every shard a spec names, in spec order (sources in ``'::'`` order, each expanded and folders sorted).
+    """Every shard of ``expand_sources``, in one list."""
+    return [shard for source in expand_sources(spec) for shard in source]
+
+
+def source_weights(text: str, sources: int, key: str = "data.weights") -> list[float]:
+    """``'1::0.5'`` -> [1.0, 0.5]: one upsampling factor per ``'::'`` source of ``data.train`` (OpenCLIP's
+    ``--train-data-upsampling-factors``: each shard of a source is drawn with its source's factor as weight)."""
+    from alignclip.config import ConfigError
+
+    try:
+        weights = [float(w) for w in text.split("::")]
+    except ValueError:
+        raise ConfigError(f"key '{key}' is {text!r}; expected numbers joined with '::', e.g. '1::0.5'") from None
+    if len(weights) != sources:
+        raise ConfigError(f"key '{key}' gives {len(weights)} weight(s) for the {sources} '::' source(s) of "
+                          f"'data.train'; give one per source")
+    if any(not w >= 0 for w in weights) or not any(weights):
+        raise ConfigError(f"key '{key}' is {text!r}; weights must be >= 0 and not all 0")
+    return weights
+
+
+def expand_sources(spec: str) -> list[list[str]]:
+    """Every shard a spec names, source by source, in spec order (sources in ``'::'`` order, each expanded and folders sorted).
 
     Raises ``FileNotFoundError`` naming the source when a local source matches nothing. Listed shards that do not
     exist (deleted since the listing was written, or mid-run) stay in the list, with a warning: they are counted
     as ``unreadable_shard`` when read, and the others keep their places in the epoch's order."""
-    shards: list[str] = []
+    sources: list[list[str]] = []
     for source in (s.strip() for s in spec.split("::")):
         if not source:
             continue
         if is_remote(source):  # a URL or a shell command, taken as is
-            shards.extend(expand_braces(source))
+            sources.append(expand_braces(source))
             continue
         found: list[str] = []
         for item in expand_braces(os.path.expanduser(source)):
@@ -109,8 +131,8 @@ def expand_spec(spec: str) -> list[str]:
         if missing:
             log.warning("data: shard source '%s': %d of %d shards do not exist, e.g. %s; they are skipped and "
                         "counted as unreadable_shard", source, len(missing), len(found), missing[:3])
-        shards.extend(found)
-    return shards
+        sources.append(found)
+    return sources
 
 
 # --------------------------------------------------------------------------------------- epoch ordering
