@@ -107,6 +107,9 @@ class DataConfig:
     train: str = ""
     val: str = ""
     resampled: bool = False  # sample shards with replacement (infinite stream); needs samples_per_epoch
+    # One upsampling factor per '::' source of train, e.g. "1::0.5" (OpenCLIP's --train-data-upsampling-factors);
+    # needs resampled=true. "" = every shard equally likely
+    weights: str = ""
     samples_per_epoch: int = 0  # 0: counted from the shards (sizes in their json or by reading them)
     workers: int = 2
     shuffle_buffer: int = 1000  # sample-level shuffle inside each worker; larger = better mixing, more memory
@@ -120,6 +123,12 @@ class DataConfig:
     text_key: str = "txt"
     semantic_key: str = "sem.npy"  # precomputed sentence embedding, when the shard has one
     semantic_dir: str = ""  # sidecar folder of per-shard embeddings, when not stored in the shards
+    # Remote (http(s)://, s3://...) and pipe: shards: seconds without a byte before a read counts as stalled, and
+    # re-opens of a shard that fails before its first sample; then it is counted and skipped
+    io_timeout_s: float = 60.0
+    io_retries: int = 2
+    # Images with more pixels are skipped (counted as too_large_image, named in the log); 0 = no limit of ours
+    max_image_pixels: int = 100_000_000
     cache_dir: str = ""  # where generated shards go; "" = $ALIGNCLIP_CACHE/generated (~/.cache/alignclip/generated)
     generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
 
@@ -293,6 +302,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def check_repeated_overrides(overrides: list[str] | tuple[str, ...] | Any) -> None:
+    """A key given twice on a command line is an error: bash expands an unquoted
+    ``data.train=/d/{00000..01242}.tar`` into 1,243 ``data.train=`` words, of which the last would silently win
+    (the run would read one shard). Called where users' overrides enter (``parse_cli``, ``launch.make_run``), not
+    in ``load_config``, whose internal callers layer override lists on purpose. ``run_dir`` may repeat: the
+    launchers append the resolved absolute run dir after the user's overrides."""
+    values: dict[str, list[str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() != "run_dir":
+            values.setdefault(key.strip(), []).append(value)
+    for key, given in values.items():
+        if len(given) > 1:
+            from alignclip.data.shards import brace_pattern_of
+
+            pattern = brace_pattern_of(given)
+            hint = (f"; these look like the shell's expansion of a brace pattern: quote it, "
+                    f"{key}='{pattern}'" if pattern else "; give it once")
+            shown = given if len(given) <= 4 else given[:2] + ["..."] + given[-1:]
+            raise ConfigError(f"command-line override key '{key}' is given {len(given)} times ({shown}){hint}")
+
+
 def _get(config: Config, dotted: str) -> Any:
     obj: Any = config
     for part in dotted.split("."):
@@ -378,6 +409,7 @@ def parse_cli(argv: Optional[list[str]] = None, prog: str = "alignclip") -> tupl
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
     args = parser.parse_args(argv)
     try:
+        check_repeated_overrides(args.overrides)
         return load_config(args.config, args.overrides), list(args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from alignclip.config import Config, ConfigError, load_config, run_dir_of
+from alignclip.config import Config, ConfigError, check_repeated_overrides, load_config, run_dir_of
 from alignclip.paths import SLURM_DIR
 
 DEFAULT_ENV_FILE = SLURM_DIR / "env.sh"  # slurm/env.sh of the checkout, or the copy shipped in the wheel
@@ -78,6 +78,8 @@ def _absolute_config_path(config_path: str | Path) -> str:
 
 def make_run(config_path: str | Path, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> RunSpec:
     """Resolve and validate a run now (a config error fails the submission, not the job an hour later)."""
+    if run_dir is None:  # a single run: the user's command line (sweeps check base and points in make_sweep)
+        check_repeated_overrides(overrides)
     overrides = [o for o in overrides if not o.startswith("run_dir=")] if run_dir is not None else list(overrides)
     config = load_config(config_path, overrides)
     resolved = Path(run_dir if run_dir is not None else run_dir_of(config)).absolute()
@@ -123,6 +125,9 @@ def make_sweep(config_path: str | Path, points: Sequence[Sequence[str]], base_ov
     """One RunSpec per point, each in ``<sweep_dir>/<point_name>`` (default sweep dir: the base run dir)."""
     if not points:
         raise ConfigError("a sweep needs at least one point")
+    check_repeated_overrides(base_overrides)
+    for point in points:
+        check_repeated_overrides(point)
     base = load_config(config_path, list(base_overrides))
     root = Path(sweep_dir if sweep_dir is not None else run_dir_of(base)).absolute()
     runs, names = [], set()

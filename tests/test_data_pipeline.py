@@ -15,7 +15,7 @@ from alignclip.config import ConfigError, load_config
 from alignclip.data import build_eval_batch, build_train_loader
 from alignclip.data import generated as G
 from alignclip.data.shards import expand_spec
-from alignclip.data.transforms import denormalize
+from alignclip.data.transforms import denormalize, normalize_on_device
 from alignclip.data.writer import ShardWriter
 from alignclip.tokenizer import get_tokenizer
 
@@ -58,14 +58,14 @@ def test_round_trip_shapes_dtypes_tokens_and_embeddings(eight_shards):
     assert len(batches) == len(loader)
     tokenizer = get_tokenizer()
     for batch in batches:
-        assert batch["image"].shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
+        assert batch["image"].shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.uint8
         assert batch["text"].shape == (16, 77) and batch["text"].dtype == torch.int64
         assert torch.equal(batch["text"], tokenizer(batch["caption"]))
         assert (batch["text"][:, 0] == 49406).all()
         assert batch["semantic"].dtype == torch.float32 and batch["semantic"].shape == (16, 8)
         expected = np.stack([_fake_embedding(k) for k in batch["key"]]).astype(np.float32)
         assert np.array_equal(batch["semantic"].numpy(), expected)
-        pixels = denormalize(batch["image"])
+        pixels = denormalize(normalize_on_device(batch["image"]))  # uint8 from the workers, normalised on device
         assert pixels.min() > -0.02 and pixels.max() < 1.02  # CLIP mean/std applied, and only that
     assert loader.stats()["batches"] == 8 and loader.stats()["corrupt_image"] == 0
 

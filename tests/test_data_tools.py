@@ -1,4 +1,5 @@
-"""tools/make_shards.py and tools/embed_captions.py, run as a user would (their main(), in process)."""
+"""make_shards (alignclip.commands.make_shards) and tools/embed_captions.py, run as a user would (their main(), in
+process)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_make_shards_from_a_folder_then_validate_and_resume(photo_folder, tmp_pa
     args = ["folder", "--images", str(images), "--captions", str(captions), "--out", str(out),
             "--samples-per-shard", "4"]
     assert make_shards(args) == 0
-    assert "wrote 3 shard(s) with 10 samples (1 unreadable images left out)" in capsys.readouterr().out
+    assert "wrote 3 shard(s) with 10 samples (1 unreadable images and 0 over 100,000,000 pixels left out)" \
+        in capsys.readouterr().out
     with tarfile.open(out / "00000.tar") as tar:
         names = tar.getnames()
     assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"] and "000000002.jpg" in names  # bmp

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from alignclip.data import images
 from alignclip.data import transforms as T
 
 
@@ -47,7 +48,7 @@ def test_random_resized_crop_keeps_90_to_100_percent_of_the_area_within_the_rati
         assert min(ratios) >= 0.74 and max(ratios) <= 1.34
     same = np.random.default_rng(5).random(T.CROP_DRAWS)
     assert T.random_resized_crop_box(256, 256, same) == T.random_resized_crop_box(256, 256, same.copy())
-    out = T.train_transform(T.decode_image(_jpeg(256, 300)), 64, same)
+    out = T.train_transform(images.load_rgb(_jpeg(256, 300)), 64, same)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
 
 
@@ -64,16 +65,28 @@ def test_decode_check_fails_exactly_where_decoding_fails():
              "empty": b""}
     for name, data in cases.items():
         try:
-            T.decode_image(data, min_size=224)
+            images.load_rgb(data, min_size=224)
             decodes = True
-        except T.DecodeError:
+        except images.DecodeError:
             decodes = False
         try:
-            T.check_decodable(data)
+            images.check_decodable(data)
             checks = True
-        except T.DecodeError:
+        except images.DecodeError:
             checks = False
         assert decodes == checks == (name == "good"), name
     # Draft decoding of a large JPEG keeps both sides >= the size asked for.
-    big = T.decode_image(_jpeg(1024, 800), min_size=224)
+    big = images.load_rgb(_jpeg(1024, 800), min_size=224)
     assert big.mode == "RGB" and min(big.size) >= 224 and big.size[0] < 1024
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_host_normalisation_bit_for_bit():
+    rng = np.random.default_rng(1)
+    pictures = [rng.integers(0, 256, (24, 20, 3), dtype=np.uint8) for _ in range(5)]
+    host = T.normalize_batch(pictures)
+    moved = T.stack_uint8(pictures, shared=True)
+    assert moved.dtype == torch.uint8 and moved.shape == (5, 3, 24, 20) and moved.is_shared()
+    assert moved.element_size() * moved.nelement() * 4 == host.element_size() * host.nelement()
+    assert torch.equal(T.normalize_on_device(moved), host)  # same float32 arithmetic: identical values
+    assert T.normalize_on_device(moved, torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(T.normalize_on_device(host), host)  # an already normalised batch is only cast

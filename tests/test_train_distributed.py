@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.ranks import free_port, run_on_ranks
+from tests.helpers.launch import final_weights
+from tests.helpers.processes import assert_same_weights, child_env, latest_step, launch, wait_all, wait_for
+from tests.helpers.ranks import run_on_ranks
 from tests.helpers.tiny import scalar_events, tiny_overrides, write_toy_shards
 
 
@@ -32,73 +34,6 @@ def toy_data(tmp_path_factory) -> dict[str, str]:
             "val": write_toy_shards(root / "val", num_shards=1, per_shard=32, seed=1)}
 
 
-# --------------------------------------------------------------------------------------------- helpers
-def _env(**extra) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
-        env.pop(key, None)
-    env.update(extra)
-    return env
-
-
-def launch(overrides: list[str], world_size: int = 1, log_dir: Path | None = None) -> list[subprocess.Popen]:
-    """``python -m alignclip.train`` once per rank, with the torchrun variables set as srun's tasks would have."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = _env(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        out = open(log_dir / f"rank{rank}.out", "ab") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen([sys.executable, "-m", "alignclip.train", *overrides], env=env,
-                                      stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
-    return procs
-
-
-def wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[int]:
-    deadline = time.time() + timeout
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    return codes
-
-
-def wait_for(predicate, procs: list[subprocess.Popen], timeout: float = 120, poll: float = 0.005) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError(f"a rank ended before the condition held: {[p.poll() for p in procs]}")
-        if time.time() > deadline:
-            for p in procs:
-                p.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(poll)
-
-
-def latest_step(run_dir: Path) -> int:
-    pointer = run_dir / "checkpoints" / "latest"
-    return int(pointer.read_text().strip().split("_")[1]) if pointer.is_file() else 0
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from alignclip.training.checkpoint import find_latest
-
-    states = torch.load(find_latest(run_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return states["module"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= atol, f"weights differ by up to {worst:.3g} (tolerance {atol})"
-
-
-# ------------------------------------------------------------------------------- multi-rank equivalence
 def _fixed_batch_steps(rank: int, world_size: int, overrides: list[str], steps: int):
     """Train ``steps`` steps on the same fixed global batches, split by rank; return losses and weights."""
     from alignclip.config import load_config
@@ -360,7 +295,7 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
     from alignclip.training.checkpoint import find_latest
 
     overrides = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": 3})
-    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = child_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, *overrides], env=env, cwd=REPO_ROOT,
                           capture_output=True, timeout=240)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
@@ -376,7 +311,7 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
     # resuming with another world size fails at start and says how to convert
     state_file = checkpoints / "step_00000003" / "trainer_state.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
-    proc = subprocess.run([sys.executable, "-m", "alignclip.train", *overrides, "train.max_steps=5"], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "alignclip.train", *overrides, "train.max_steps=5"], env=child_env(),
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1 and "written by 2 ranks, this run has 1" in proc.stderr
     assert "restart with 2 ranks" in proc.stderr and "ds_to_universal" in proc.stderr
@@ -425,7 +360,7 @@ def test_run_default_generates_data_trains_and_reports_where_things_are(tmp_path
                  "train.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
                  "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
                  "model.embed_dim=32"]
-    proc = subprocess.run([sys.executable, "-m", "alignclip.run_default", *overrides], env=_env(), cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "alignclip.run_default", *overrides], env=child_env(), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

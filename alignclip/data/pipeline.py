@@ -22,7 +22,7 @@ How an epoch is laid out (all of it a pure function of (data.train, train.seed, 
   crops of a batch depend only on its position in the epoch.
 * **Resume.** ``start_batch = k`` makes each reader skip its first batches by reading and checking samples
   without decoding them (JPEGs are entropy-decoded at 1/8 scale to tell a corrupt image, see
-  ``transforms.check_decodable``): the batches that follow equal those of an uninterrupted epoch.
+  ``images.check_decodable``): the batches that follow equal those of an uninterrupted epoch.
 * **Errors.** A missing image, an empty caption, a missing precomputed embedding (checked as a shard is read,
   before the buffer), an undecodable image (checked as it leaves the buffer), a truncated or unreadable tar are
   counted, logged (first few per reader) and skipped. Each batch carries its reader's
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from alignclip.data import images
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
 from alignclip.training.preemption import ignore_preemption_signals
@@ -72,6 +73,12 @@ class ReaderSettings:
     semantic_key: str = "sem.npy"
     semantic_dir: str = ""
     with_semantic: bool = False
+    semantic_dim: int = 0  # the embedding width every sample must have (0: not checked)
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
+    io: shardlib.StreamPolicy = field(default_factory=shardlib.StreamPolicy)
+    # Weighted sources (resampled only): each shard's source index and the sources' upsampling factors
+    shard_sources: tuple[int, ...] = ()
+    source_weights: tuple[float, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------- sample level
@@ -82,6 +89,11 @@ class _Sample:
     key: str
     where: str  # shard:key, for messages
     semantic: Optional[np.ndarray] = None
+    shard: str = ""
+
+
+def image_skip_kind(err: images.DecodeError) -> str:
+    return "too_large_image" if isinstance(err, images.ImageTooLarge) else "corrupt_image"
 
 
 def _attach_sidecar(raw_samples: Iterator[dict], table: dict[str, np.ndarray] | None) -> Iterator[dict]:
@@ -98,7 +110,11 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
     if image is None:
         errors.add("missing_image", where)
         return None
-    caption = raw.get(settings.text_key, b"").decode("utf-8", errors="replace").strip()
+    try:
+        caption = raw.get(settings.text_key, b"").decode("utf-8").strip()
+    except UnicodeDecodeError as err:  # would train on U+FFFD replacement characters
+        errors.add("undecodable_caption", f"{where}: {settings.text_key} is not UTF-8 ({err})")
+        return None
     if not caption:
         errors.add("empty_caption", where)
         return None
@@ -115,7 +131,20 @@ def extract_fields(raw: dict, settings: ReaderSettings, errors: shardlib.ShardEr
         else:
             errors.add("missing_semantic", where)
             return None
-    return _Sample(image, caption, raw["__key__"], where, semantic)
+        problem = semantic_problem(semantic, settings.semantic_dim)
+        if problem:
+            errors.add("bad_semantic", f"{where}: {settings.semantic_key} {problem}")
+            return None
+    return _Sample(image, caption, raw["__key__"], where, semantic, raw["__shard__"])
+
+
+def semantic_problem(embedding: np.ndarray, dim: int) -> str:
+    """Why a precomputed embedding cannot be used ("" when it can): not a vector of ``dim`` finite numbers."""
+    if embedding.ndim != 1 or (dim and embedding.shape[0] != dim):
+        return f"has shape {tuple(embedding.shape)}, expected ({dim},)"
+    if not np.issubdtype(embedding.dtype, np.number) or not np.isfinite(embedding.astype(np.float32)).all():
+        return "has non-finite values"
+    return ""
 
 
 def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -149,6 +178,10 @@ class ShardReader:
         self._resample_rng = np.random.default_rng(base + [3])
         self.quota = len(range(reader, settings.batches_per_epoch, settings.num_readers))
         self.skip = len(range(reader, min(settings.start_batch, settings.batches_per_epoch), settings.num_readers))
+        # Weighted sources: samples taken from each, as counters (data/source<i>_samples in TensorBoard)
+        self._source_of = dict(zip(settings.shards, settings.shard_sources)) if settings.source_weights else {}
+        for i in range(len(settings.source_weights)):
+            self.errors.counts[f"source{i}_samples"] = 0
 
     def _pass_shards(self, pass_index: int) -> list[str]:
         mine = shardlib.slot_shards(self.s.shards, self.slot, self.s.seed, self.s.epoch)
@@ -156,6 +189,10 @@ class ShardReader:
             return mine
         rng = np.random.default_rng([self.s.seed, self.s.epoch, self.slot.index, 4, pass_index])
         return [mine[i] for i in rng.permutation(len(mine))]
+
+    def _borrowed_shards(self, pass_index: int) -> list[str]:
+        rng = np.random.default_rng([self.s.seed, self.s.epoch, self.slot.index, 5, pass_index])
+        return [self.s.shards[i] for i in rng.permutation(len(self.s.shards))]
 
     def _read_shard(self, shard: str) -> Iterator[dict]:
         table = None
@@ -167,7 +204,7 @@ class ShardReader:
             except FileNotFoundError as err:
                 log.warning("data: no semantic sidecar for %s (%s): its samples are skipped", shard, err)
                 table = {}
-        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors), table):
+        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors, self.s.io), table):
             self.errors.add("samples_read")
             yield raw
 
@@ -181,10 +218,16 @@ class ShardReader:
     def samples(self) -> Iterator[_Sample]:
         """Shuffled undecoded samples, pass after pass (plain) or from an endless resampled shard stream."""
         if self.s.resampled:
+            probs = None
+            if self.s.source_weights:  # OpenCLIP's upsampling: a shard's weight is its source's factor
+                weights = np.array([self.s.source_weights[i] for i in self.s.shard_sources], np.float64)
+                probs = weights / weights.sum()
+
             def endless() -> Iterator[_Sample]:
                 empty_draws = 0
                 while True:
-                    shard = self.s.shards[int(self._resample_rng.integers(len(self.s.shards)))]
+                    shard = self.s.shards[int(self._resample_rng.choice(len(self.s.shards), p=probs))
+                                          if probs is not None else int(self._resample_rng.integers(len(self.s.shards)))]
                     empty_draws += 1
                     for sample in self._usable(shard):
                         empty_draws = 0
@@ -194,17 +237,25 @@ class ShardReader:
                                            f"{self.errors.counts}")
             yield from shuffled(endless(), self.s.shuffle_buffer, self._shuffle_rng)
             return
+        borrowing = False
         for pass_index in itertools.count():
             if pass_index:
                 self.errors.add("wrapped_passes")
             usable = 0
-            for sample in shuffled((x for shard in self._pass_shards(pass_index) for x in self._usable(shard)),
+            pass_shards = self._borrowed_shards(pass_index) if borrowing else self._pass_shards(pass_index)
+            for sample in shuffled((x for shard in pass_shards for x in self._usable(shard)),
                                    self.s.shuffle_buffer, self._shuffle_rng):
                 usable += 1
                 yield sample
-            if usable == 0:  # wrapping again would loop forever
-                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in its "
-                                   f"shards {self._pass_shards(0)}; counts {self.errors.counts}")
+            if usable == 0 and not borrowing:
+                # Its shards vanished or hold nothing usable: fill the quota from the whole list (in an order of
+                # this reader's own), so the epoch keeps its length.
+                borrowing = True
+                log.warning("data: rank %d reader %d: no usable sample in its shards %s; reading from all %d "
+                            "shards instead", self.s.rank, self.reader, self._pass_shards(0), len(self.s.shards))
+            elif usable == 0:  # wrapping again would loop forever
+                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in any "
+                                   f"of the {len(self.s.shards)} shards; counts {self.errors.counts}")
 
     def __iter__(self) -> Iterator[dict]:
         from alignclip.tokenizer import get_tokenizer
@@ -219,14 +270,14 @@ class ShardReader:
             draws = T.crop_draws(self._augment_rng)  # drawn for every sample, decodable or not, skipped or not
             try:
                 if skipped_valid < skip_samples:
-                    T.check_decodable(sample.image)
+                    images.check_decodable(sample.image, self.s.max_image_pixels)
                     skipped_valid += 1
                     invalid_in_a_row = 0
                     continue
-                image = T.decode_image(sample.image, min_size=self.s.image_size)
+                image = images.load_rgb(sample.image, self.s.max_image_pixels, min_size=self.s.image_size)
                 pixels = T.train_transform(image, self.s.image_size, draws)
-            except T.DecodeError as err:
-                self.errors.add("corrupt_image", f"{sample.where}: {err}")
+            except images.DecodeError as err:
+                self.errors.add(image_skip_kind(err), f"{sample.where}: {err}")
                 invalid_in_a_row += 1
                 if invalid_in_a_row > _MAX_INVALID_IN_A_ROW:
                     raise RuntimeError(f"data: {invalid_in_a_row} undecodable images in a row; counts "
@@ -234,6 +285,8 @@ class ShardReader:
                 continue
             invalid_in_a_row = 0
             batch.append((sample, pixels))
+            if self._source_of:
+                self.errors.counts[f"source{self._source_of[sample.shard]}_samples"] += 1
             if len(batch) == self.s.batch_size:
                 yield self._collate(batch, tokenizer)
                 batch = []
@@ -245,7 +298,7 @@ class ShardReader:
         samples = [s for s, _ in batch]
         captions = [s.caption for s in samples]
         out = {
-            "image": T.normalize_batch([p for _, p in batch], shared=get_worker_info() is not None),
+            "image": T.stack_uint8([p for _, p in batch], shared=get_worker_info() is not None),
             "text": tokenizer(captions),
             "caption": captions,
             "key": [s.key for s in samples],
@@ -282,7 +335,7 @@ class EpochPlan:
     accumulation_steps: int = 1
 
 
-def plan_epoch(config, world_size: int, shards: list[str]) -> EpochPlan:
+def plan_epoch(config, world_size: int, shards: list[str], spec: str = "") -> EpochPlan:
     """Per-rank batch size and the number of batches per epoch, identical on every rank."""
     from alignclip.config import ConfigError
 
@@ -295,12 +348,45 @@ def plan_epoch(config, world_size: int, shards: list[str]) -> EpochPlan:
     if accumulation < 1 or accumulation * per_rank * world_size != train.global_batch_size:
         raise ConfigError(f"key 'train.micro_batch_size' ({train.micro_batch_size}) x world size ({world_size}) must "
                           f"divide 'train.global_batch_size' ({train.global_batch_size})")
-    samples = data.samples_per_epoch or shardlib.count_samples(shards)
+    samples = data.samples_per_epoch or epoch_samples(data, spec, shards)
     batches = samples // (per_rank * world_size) // accumulation * accumulation
     if batches == 0:
         raise ConfigError(f"{samples} samples per epoch ('data.samples_per_epoch' or counted from 'data.train') is "
                           f"less than one global batch ('train.global_batch_size' = {train.global_batch_size})")
     return EpochPlan(per_rank, batches, samples, accumulation)
+
+
+_COUNTS: dict[str, int] = {}  # spec -> samples: counted once per process, so later epochs keep the length
+
+
+def epoch_samples(data_cfg, spec: str, shards: list[str]) -> int:
+    """Samples per epoch when ``data.samples_per_epoch`` is 0: from the metadata beside the shards, a cached count,
+    or by reading them; on rank 0 only when a process group is up (the figure is broadcast), once per process and
+    spec (a folder that loses shards mid-run keeps its epoch length: the readers wrap to fill it). Logged with
+    where the figure came from."""
+    import torch.distributed as dist
+
+    key = spec or "\n".join(shards)
+    if key in _COUNTS:
+        return _COUNTS[key]
+    from alignclip.data.generated import dataset_dir
+
+    policy = stream_policy(data_cfg)
+    cache = dataset_dir(data_cfg).parent / "counts"  # data.cache_dir (the generated dataset's root)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [shardlib.count_samples(shards, policy, cache) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        samples, source = box[0]
+        source += " (on rank 0)"
+    else:
+        samples, source = shardlib.count_samples(shards, policy, cache)
+    log.info("data: %d samples per epoch in %d shards, from %s", samples, len(shards), source)
+    _COUNTS[key] = samples
+    return samples
+
+
+def stream_policy(data_cfg) -> shardlib.StreamPolicy:
+    return shardlib.StreamPolicy(timeout_s=data_cfg.io_timeout_s, retries=data_cfg.io_retries)
 
 
 def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool:
@@ -312,8 +398,20 @@ def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool
 
         if not optional or sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
             return True
-    first = next(shardlib.iter_raw_samples(shards[0]), None)
+    first = next(shardlib.iter_raw_samples(shards[0], policy=stream_policy(data_cfg)), None)
     return first is not None and data_cfg.semantic_key in first
+
+
+def _probe_semantic_dim(shards: list[str], data_cfg) -> int:
+    """The embedding width of the first shard's first sample with one (0: unknown, not checked)."""
+    for raw in itertools.islice(shardlib.iter_raw_samples(shards[0], policy=stream_policy(data_cfg)), 64):
+        if data_cfg.semantic_key in raw:
+            try:
+                vector = np.load(io.BytesIO(raw[data_cfg.semantic_key]), allow_pickle=False)
+            except (ValueError, OSError, EOFError):
+                continue
+            return int(vector.shape[0]) if vector.ndim == 1 else 0
+    return 0
 
 
 def _split_keys(keys: str) -> tuple[str, ...]:
@@ -330,7 +428,8 @@ def reader_settings(config, shards: list[str], rank: int, world_size: int, epoch
         image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer, image_keys=_split_keys(data.image_key),
         text_key=data.text_key, semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
-        with_semantic=_probe_semantic(shards, data))
+        with_semantic=_probe_semantic(shards, data), max_image_pixels=data.max_image_pixels,
+        semantic_dim=0 if data.semantic_dir else _probe_semantic_dim(shards, data), io=stream_policy(data))
 
 
 class TrainLoader:
@@ -378,7 +477,7 @@ class TrainLoader:
         total = {name: 0 for name in shardlib.ShardErrors.FIELDS}
         for counts in self._reader_stats.values():
             for name, value in counts.items():
-                total[name] += value
+                total[name] = total.get(name, 0) + value
         total["batches"] = self.batches_yielded
         return total
 
@@ -422,15 +521,27 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
 
     spec = resolve_spec(config.data, "train")
     try:
-        shards = shardlib.expand_spec(spec)
+        sources = shardlib.expand_sources(spec)
     except FileNotFoundError as err:
         raise ConfigError(f"key 'data.train': {err}") from err
-    if not config.data.resampled:
+    shards = [shard for source in sources for shard in source]
+    weights: list[float] = []
+    if config.data.weights:
+        if not config.data.resampled:
+            raise ConfigError("key 'data.weights' mixes sources by resampling: set 'data.resampled=true' (and "
+                              "'data.samples_per_epoch')")
+        weights = shardlib.source_weights(config.data.weights, len(sources))
+    if not config.data.resampled and epoch == 0:
+        # At start (the trainer sizes epochs with an epoch-0 loader) too few shards is a config error; in a later
+        # epoch a folder that lost shards is not: readers without a shard read from the whole list.
         shardlib.check_enough_shards(shards, world_size, config.data.workers)
-    plan = plan_epoch(config, world_size, shards)
+    plan = plan_epoch(config, world_size, shards, spec)
     if not 0 <= start_batch <= plan.batches_per_epoch:
         raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
     settings = reader_settings(config, shards, rank, world_size, epoch, start_batch, plan)
+    if weights:
+        settings.shard_sources = tuple(i for i, source in enumerate(sources) for _ in source)
+        settings.source_weights = tuple(weights)
     # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (perf.fast_path)
     pin_memory = config.data.pin_memory if config.data.pin_memory is not None else torch.cuda.is_available()
     return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=pin_memory,
@@ -451,7 +562,8 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                               context_length=config.model.text.context_length,
                               image_keys=_split_keys(data.image_key), text_key=data.text_key,
                               semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
-                              with_semantic=_probe_semantic(shards, data, optional=True))
+                              with_semantic=_probe_semantic(shards, data, optional=True),
+                              max_image_pixels=data.max_image_pixels, io=stream_policy(data))
     reader = ShardReader(settings, 0)
     tokenizer = get_tokenizer(settings.context_length)
     batch: list[tuple[_Sample, np.ndarray]] = []
@@ -459,24 +571,28 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
     for shard in shards:
         for sample in reader._usable(shard):
             try:
-                pixels = T.eval_transform(T.decode_image(sample.image, min_size=settings.image_size),
-                                          settings.image_size)
-            except T.DecodeError as err:
-                reader.errors.add("corrupt_image", f"{sample.where}: {err}")
+                pixels = T.eval_transform(images.load_rgb(sample.image, settings.max_image_pixels,
+                                                          min_size=settings.image_size), settings.image_size)
+            except images.DecodeError as err:
+                reader.errors.add(image_skip_kind(err), f"{sample.where}: {err}")
                 continue
             batch.append((sample, pixels))
             seen += 1
             if len(batch) == batch_size or (limit and seen == limit):
-                out = reader._collate(batch, tokenizer)
-                out.pop("_stats")
-                yield out
+                yield _eval_batch(reader, batch, tokenizer)
                 batch = []
             if limit and seen == limit:
                 return
     if batch:
-        out = reader._collate(batch, tokenizer)
-        out.pop("_stats")
-        yield out
+        yield _eval_batch(reader, batch, tokenizer)
+
+
+def _eval_batch(reader: ShardReader, batch: list, tokenizer) -> dict:
+    """Evaluation batches are normalised on the host (float32): their users feed them to a model directly."""
+    out = reader._collate(batch, tokenizer)
+    out.pop("_stats")
+    out["image"] = T.normalize_on_device(out["image"])
+    return out
 
 
 def build_eval_batch(config, n: int, spec: str | None = None) -> dict:

@@ -11,13 +11,19 @@ webdataset names them (the key is a member's name up to its first '.', the exten
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import json
 import logging
 import os
 import re
+import select
+import subprocess
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -47,34 +53,86 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
 
-def expand_spec(spec: str) -> list[str]:
-    """Every shard a spec names, in spec order (sources in ``'::'`` order, each expanded and folders sorted).
+def brace_pattern_of(values: Sequence[str]) -> str | None:
+    """The brace pattern whose expansion gives ``values``, when they look like one: the same head and tail around
+    consecutive integers of one width (``a/00000.tar a/00001.tar`` -> ``a/{00000..00001}.tar``) or around a list
+    of words (``a/x.tar a/y.tar`` -> ``a/{x,y}.tar``). None otherwise. Used to explain a shell-expanded override."""
+    if len(values) < 2 or len(set(values)) < len(values):
+        return None
+    head = os.path.commonprefix(list(values))
+    tail = os.path.commonprefix([v[len(head):][::-1] for v in values])[::-1]
+    if any(c.isdigit() for c in head[-1:]):  # keep a range's leading digits inside the braces (00012 -> 0001|2)
+        head = head.rstrip("0123456789")
+    if any(c.isdigit() for c in tail[:1]):
+        tail = tail.lstrip("0123456789")
+    middles = [v[len(head):len(v) - len(tail)] for v in values]
+    if not (head or tail) or not all(middles):
+        return None
+    padded = any(len(m) > 1 and m.startswith("0") for m in middles)
+    if all(m.isdigit() for m in middles) and (not padded or len({len(m) for m in middles}) == 1):
+        numbers = [int(m) for m in middles]
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            return f"{head}{{{middles[0]}..{middles[-1]}}}{tail}"
+    if all("," not in m and "/" not in m for m in middles):
+        return f"{head}{{{','.join(middles)}}}{tail}"
+    return None
 
-    Raises ``FileNotFoundError`` naming the source when a local source matches nothing.
-    """
-    shards: list[str] = []
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def expand_spec(spec: str) -> list[str]:
+    """Every shard of ``expand_sources``, in one list."""
+    return [shard for source in expand_sources(spec) for shard in source]
+
+
+def source_weights(text: str, sources: int, key: str = "data.weights") -> list[float]:
+    """``'1::0.5'`` -> [1.0, 0.5]: one upsampling factor per ``'::'`` source of ``data.train`` (OpenCLIP's
+    ``--train-data-upsampling-factors``: each shard of a source is drawn with its source's factor as weight)."""
+    from alignclip.config import ConfigError
+
+    try:
+        weights = [float(w) for w in text.split("::")]
+    except ValueError:
+        raise ConfigError(f"key '{key}' is {text!r}; expected numbers joined with '::', e.g. '1::0.5'") from None
+    if len(weights) != sources:
+        raise ConfigError(f"key '{key}' gives {len(weights)} weight(s) for the {sources} '::' source(s) of "
+                          f"'data.train'; give one per source")
+    if any(not w >= 0 for w in weights) or not any(weights):
+        raise ConfigError(f"key '{key}' is {text!r}; weights must be >= 0 and not all 0")
+    return weights
+
+
+def expand_sources(spec: str) -> list[list[str]]:
+    """Every shard a spec names, source by source, in spec order (sources in ``'::'`` order, each expanded and folders sorted).
+
+    Raises ``FileNotFoundError`` naming the source when a local source matches nothing. Listed shards that do not
+    exist (deleted since the listing was written, or mid-run) stay in the list, with a warning: they are counted
+    as ``unreadable_shard`` when read, and the others keep their places in the epoch's order."""
+    sources: list[list[str]] = []
     for source in (s.strip() for s in spec.split("::")):
         if not source:
             continue
-        if source.startswith("pipe:") or "://" in source:  # remote: a URL or a shell command, taken as is
-            shards.extend(expand_braces(source))
+        if is_remote(source):  # a URL or a shell command, taken as is
+            sources.append(expand_braces(source))
             continue
         found: list[str] = []
         for item in expand_braces(os.path.expanduser(source)):
             if os.path.isdir(item):
-                found.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
+                found.extend(sorted(p for p in glob.glob(os.path.join(item, "*")) if p.endswith(SHARD_SUFFIXES)))
             elif any(ch in item for ch in "*?["):
                 found.extend(sorted(glob.glob(item)))
             else:
                 found.append(item)
-        if not found:
-            raise FileNotFoundError(f"shard source '{source}' matches no *.tar file")
         missing = [p for p in found if not os.path.exists(p)]
+        if not found or len(missing) == len(found):
+            raise FileNotFoundError(f"shard source '{source}' matches no shard file (*.tar, *.tar.gz)"
+                                    + (f", e.g. {missing[:3]} do not exist" if missing else ""))
         if missing:
-            raise FileNotFoundError(f"shard source '{source}': {len(missing)} of {len(found)} shards do not exist, "
-                                    f"e.g. {missing[:3]}")
-        shards.extend(found)
-    return shards
+            log.warning("data: shard source '%s': %d of %d shards do not exist, e.g. %s; they are skipped and "
+                        "counted as unreadable_shard", source, len(missing), len(found), missing[:3])
+        sources.append(found)
+    return sources
 
 
 # --------------------------------------------------------------------------------------- epoch ordering
@@ -119,53 +177,121 @@ def slot_shards(shards: Sequence[str], slot: Slot, seed: int, epoch: int) -> lis
     return epoch_shard_order(shards, seed, epoch)[slot.index::slot.count]
 
 
-# ------------------------------------------------------------------------------------------ sample counts
-def _stats_count(shard: str) -> int | None:
-    """img2dataset writes ``NNNNN_stats.json`` next to ``NNNNN.tar`` with the number of written samples."""
-    stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
-    if stats.is_file():
+# ------------------------------------------------------------------------------------------- opening streams
+@dataclass(frozen=True)
+class StreamPolicy:
+    """How long to wait for a remote or ``pipe:`` stream and how often to try again (``data.io_timeout_s``,
+    ``data.io_retries``). A shard that fails before its first sample is re-opened up to ``retries`` times after
+    ``backoff_s`` (doubling); one that fails later keeps what it gave (the samples cannot be un-yielded)."""
+
+    timeout_s: float = 60.0
+    retries: int = 2
+    backoff_s: float = 1.0
+
+
+class StalledRead(OSError):
+    """A remote or pipe stream gave no byte for ``timeout_s`` seconds."""
+
+
+class TruncatedTar(OSError):
+    """A tar that ends without its end-of-archive blocks (cut at, or inside, a member header)."""
+
+
+_CURL_EXITS = {6: "host not found", 7: "cannot connect (connection refused?)", 22: "HTTP error (404 or another "
+               "status >= 400)", 28: "timed out", 35: "TLS handshake failed", 52: "empty reply", 56: "connection "
+               "reset"}
+
+
+def is_remote(shard: str) -> bool:
+    return shard.startswith("pipe:") or "://" in shard and not shard.startswith("file:")
+
+
+class BoundedStream(io.RawIOBase):
+    """A raw read stream with a deadline per read for subprocess-backed sources (``pipe:`` and curl for http(s)).
+
+    webdataset's ``Pipe`` reads its subprocess's stdout with no bound (a stalled server or command blocks the
+    reader, and a SIGTERM with it, forever) and only checks the exit status on close. Here each read first waits
+    at most ``timeout_s`` for data (``select`` on the pipe), and at end of stream the exit status is checked, so
+    a 404 or a failed command is an error naming the URL, not an empty shard. Other streams (local files, fsspec)
+    are read as they are: fsspec's file systems have their own timeouts (e.g. s3fs' ``config_kwargs``)."""
+
+    def __init__(self, stream, url: str, timeout_s: float):
+        super().__init__()
+        self.stream, self.url, self.timeout_s = stream, url, timeout_s
+        self.proc = getattr(stream, "proc", None)  # webdataset's Pipe keeps its Popen and stdout here
+        self.raw = getattr(stream, "stream", None) if self.proc is not None else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if self.raw is None:
+            return self.stream.read(size)
+        if self.timeout_s > 0:
+            ready, _, _ = select.select([self.raw], [], [], self.timeout_s)
+            if not ready:
+                raise StalledRead(f"no data for {self.timeout_s:g} s (data.io_timeout_s)")
+        data = self.raw.read(size if size and size > 0 else 1 << 16)
+        if not data:
+            status = self.proc.wait(timeout=self.timeout_s or None)
+            if status not in (0, 141):  # 141: the reader closed the pipe early (SIGPIPE), as webdataset allows
+                if self.proc.args and isinstance(self.proc.args, list) and self.proc.args[0] == "curl":
+                    raise OSError(f"curl exit {status}: {_CURL_EXITS.get(status, 'transfer failed')}")
+                raise OSError(f"command exited with status {status}")
+        return data
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:  # stalled or left early: do not wait for it (Pipe.close waits 2 h)
+                self.proc.kill()
+            self.proc.wait()
+            self.raw.close()  # Pipe.close, also from its __del__, then finds the stream closed and does nothing
+        else:
+            try:
+                self.stream.close()
+            except Exception:  # closing a half-read remote file must not hide the error that stopped us
+                pass
+        super().close()
+
+
+def open_shard(url: str, timeout_s: float = 60.0) -> BoundedStream:
+    """A read stream for a local path, ``file:``, ``pipe:COMMAND``, ``http(s)://`` or any fsspec URL (``s3://`` needs
+    the ``s3`` extra: s3fs). Raises OSError (FileNotFoundError for a missing local file)."""
+    from webdataset.gopen import Pipe, gopen, gopen_schemes
+
+    scheme = "pipe" if url.startswith("pipe:") else urlparse(url).scheme if "://" in url else ""
+    if scheme in ("http", "https"):
+        # webdataset's gopen_curl is this Pipe with fixed flags (30 retries 2 s apart, 30 s connect timeout, no
+        # bound on a stalled transfer); ours must follow data.io_timeout_s / io_retries, so only the flags differ.
+        stream = Pipe(["curl", "--fail", "--silent", "--location", "--connect-timeout", f"{max(timeout_s, 1):g}",
+                       url], mode="rb", bufsize=0, ignore_status=[141, 23], stderr=subprocess.DEVNULL)
+    elif scheme in ("", "file", "pipe") or scheme in gopen_schemes:
+        stream = gopen(url, "rb", bufsize=0)  # local, pipe: (unbuffered, for the deadline), gs:, hf: ...
+    else:
         try:
-            return int(json.loads(stats.read_text())["successes"])
-        except (ValueError, KeyError, TypeError):
-            return None
-    return None
-
-
-def _sizes_json(folder: Path) -> dict[str, int]:
-    """webdataset's ``sizes.json`` convention: {shard file name: samples}."""
-    path = folder / "sizes.json"
-    if path.is_file():
+            import fsspec
+        except ImportError as err:  # pragma: no cover - fsspec comes with webdataset's extras / huggingface
+            raise OSError(f"{url}: reading {scheme}:// needs fsspec (pip install 'alignclip[s3]')") from err
         try:
-            return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
-        except (ValueError, AttributeError):
-            log.warning("ignoring unreadable %s", path)
-    return {}
-
-
-def count_samples(shards: Sequence[str]) -> int:
-    """Samples in the shards: from ``sizes.json`` or the img2dataset ``*_stats.json`` files, else by reading the
-    tar headers (slow on a big list: prefer ``data.samples_per_epoch`` there)."""
-    total = 0
-    sizes_cache: dict[Path, dict[str, int]] = {}
-    for shard in shards:
-        folder = Path(shard).parent
-        if folder not in sizes_cache:
-            sizes_cache[folder] = _sizes_json(folder)
-        n = sizes_cache[folder].get(Path(shard).name)
-        if n is None:
-            n = _stats_count(shard)
-        if n is None:
-            n = sum(1 for _ in iter_raw_samples(shard))
-        total += n
-    return total
+            stream = fsspec.open(url, "rb").open()
+        except ImportError as err:  # e.g. s3:// without s3fs
+            raise OSError(f"{url}: {err} (for s3:// install the s3 extra: pip install 'alignclip[s3]')") from err
+    return BoundedStream(stream, url, timeout_s)
 
 
 # --------------------------------------------------------------------------------------------- tar reading
 class ShardErrors:
     """Counts of what a reader skipped; plain ints so they travel with a batch from a worker process."""
 
-    FIELDS = ("samples_read", "corrupt_image", "missing_image", "empty_caption", "missing_semantic",
-              "truncated_shard", "unreadable_shard", "wrapped_passes")
+    FIELDS = ("samples_read", "corrupt_image", "too_large_image", "missing_image", "empty_caption",
+              "undecodable_caption", "missing_semantic", "bad_semantic", "truncated_shard", "unreadable_shard",
+              "stalled_shard", "shard_retries", "wrapped_passes")
+    _QUIET = ("samples_read", "wrapped_passes", "shard_retries")
 
     def __init__(self) -> None:
         self.counts = {name: 0 for name in self.FIELDS}
@@ -173,55 +299,189 @@ class ShardErrors:
 
     def add(self, name: str, detail: str = "", n: int = 1) -> None:
         self.counts[name] += n
-        if detail and name not in ("samples_read", "wrapped_passes") and self._logged < 20:
+        if detail and name not in self._QUIET and self._logged < 20:
             self._logged += 1  # the counts keep growing; the log shows the first few of each reader
             log.warning("data: skipped (%s) %s", name, detail)
 
 
-def _open_stream(shard: str):
-    if shard.startswith("pipe:"):
-        import subprocess
-
-        proc = subprocess.Popen(shard[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
-        return proc.stdout
-    return open(shard, "rb")
-
-
 def split_member_name(name: str) -> tuple[str, str]:
-    """``dir/0001.sem.npy`` -> (``dir/0001``, ``sem.npy``): the key ends at the basename's first '.'."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+    """``dir/0001.sem.npy`` -> (``dir/0001``, ``sem.npy``): webdataset's rule (``base_plus_ext``: the key ends at
+    the basename's first '.'), extension lower-cased; a name without one gives an empty extension."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, ext = base_plus_ext(name)
+    return (name, "") if key is None else (key, ext.lower())
 
 
-def iter_raw_samples(shard: str, errors: ShardErrors | None = None) -> Iterator[dict]:
-    """Group consecutive tar members by key. A truncated or unreadable tar is counted and ends the shard early;
-    the members read before the damage are kept (each was read completely)."""
-    current: dict | None = None
-    members = 0
+def _members(shard: str, policy: StreamPolicy, progress: list[int]) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each sample member, in tar order. ``progress[0]`` counts the members read.
+
+    Our loop, not webdataset's ``tar_file_iterator``: telling a shard cut at a member boundary (which Python's
+    tarfile, in stream mode, takes for a normal end) needs the archive's offset after the last member, and the
+    error accounting needs to know how far a damaged shard got."""
+    stream = open_shard(shard, policy.timeout_s)
     try:
-        with _open_stream(shard) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:  # '*': plain or compressed (.tar.gz)
             for member in tar:
+                tar.members = []  # stream mode would keep every header of a 10,000-sample shard otherwise
                 if not member.isfile():
                     continue
                 key, ext = split_member_name(member.name)
                 if not ext or key.startswith("__") or os.path.basename(key).startswith("."):
                     continue
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                members += 1
+                progress[0] += 1
+                yield key, ext, data
+            # A complete archive ends with two zero blocks (and padding); a cut one simply stops.
+            while tar.fileobj.read(1 << 16):
+                pass
+            end = tar.fileobj.tell()
+            if end - tar.offset < tarfile.BLOCKSIZE:
+                raise TruncatedTar(f"ends at byte {end} without the end-of-archive blocks")
+    finally:
+        stream.close()
+
+
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
+
+
+def iter_raw_samples(shard: str, errors: ShardErrors | None = None,
+                     policy: StreamPolicy = StreamPolicy()) -> Iterator[dict]:
+    """Group consecutive tar members by key into ``dict(__key__, __shard__, ext -> bytes)``.
+
+    A stream that fails before its first sample is retried (remote and ``pipe:`` sources, ``policy``); then, and
+    for any later damage, it is counted (``stalled_shard`` for a stall, ``truncated_shard`` after some members,
+    ``unreadable_shard`` before any), logged with the URL, and the shard ends; the members read before the damage
+    are kept (each was read completely)."""
+    attempts = policy.retries + 1 if is_remote(shard) else 1
+    for attempt in range(attempts):
+        current: dict | None = None
+        progress, yielded = [0], False
+        members = _members(shard, policy, progress)
+        try:
+            for key, ext, data in members:
                 if current is not None and current["__key__"] != key:
+                    yielded = True
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__shard__": shard}
                 current[ext] = data
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        # Nothing readable at all (not a tar, missing file) vs damage after some complete members.
-        kind = "truncated_shard" if members else "unreadable_shard"
-        if errors is not None:
-            errors.add(kind, f"{shard} after {members} members: {err!r}")
-        else:
-            log.warning("data: %s %s after %d members: %r", kind, shard, members, err)
-    if current is not None:
-        yield current
+        except _READ_ERRORS as err:
+            if not yielded and attempt + 1 < attempts:
+                if errors is not None:
+                    errors.add("shard_retries")
+                log.warning("data: %s failed (%r); retry %d of %d", shard, err, attempt + 1, policy.retries)
+                time.sleep(policy.backoff_s * 2 ** attempt)
+                continue
+            kind = ("stalled_shard" if isinstance(err, StalledRead)
+                    else "truncated_shard" if progress[0] else "unreadable_shard")
+            detail = f"{shard} after {progress[0]} members: {err!r}"
+            if errors is not None:
+                errors.add(kind, detail)
+            else:
+                log.warning("data: %s %s", kind, detail)
+        finally:
+            members.close()  # kill a curl / pipe: process now, not when the generator is collected
+        if current is not None:
+            yield current
+        return
 
+
+# ------------------------------------------------------------------------------------------ sample counts
+def _read_small(url: str, timeout_s: float) -> bytes | None:
+    """A small metadata file beside the shards (local or remote), or None when it is absent or unreadable."""
+    try:
+        if not is_remote(url):
+            return Path(url).read_bytes() if os.path.isfile(url) else None
+        with open_shard(url, timeout_s) as stream:
+            chunks = []
+            while chunk := stream.read(1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except (OSError, ValueError):
+        return None
+
+
+def _sibling(shard: str, name: str) -> str:
+    head, sep, _ = shard.rpartition("/")
+    return f"{head}{sep}{name}"
+
+
+def _shard_stem(shard: str) -> str:
+    base = shard.rpartition("/")[2]
+    for suffix in SHARD_SUFFIXES:
+        if base.endswith(suffix):
+            return base[:-len(suffix)]
+    return base
+
+
+def metadata_count(shards: Sequence[str], timeout_s: float = 60.0) -> int | None:
+    """Samples in the shards from the files written beside them, without reading a tar: webdataset's
+    ``sizes.json`` ({shard file name: samples}) in a shard's folder, else img2dataset's ``NNNNN_stats.json``
+    (``successes``) next to each shard; local or remote. None when some shard has neither (or for ``pipe:``)."""
+    total = 0
+    sizes_cache: dict[str, dict[str, int]] = {}
+    for shard in shards:
+        if shard.startswith("pipe:"):
+            return None
+        folder = shard.rpartition("/")[0]
+        if folder not in sizes_cache:
+            sizes_cache[folder] = {}
+            raw = _read_small(_sibling(shard, "sizes.json"), timeout_s)
+            if raw is not None:
+                try:
+                    sizes_cache[folder] = {str(k): int(v) for k, v in json.loads(raw).items()}
+                except (ValueError, AttributeError, TypeError):
+                    log.warning("data: ignoring unreadable %s", _sibling(shard, "sizes.json"))
+        n = sizes_cache[folder].get(shard.rpartition("/")[2])
+        if n is None:
+            raw = _read_small(_sibling(shard, _shard_stem(shard) + "_stats.json"), timeout_s)
+            try:
+                n = int(json.loads(raw)["successes"]) if raw is not None else None
+            except (ValueError, KeyError, TypeError):
+                n = None
+        if n is None:
+            return None
+        total += n
+    return total
+
+
+def stats_count(shard: str) -> int | None:
+    """img2dataset's ``NNNNN_stats.json`` count for one shard (what ``validate`` compares with the tar)."""
+    raw = _read_small(_sibling(shard, _shard_stem(shard) + "_stats.json"), 60.0)
+    try:
+        return int(json.loads(raw)["successes"]) if raw is not None else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_count(shards: Sequence[str], policy: StreamPolicy = StreamPolicy()) -> int:
+    """Samples in the shards by reading every tar (slow on a big list)."""
+    return sum(sum(1 for _ in iter_raw_samples(shard, policy=policy)) for shard in shards)
+
+
+def count_samples(shards: Sequence[str], policy: StreamPolicy = StreamPolicy(), cache_dir: str | Path = "",
+                  ) -> tuple[int, str]:
+    """(samples, where the figure came from): the metadata beside the shards, else a cached earlier count (a
+    JSON file in ``cache_dir`` named by the shard list), else by reading the shards once (then cached)."""
+    n = metadata_count(shards, policy.timeout_s)
+    if n is not None:
+        return n, "sizes.json / *_stats.json beside the shards"
+    digest = hashlib.sha256("\n".join(shards).encode()).hexdigest()[:20]
+    cache = Path(cache_dir) / f"count-{digest}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            return int(json.loads(cache.read_text())["samples"]), f"the cached count {cache}"
+        except (ValueError, KeyError, TypeError):
+            pass
+    n = read_count(shards, policy)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"samples": n, "shards": len(shards), "first": shards[0] if shards else ""}))
+            os.replace(tmp, cache)
+        except OSError as err:
+            log.warning("data: cannot cache the sample count in %s: %s", cache, err)
+    return n, f"reading the {len(shards)} shards" + (f" (cached in {cache})" if cache is not None else "")

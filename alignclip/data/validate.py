@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from alignclip.data import shards as shardlib
-from alignclip.data import transforms as T
+from alignclip.data import images
 
 
 @dataclass
@@ -16,6 +16,7 @@ class ShardReport:
     samples: int = 0
     usable: int = 0
     corrupt_image: int = 0
+    too_large_image: int = 0
     missing_image: int = 0
     empty_caption: int = 0
     with_semantic: int = 0
@@ -31,7 +32,7 @@ class ShardReport:
 
 def validate_shard(shard: str, image_keys: Sequence[str] = ("jpg", "png", "jpeg", "webp"), text_key: str = "txt",
                    semantic_key: str = "sem.npy", max_bad_keys: int = 20) -> ShardReport:
-    report = ShardReport(shard, stats_count=shardlib._stats_count(shard))
+    report = ShardReport(shard, stats_count=shardlib.stats_count(shard))
     errors = shardlib.ShardErrors()
     for raw in shardlib.iter_raw_samples(shard, errors):
         report.samples += 1
@@ -43,8 +44,11 @@ def validate_shard(shard: str, image_keys: Sequence[str] = ("jpg", "png", "jpeg"
             problem = "missing_image"
         else:
             try:
-                T.check_decodable(image)
-            except T.DecodeError:
+                images.check_decodable(image)
+            except images.ImageTooLarge:
+                report.too_large_image += 1
+                problem = "too_large_image"
+            except images.DecodeError:
                 report.corrupt_image += 1
                 problem = "corrupt_image"
         if not raw.get(text_key, b"").decode("utf-8", errors="replace").strip():
@@ -65,7 +69,7 @@ def validate_shards(shards: Sequence[str], **kwargs) -> tuple[list[ShardReport],
     """Per-shard reports and totals."""
     reports = [validate_shard(s, **kwargs) for s in shards]
     totals = {name: sum(getattr(r, name) for r in reports)
-              for name in ("samples", "usable", "corrupt_image", "missing_image", "empty_caption", "with_semantic")}
+              for name in ("samples", "usable", "corrupt_image", "too_large_image", "missing_image", "empty_caption", "with_semantic")}
     totals.update(shards=len(reports), damaged_shards=sum(bool(r.damaged) for r in reports),
                   stats_mismatch=sum(r.stats_count is not None and r.stats_count != r.samples for r in reports))
     return reports, totals

@@ -110,23 +110,40 @@ def _pick(columns: Iterable[str], choices: tuple[str, ...], what: str, source: s
     raise ValueError(f"{source}: no {what} column; expected one of {list(choices)}, found {list(lowered)}")
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark, as Excel writes, is dropped); a decode error names the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 ({err.reason}); "
+                         f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def read_captions_file(path: str | Path) -> list[tuple[str, str]]:
     """(image path, caption) pairs from a CSV, TSV (with a header row) or JSONL file; image paths as written."""
     path = Path(path)
     suffix = path.suffix.lower()
+    text = _read_text(path)
     if suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg})") from None
         if not rows:
             return []
         image_col = _pick(rows[0].keys(), _IMAGE_COLUMNS, "image", str(path))
         caption_col = _pick(rows[0].keys(), _CAPTION_COLUMNS, "caption", str(path))
         return [(str(r[image_col]), str(r.get(caption_col) or "")) for r in rows]
     delimiter = "\t" if suffix in (".tsv", ".tab") else ","
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        image_col = _pick(reader.fieldnames or [], _IMAGE_COLUMNS, "image", str(path))
-        caption_col = _pick(reader.fieldnames or [], _CAPTION_COLUMNS, "caption", str(path))
-        return [(row[image_col], row[caption_col] or "") for row in reader]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    image_col = _pick(reader.fieldnames or [], _IMAGE_COLUMNS, "image", str(path))
+    caption_col = _pick(reader.fieldnames or [], _CAPTION_COLUMNS, "caption", str(path))
+    return [(row[image_col], row[caption_col] or "") for row in reader]
 
 
 def chunk_pairs(pairs: list, num_shards: int, samples_per_shard: int) -> Iterator[tuple[int, list]]:
@@ -169,17 +186,18 @@ def check_manifest(out_dir: str | Path, manifest: dict, overwrite: bool) -> bool
     return False
 
 
-def _image_fields(path: Path) -> dict[str, bytes]:
-    """The image as stored: JPEG/PNG/WebP bytes kept as they are, other formats re-encoded to JPEG."""
+def _image_fields(path: Path, max_pixels: int) -> dict[str, bytes]:
+    """The image as stored: JPEG/PNG/WebP bytes kept as they are (their header checked: a readable image within
+    the pixel limit), other formats decoded (transparency on white, see ``images.load_rgb``) and saved as JPEG."""
+    from alignclip.data import images
+
     ext = _KEEP_AS_IS.get(path.suffix.lower())
     data = path.read_bytes()
     if ext:
+        images.image_size(data, max_pixels)
         return {ext: data}
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=95)
+    buf = io.BytesIO()
+    images.load_rgb(data, max_pixels).save(buf, format="JPEG", quality=95)
     return {"jpg": buf.getvalue()}
 
 
@@ -188,15 +206,18 @@ class WriteSummary:
     written_shards: int = 0
     kept_shards: int = 0
     samples: int = 0
-    failed: int = 0
+    failed: int = 0  # missing or unreadable images
+    too_large: int = 0  # over the pixel limit
 
 
 def write_folder_shards(pairs: list[tuple[str, str]], images_root: str | Path, out_dir: str | Path,
                         samples_per_shard: int, num_shards: int = 0, rewrite: bool = False,
-                        log=print) -> WriteSummary:
+                        log=print, max_pixels: int = 100_000_000) -> WriteSummary:
     """Shards of (image file, caption) pairs, ``samples_per_shard`` each (``num_shards`` = 0: as many as needed).
-    A pair whose image cannot be read is counted as failed and left out. Finished shards are kept unless
-    ``rewrite``."""
+    A pair whose image cannot be read, or has more than ``max_pixels`` pixels, is counted, named in the log and
+    left out. Finished shards are kept unless ``rewrite``."""
+    from alignclip.data.images import ImageTooLarge
+
     images_root = Path(images_root)
     num_shards = num_shards or -(-len(pairs) // samples_per_shard)
     summary = WriteSummary()
@@ -205,12 +226,16 @@ def write_folder_shards(pairs: list[tuple[str, str]], images_root: str | Path, o
         if path.exists() and not rewrite:
             summary.kept_shards += 1
             continue
-        failed = 0
+        failed = too_large = 0
         with ShardWriter(path) as writer:
             for i, (image, caption) in enumerate(chunk):
                 source = Path(image) if Path(image).is_absolute() else images_root / image
                 try:
-                    fields = _image_fields(source)
+                    fields = _image_fields(source, max_pixels)
+                except ImageTooLarge as err:
+                    too_large += 1
+                    log(f"  skipped (too large) {source}: {err}")
+                    continue
                 except Exception as err:  # missing or unreadable: img2dataset's "failed" count
                     failed += 1
                     log(f"  skipped {source}: {err}")
@@ -219,8 +244,9 @@ def write_folder_shards(pairs: list[tuple[str, str]], images_root: str | Path, o
                 fields.update(txt=caption, json={"key": key, "caption": caption, "source": str(image),
                                                  "status": "success"})
                 writer.write(key, fields)
-        write_stats(path, writer.count, failed)
+        write_stats(path, writer.count, failed + too_large)
         summary.written_shards += 1
         summary.samples += writer.count
         summary.failed += failed
+        summary.too_large += too_large
     return summary

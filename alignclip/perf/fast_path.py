@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from alignclip.config import Config
+from alignclip.data.transforms import normalize_on_device
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def compile_engine(engine, fast: FastPath, backend: str | None = None):
 
 def images_to_device(images: torch.Tensor, device: torch.device, dtype: torch.dtype, fast: FastPath) -> torch.Tensor:
     """Host batch -> device: asynchronous from pinned memory, cast on the device, NHWC when channels-last."""
-    images = images.to(device, non_blocking=fast.non_blocking).to(dtype)
+    images = normalize_on_device(images.to(device, non_blocking=fast.non_blocking), dtype)  # uint8 batches
     if fast.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from alignclip.config import Config, config_hash, run_dir_of, save_config
 from alignclip.distributed.env import DistEnv, setup_distributed_env
 from alignclip.losses.temperature import clamp_logit_scale_
+from alignclip.data.transforms import normalize_on_device
 from alignclip.perf.fast_path import (FastPath, compile_engine, images_to_device, prepare_model, resolve_fast_path,
                                       tokens_to_device)
 from alignclip.training import checkpoint as ckpt
@@ -201,7 +202,7 @@ def _to_device(run: _Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (cast to the input dtype) and tokens on the device: asynchronous copies from pinned batches and
     channels-last images when the fast path says so."""
     if run.fast is None:
-        return batch["image"].to(run.device, run.input_dtype), batch["text"].to(run.device)
+        return normalize_on_device(batch["image"].to(run.device), run.input_dtype), batch["text"].to(run.device)
     return (images_to_device(batch["image"], run.device, run.input_dtype, run.fast),
             tokens_to_device(batch["text"], run.device, run.fast))
 

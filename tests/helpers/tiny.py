@@ -49,7 +49,7 @@ def tiny_overrides(data: Mapping[str, str] | Path | str, run_dir: Path | str | N
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def _draw(colour: str, shape: str, rng: np.random.Generator, size: int = 40) -> bytes:
+def draw_shape(colour: str, shape: str, rng: np.random.Generator, size: int = 40) -> bytes:
     from PIL import Image
 
     pixels = np.full((size, size, 3), 245, np.uint8) + rng.integers(0, 10, (size, size, 3), dtype=np.uint8)
@@ -75,7 +75,7 @@ def write_toy_shards(folder: Path, num_shards: int = 4, per_shard: int = 32, see
         with ShardWriter(folder / shard_name(s)) as writer:
             for i in range(per_shard):
                 colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-                image = _draw(colour, shape, rng)
+                image = draw_shape(colour, shape, rng)
                 if corrupt_every and i % corrupt_every == corrupt_every - 1:
                     image = b"\xff\xd8 not a jpeg"
                 writer.write(sample_key(s, i, per_shard), {"jpg": image,
