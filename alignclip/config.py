@@ -61,6 +61,9 @@ class ModelConfig:
     # Run each trunk's last block at the pooled position only (the one row the embedding reads): the same values
     # and gradients, ~1/layers of the linear work less (alignclip.models.layers.pooled_block; perf.flops counts it)
     pooled_last_block: bool = True
+    # eps of every LayerNorm (stem, blocks, final), one value as in OpenCLIP and HF CLIP so exports are exact.
+    # null = checkpoints saved before this key: 1e-6 in the blocks, 1e-5 elsewhere (from_yaml_text sets it).
+    norm_eps: Optional[float] = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -318,6 +321,8 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
                           f"of 'model.vision.patch_size' ({m.vision.patch_size})")
+    if m.norm_eps is not None and not m.norm_eps > 0:
+        raise ConfigError(f"{source}: key 'model.norm_eps' must be > 0 (or null), got {m.norm_eps}")
     positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size",
                 "data.prefetch_factor"]
     for key in positive:
@@ -339,7 +344,10 @@ def to_yaml(config: Config) -> str:
 
 def from_yaml_text(text: str) -> Config:
     """Rebuild a Config from a resolved YAML dump (a run directory's config.yaml, an export's metadata)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    saved = OmegaConf.create(text)
+    if "model" in saved and "norm_eps" not in saved.model:  # saved before model.norm_eps: the old mixed eps
+        saved.model.norm_eps = None
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

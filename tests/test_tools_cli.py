@@ -100,8 +100,9 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     wrapped, tokenizer, _ = load_aligned(paths["clip"], root / "aligner" / "mlp_cos.safetensors")
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        expected = torch.nn.functional.normalize(wrapped.aligner(wrapped.model.encode_image(images)), dim=-1)
-        torch.testing.assert_close(wrapped.encode_image(images), expected)
+        expected = torch.nn.functional.normalize(wrapped.aligner(wrapped.model.encode_image(images, normalize=True)),
+                                                 dim=-1)
+        torch.testing.assert_close(wrapped.encode_image(images, normalize=True), expected)
         assert wrapped(images, tokenizer(["a red circle", "a blue square"]))["text_embeds"].shape == (2, 64)
     _tool("gap_analysis").main(["--model", f"clip={cache / 'clip' / 'val'}", "--aligner",
                                 f"clip={root / 'aligner' / 'mlp_cos.safetensors'}", "--out", str(root / "gap2")])

@@ -96,16 +96,16 @@ class AlignedModel(nn.Module):
         super().__init__()
         self.model, self.aligner = model, aligner
 
-    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         x = self.aligner(self.model.encode_image(images, normalize=True))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
         return self.model.encode_text(tokens, normalize=normalize)
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict:
         out = self.model(images, tokens)
-        out["image_embeds"] = self.encode_image(images)
+        out["image_embeds"] = self.encode_image(images, normalize=True)
         return out
 
     @property

@@ -123,7 +123,7 @@ def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[s
         batch = next(batches)
         waited += time.perf_counter() - t
         outputs = engine(*_to_device(run, batch))
-        loss = run.objective(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
+        loss = run.objective(outputs["image_embeds"], outputs["text_embeds"], outputs["log_logit_scale"],
                              _semantic_embeddings(run, batch))
         bad_term = _nonfinite_term(loss)
         if any_rank(bad_term is not None, run.device):  # collective: all ranks take the same branch
@@ -158,7 +158,7 @@ def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[s
         values = values / run.env.world_size
     stats = {f"loss/{n}": float(v) for n, v in zip(names, values.cpu())}
     stats.setdefault("loss/total", float("nan"))
-    scale = float(outputs["logit_scale"].detach().float().exp())
+    scale = float(outputs["log_logit_scale"].detach().float().exp())
     grad_norm = engine.get_global_grad_norm()
     stats.update({"train/lr": lr, "train/logit_scale": scale, "train/temperature": 1.0 / scale,
                   "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -244,8 +244,8 @@ def _log_gap_metrics(run: _Run) -> dict[str, float]:
     model = run.engine.module
     was_training = model.training
     model.eval()
-    images = model.encode_image(run.eval_batch["image"].to(run.device, run.input_dtype)).float().cpu()
-    texts = model.encode_text(run.eval_batch["text"].to(run.device)).float().cpu()
+    images = model.encode_image(run.eval_batch["image"].to(run.device, run.input_dtype), normalize=True).float().cpu()
+    texts = model.encode_text(run.eval_batch["text"].to(run.device), normalize=True).float().cpu()
     model.train(was_training)
     retrieval = retrieval_metrics(images, texts, ks=(1,))
     gap = {"gap/alignment_score": alignment_score(images, texts),
