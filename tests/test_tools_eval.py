@@ -27,7 +27,7 @@ def test_classification_metrics_top1_top5_and_balanced_recall():
     out = classification_metrics(logits, labels, ks=(1, 2, 5))
     assert out["acc1"] == pytest.approx(0.75)
     assert out["acc2"] == pytest.approx(0.75)
-    assert out["acc5"] == pytest.approx(1.0)
+    assert np.isnan(out["acc5"])  # CLIP_benchmark: no top-5 accuracy below 5 classes
     assert out["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 1) / 3)
 
 
@@ -45,8 +45,8 @@ def test_retrieval_with_several_captions_per_image():
     out = retrieval_metrics(img, txt, text_to_image=[0, 0, 1, 2], ks=(1, 2))
     assert out["image_retrieval_recall@1"] == pytest.approx(3 / 4)  # caption 3 retrieves image 1 first
     assert out["image_retrieval_recall@2"] == pytest.approx(1.0)
-    # image queries: image 0 scores captions [1, .9, 0, 0], image 1 [.1, 0, 1, 1] (a tie with its own caption
-    # is not "strictly above", so a hit), image 2 [0, .2, 0, .5]: every image finds one of its captions first
+    # image queries on normalised rows: image 1 scores its caption 2 (1.0) above caption 3 (0.89); each image
+    # finds one of its captions first
     assert out["text_retrieval_recall@1"] == pytest.approx(1.0)
     ident = retrieval_metrics(np.eye(5), np.eye(5))
     assert ident["image_retrieval_recall@1"] == ident["text_retrieval_recall@1"] == 1.0
@@ -80,8 +80,8 @@ def test_arithmetic_retrieves_the_target_when_text_deltas_match_image_deltas():
 def test_result_json_layout(tmp_path):
     path = write_result(tmp_path, "generated", "tiny clip", "zeroshot_classification", {"acc1": 0.5}, lam=1.0)
     record = json.loads(path.read_text())
-    assert record == {"dataset": "generated", "model": "tiny clip", "task": "zeroshot_classification",
-                      "metrics": {"acc1": 0.5}, "lam": 1.0}
+    assert record == {"dataset": "generated", "model": "tiny clip", "pretrained": "",
+                      "task": "zeroshot_classification", "metrics": {"acc1": 0.5}, "language": "en", "lam": 1.0}
 
 
 def test_retrieval_across_similarity_blocks_counts_each_match_once():
@@ -92,3 +92,36 @@ def test_retrieval_across_similarity_blocks_counts_each_match_once():
     assert out["image_retrieval_recall@1"] == 1.0 and out["text_retrieval_recall@1"] == 1.0
     shuffled = retrieval_metrics(img, img[rng.permutation(2100)], ks=(1,))
     assert shuffled["image_retrieval_recall@1"] < 0.01
+
+
+def test_identical_captions_give_chance_retrieval_not_a_tie_advantage():
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(8, 5))
+    same = np.tile(rng.normal(size=(1, 5)), (8, 1))  # every caption identical
+    out = retrieval_metrics(img, same, ks=(1, 3))
+    assert out["text_retrieval_recall@1"] == pytest.approx(1 / 8)  # image -> text: chance
+    assert out["text_retrieval_recall@3"] == pytest.approx(3 / 8)
+    # two own captions tied with two others at the top, k = 1 and 2: 1 - C(2, m) / C(4, m)
+    from alignclip.eval.retrieval import tie_aware_hit_rate
+    np.testing.assert_allclose(tie_aware_hit_rate(np.array([0, 0, 1]), np.array([2, 2, 2]), np.array([2, 2, 2]), 2),
+                               [1 - 1 / 6, 1 - 1 / 6, 0.5])
+    np.testing.assert_allclose(tie_aware_hit_rate(np.array([0]), np.array([2]), np.array([2]), 1), [0.5])
+
+
+def test_clip_benchmark_build_reads_our_json(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from alignclip.eval.results import read_results, write_tables
+
+    write_result(tmp_path / "r", "cifar10", "tiny", "zeroshot_classification", {"acc1": 0.5, "acc5": 0.9})
+    write_result(tmp_path / "r", "flickr30k", "tiny", "zeroshot_retrieval", {"image_retrieval_recall@5": 0.25})
+    proc = subprocess.run([sys.executable, "-m", "clip_benchmark.cli", "build", str(tmp_path / "r"), "--output",
+                           str(tmp_path / "bench.csv")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    assert sorted(r["dataset"] for r in rows) == ["cifar10", "flickr30k"]
+    assert {r["model_fullname"] for r in rows} == {"tiny "}
+    csv_path, md_path = write_tables(read_results([tmp_path / "r"]), tmp_path)
+    assert "| cifar10 | tiny |  | zeroshot_classification | 0.5000 | 0.9000 |" in md_path.read_text()
