@@ -114,10 +114,15 @@ def save_exported(model: nn.Module, config: Config, out_path: str | Path, source
 
 def read_config(path: str | Path) -> Config:
     """The config stored in an exported file's metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such exported model (expected a .safetensors written by alignclip-export)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a safetensors file ({err})") from None
     if META_CONFIG not in meta:
         raise ValueError(f"{path} has no {META_CONFIG!r} metadata: not a file written by alignclip.export")
     return from_yaml_text(meta[META_CONFIG])

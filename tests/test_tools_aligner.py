@@ -121,13 +121,15 @@ def test_compare_reports_gap_and_tasks_for_every_method(tmp_path):
     labels = rng.integers(0, 4, 200)
     txt = _unit(classes[labels] + 0.3 * rng.normal(size=(200, 16)))
     img = txt + 0.8  # a pure modality gap (translation) on top of the text structure
-    fit = EmbeddingSet.from_arrays(img[:100], txt[:100])
+    fit = EmbeddingSet.from_arrays(img[:100], txt[:100], zeroshot={"c": ZeroShotTask(list("abcd"), classes,
+                                                                                      labels[:100])})
     held = EmbeddingSet.from_arrays(img[100:], txt[100:], zeroshot={"c": ZeroShotTask(list("abcd"), classes,
                                                                                        labels[100:])},
                                     arithmetic=ArithmeticTask(np.arange(5), np.arange(5, 10), txt[100:105],
                                                               txt[105:110]))
     methods = {"identity": PostHocAligner().fit(*fit.pairs()), "mean_shift": MeanShift().fit(*fit.pairs())}
-    rows = compare_methods(methods, held)
+    rows = compare_methods(methods, held, train_set=fit)  # linear probes: fit on `fit`, scored on `held`
+    assert "linear_probe_c" not in compare_methods(methods, held)["identity"]["tasks"]
     assert rows["identity"]["gap"]["centroid_distance"] > 0.5
     assert rows["mean_shift"]["gap"]["centroid_distance"] < 0.05
     assert rows["mean_shift"]["tasks"]["arithmetic"]["arithmetic_recall@1"] == 1.0

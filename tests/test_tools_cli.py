@@ -2,7 +2,7 @@
 data), then export, gap analysis side by side, evaluation, aligner distillation against the baselines. A few steps
 teach nothing, so this pins the chain and its outputs; the accuracies of a longer run are in docs/analysis.md."""
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -17,10 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The tool's command module; its main must exit 0."""
+    module = importlib.import_module(f"alignclip.commands.{name}")
+
+    class Checked:
+        @staticmethod
+        def main(argv):
+            assert module.main(argv) == 0, f"{name} {argv} failed"
+    return Checked
 
 
 def _train_tiny(rank, world_size, root: str):
@@ -55,9 +59,10 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     cache = root / "cache"
     _tool("gap_analysis").main(["--model", f"clip={paths['clip']}",
                                 "--model", f"alignclip={root / 'runs' / 'alignclip'}",  # a run dir: exported here
-                                "--out", str(root / "gap"), "--cache-dir", str(cache)])
+                                "--out", str(root / "gap"), "--cache-dir", str(cache), "--trust-checkpoint"])
     figures = json.loads((root / "gap" / "gap_metrics.json").read_text())
     assert set(figures) == {"clip", "alignclip"} and figures["clip"]["num_pairs"] == 96
+    assert figures["clip"]["data_source"] == figures["alignclip"]["data_source"] != "unknown"
     assert (root / "gap" / "pca_projection.png").stat().st_size > 0
     assert (cache / "clip" / "val" / "image.npy").is_file()
     assert (cache / "alignclip.safetensors").is_file()  # the run directory was exported on the fly
@@ -74,11 +79,14 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
                             "--classnames", str(root / "sizes.txt"), "--templates", str(root / "size_templates.txt"),
                             "--labels", str(root / "size_labels.tsv")])
     names = sorted(p.name for p in (root / "eval").glob("*.json"))
-    assert "generated_tiny_retrieval.json" in names and "generated_tiny_arithmetic.json" in names
-    assert "generated_tiny_zeroshot_colour.json" in names and "generated_tiny_linear_probe_shape.json" in names
-    assert "generated_tiny_zeroshot_classes.json" in names  # from the plain files
-    zs = json.loads((root / "eval" / "generated_tiny_zeroshot_colour.json").read_text())
+    assert "generated_tiny_zeroshot_retrieval.json" in names and "generated_tiny_arithmetic.json" in names
+    assert "generated_tiny_zeroshot_classification_colour.json" in names
+    assert "generated_tiny_zeroshot_classification_classes.json" in names  # from the plain files
+    assert not [n for n in names if "linear_probe" in n]  # no train split given: no probe on the test set
+    zs = json.loads((root / "eval" / "generated_tiny_zeroshot_classification_colour.json").read_text())
     assert set(zs["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(zs)
+    assert (root / "eval" / "results.csv").is_file() and (root / "eval" / "results.md").is_file()
 
     _tool("distill_aligner").main(["--fit", str(paths["clip"]), "--out", str(root / "aligner"), "--max-epochs", "3",
                                    "--hidden", "32", "--recipe", "mlp_cos:cos=1",
@@ -91,7 +99,7 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     _tool("evaluate").main(["--model", str(cache / "clip" / "val"), "--aligner",
                             str(root / "aligner" / "mlp_cos.safetensors"), "--out", str(root / "eval_aligned"),
                             "--name", "clip+mlp"])
-    assert (root / "eval_aligned" / "generated_clip_mlp_retrieval.json").is_file()
+    assert (root / "eval_aligned" / "generated_clip_mlp_zeroshot_retrieval.json").is_file()
     # ... and loads as a wrapper of the exported model's image encoder
     import torch
 

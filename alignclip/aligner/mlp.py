@@ -78,6 +78,8 @@ def load_aligner(path: str | Path) -> MLPAligner:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such aligner file (expected a .safetensors written by distill_aligner)")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if _METADATA_KEY not in meta:

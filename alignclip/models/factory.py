@@ -40,24 +40,30 @@ def build_model(cfg: ModelConfig) -> ContrastiveModel:
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Build each model config named (default: every file under configs/model) and print its size."""
+    import argparse
+
     from ..config import CONFIG_DIR, ConfigError, load_config
 
-    names = argv if argv is not None else sys.argv[1:]
-    paths = names or sorted(str(p) for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    parser = argparse.ArgumentParser(prog="python -m alignclip.models",
+                                     description="Build each model config and print its parameter count.")
+    parser.add_argument("configs", nargs="*", help="model config files or names (default: every configs/model/*.yaml)")
+    args = parser.parse_args(argv)
+    paths = args.configs or sorted(str(p) for p in (CONFIG_DIR / "model").glob("*.yaml"))
     print(f"{'config':<28} {'arch':<11} {'parameters':>14}  {'token table':>12}")
     for path in paths:
         try:
             cfg = load_config(path).model
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            return 2
         model = build_model(cfg)
         table = model.text_stem.token_embed.weight.numel()
         name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
         print(f"{name:<28} {cfg.arch:<11} {count_parameters(model):>14,}  {table:>12,}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
