@@ -183,6 +183,19 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot classification or retrieval while training (rank 0), logged as eval/<task>/<metric>."""
+
+    every_steps: int = 0  # 0: never
+    dataset: str = ""  # a kind of alignclip.eval.datasets: imagefolder | cifar10 | cifar100 | karpathy | wds
+    root: str = ""
+    annotations: str = ""  # karpathy: the Karpathy-split JSON
+    split: str = "test"
+    batch_size: int = 64
+    workers: int = 0
+
+
+@dataclass
 class LaunchConfig:
     executor: str = "slurm"  # slurm | local
     nodes: int = 1
@@ -212,6 +225,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
@@ -321,6 +335,9 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
                           f"of 'model.vision.patch_size' ({m.vision.patch_size})")
+    if config.eval.every_steps and not (config.eval.dataset and config.eval.root):
+        raise ConfigError(f"{source}: key 'eval.every_steps' is {config.eval.every_steps} but 'eval.dataset' and "
+                          f"'eval.root' are not both set")
     if m.norm_eps is not None and not m.norm_eps > 0:
         raise ConfigError(f"{source}: key 'model.norm_eps' must be > 0 (or null), got {m.norm_eps}")
     positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size",
@@ -331,7 +348,7 @@ def validate(config: Config, source: str = "config") -> None:
     nonneg = ["loss.clip_weight", "loss.crsep_weight", "loss.imsep_weight", "loss.uniform_weight",
               "loss.xuniform_weight", "loss.align_weight", "train.warmup_steps", "train.max_steps",
               "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "data.workers",
-              "train.peak_tflops"]
+              "train.peak_tflops", "eval.every_steps", "eval.workers"]
     for key in nonneg:
         if _get(config, key) < 0:
             raise ConfigError(f"{source}: key '{key}' must be >= 0, got {_get(config, key)}")

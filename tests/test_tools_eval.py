@@ -331,3 +331,66 @@ def test_our_metrics_equal_clip_benchmarks_own_evaluation(tmp_path, monkeypatch)
         assert abs(a - b) <= 1e-4, (name, a, b)
     assert 0 < our_ret["image_retrieval_recall@5"] < 1  # neither trivial nor perfect: the comparison can fail
     assert 0.3 < our_cls["acc1"] < 0.7 and 0 < our_cls["mean_per_class_recall"] < 1
+
+
+def _train_with_tensorboard(rank, world_size, root: str):
+    from alignclip.config import load_config
+    from alignclip.training.loop import train
+
+    config = load_config("model/alignclip_tiny", [
+        "name=tb", f"output_dir={root}/runs", "data.train=generated", f"data.cache_dir={root}/data",
+        "data.generated.num_shards=2", "data.generated.samples_per_shard=32", "data.generated.val_samples=32",
+        "data.workers=0", "train.global_batch_size=8", "train.max_steps=4", "train.warmup_steps=1",
+        "logging.progress_bar=false", "logging.gap_every_steps=2", "logging.gap_batch_size=16",
+        "eval.every_steps=2", "eval.dataset=wds", f"eval.root={root}/wds_cls", "eval.batch_size=8"])
+    result = train(config)
+    return result.exit_code, str(result.run_dir), result.eval
+
+
+@pytest.mark.heavy
+def test_tensorboard_has_config_gap_plots_eval_and_hparams(tmp_path):
+    """A short real training run; its event files read back with TensorBoard's EventAccumulator."""
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import run_on_ranks
+
+    _write_wds(tmp_path / "wds_cls", "classification")
+    ((code, run_dir, final_eval),) = run_on_ranks(_train_with_tensorboard, 1, str(tmp_path))
+    assert code == 0
+    run_dir = Path(run_dir)
+    main_run = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    main_run.Reload()
+    tags = main_run.Tags()
+    print("\nscalars:", sorted(tags["scalars"]), "\nimages:", sorted(tags["images"]),
+          "\ntext:", sorted(t for t in tags["tensors"] if "config" in t))
+    assert {"gap/cosine_cdf", "gap/pca_projection"} <= set(tags["images"])
+    assert [e.step for e in main_run.Images("gap/pca_projection")] == [2, 4]
+    assert main_run.Images("gap/cosine_cdf")[0].width > 100
+    for task, metric in (("zeroshot_classification", "acc1"), ("zeroshot_classification", "mean_per_class_recall")):
+        events = main_run.Scalars(f"eval/{task}/{metric}")
+        assert [e.step for e in events] == [2, 4] and all(0 <= e.value <= 1 for e in events)
+    last = main_run.Scalars("eval/zeroshot_classification/acc1")[-1].value  # float32 in the event file
+    assert final_eval["eval/zeroshot_classification/acc1"] == pytest.approx(last, abs=1e-6)
+    config_text = [t for t in tags["tensors"] if t.startswith("config")]
+    assert config_text
+    text = main_run.Tensors(config_text[0])[0].tensor_proto.string_val[0].decode()
+    assert "arch: sharedclip" in text and "every_steps: 2" in text
+
+    hp_run = EventAccumulator(str(run_dir / "tb" / "hparams"))
+    hp_run.Reload()
+    content = hp_run.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in session.hparams.items()}
+    print("hparams:", {k: hparams[k] for k in sorted(hparams)[:12]}, "... of", len(hparams))
+    assert hparams["model.arch"] == "sharedclip" and hparams["train.max_steps"] == 4
+    assert hparams["loss.imsep_weight"] > 0
+    final = {t for t in hp_run.Tags()["scalars"]}
+    print("hparams metrics:", sorted(final))
+    assert {"final/gap/alignment_score", "final/eval/zeroshot_classification/acc1"} <= final
+    metrics = json.loads((run_dir / "final_metrics.json").read_text())
+    assert metrics["eval/zeroshot_classification/acc1"] == final_eval["eval/zeroshot_classification/acc1"]

@@ -39,9 +39,10 @@ def encode_images_and_labels(model, dataset, device: str, batch_size: int, worke
                              collate=None) -> tuple[np.ndarray, list]:
     """Normalised image embeddings of every sample and the sample's second element (label or captions)."""
     model.eval()
+    dtype = next(model.parameters()).dtype  # bf16 weights (a bf16 training engine) take bf16 pixels
     images, targets = [], []
     for pixels, target in _loader(dataset, batch_size, workers, collate):
-        images.append(model.encode_image(pixels.to(device), normalize=True).float().cpu())
+        images.append(model.encode_image(pixels.to(device, dtype), normalize=True).float().cpu())
         targets.extend(target.tolist() if torch.is_tensor(target) else target)
     if not images:
         raise ValueError("the dataset yielded no sample")
@@ -78,3 +79,20 @@ def evaluate_benchmark(model, tokenizer, data: ClassificationData | RetrievalDat
         return evaluate_retrieval(model, tokenizer, data, device, batch_size, workers)
     return evaluate_classification(model, tokenizer, data, device, batch_size, workers, train)
 
+
+
+def evaluate_during_training(model, config) -> dict[str, dict[str, float]]:
+    """The ``eval`` section's dataset with the model being trained (rank 0, its device and dtype); the model's
+    train/eval mode is restored."""
+    from alignclip.eval.datasets import open_benchmark
+    from alignclip.export import ImageTransform
+    from alignclip.tokenizer import get_tokenizer
+
+    e, m = config.eval, config.model
+    data = open_benchmark(e.dataset, e.root, e.split, ImageTransform(m.vision.image_size), e.annotations)
+    was_training = model.training
+    try:
+        return evaluate_benchmark(model, get_tokenizer(m.text.context_length), data,
+                                  str(next(model.parameters()).device), e.batch_size, e.workers)
+    finally:
+        model.train(was_training)

@@ -41,6 +41,7 @@ class RunResult:
     run_dir: Path
     checkpoint: Optional[Path]
     gap: dict = field(default_factory=dict)  # the last live gap metrics (rank 0)
+    eval: dict = field(default_factory=dict)  # the last eval/* figures (rank 0, when eval.every_steps > 0)
     losses: list = field(default_factory=list)  # (step, global-batch total loss) of every step of this session
 
 
@@ -89,6 +90,9 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                     window = _Window()
                 if _every(state.step, cfg.logging.gap_every_steps) or last:
                     result.gap = _log_gap_metrics(run)
+                if cfg.eval.every_steps and (_every(state.step, cfg.eval.every_steps) or last) and run.env.is_main:
+                    from alignclip.eval.benchmark import evaluate_during_training
+                    result.eval = mon.evaluation(state.step, evaluate_during_training(run.engine.module, cfg))
                 mon.advance(state.step, {"loss": stats["loss/total"], "lr": stats["train/lr"], **shown})
                 preempted = run.preemption.agree()  # collective: every rank stops at the same step
                 if preempted or _every(state.step, cfg.train.checkpoint_every_steps) or last:
@@ -253,6 +257,7 @@ def _log_gap_metrics(run: _Run) -> dict[str, float]:
            **{f"gap/{k}": float(v) for k, v in retrieval.items()}}
     run.monitor.scalars(run.state.step, gap)
     run.monitor.histogram(run.state.step, "gap/paired_cosine", paired_cosines(images, texts))
+    run.monitor.gap_plots(run.state.step, images, texts)
     return gap
 
 
@@ -291,6 +296,8 @@ def _close_epoch_counts(run: _Run) -> None:
 
 def _finish(run: _Run, result: RunResult) -> RunResult:
     result.step = run.state.step
+    if result.exit_code == 0:
+        run.monitor.hparams(run.config, {**result.gap, **result.eval})
     run.monitor.flush()
     run.monitor.close()
     run.preemption.restore()
@@ -355,6 +362,7 @@ def _setup(config: Config, env: DistEnv) -> _Run:
     if config.train.max_steps > 0:
         total_steps = min(total_steps, config.train.max_steps)
     monitor = Monitor(run_dir, config.logging, env.is_main, total_steps, state.step)
+    monitor.run_config(config, state.step)
     if latest is not None:
         monitor.info(f"resumed from {latest} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
         if resumed_hash != state.config_hash:
