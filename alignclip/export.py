@@ -1,15 +1,15 @@
 """Export a training checkpoint, and load our own export back without DeepSpeed.
 
-    export_checkpoint(run_dir | checkpoints dir | step dir, "model.safetensors")             # format safetensors
-    export_checkpoint(run_dir, "out_dir", format="openclip")   # open_clip.create_model_and_transforms("local-dir:out_dir")
-    export_checkpoint(run_dir, "out_dir", format="hf")         # transformers.CLIPModel.from_pretrained("out_dir")
+    export_checkpoint(run_dir | checkpoints dir | step dir, "model.safetensors")  # format safetensors
+    export_checkpoint(run_dir, "oc", format="openclip")  # open_clip.create_model_and_transforms("local-dir:oc")
+    export_checkpoint(run_dir, "hf", format="hf")        # transformers.CLIPModel.from_pretrained("hf")
     model, tokenizer, transform = alignclip.load("model.safetensors")
 
 ``safetensors``: one file of fp32 weights with, as safetensors metadata, the run's resolved config (YAML); a sidecar
 ``<file>.yaml`` repeats the config for people. ``openclip`` / ``hf``: a folder in that library's layout
-(alignclip.models.convert maps the weights) with a model card README.md. ZeRO checkpoints are consolidated with DeepSpeed's own
-``zero_to_fp32`` (the fp32 master weights, whatever the training precision); a ZeRO-0 checkpoint's module states
-are read directly. Exporting reads the training checkpoint, which torch pickles: export only checkpoints you
+(alignclip.models.convert maps the weights) with a model card README.md. ZeRO checkpoints are consolidated with
+DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights, whatever the training precision); a ZeRO-0
+checkpoint's module states are read directly. Exporting reads the training checkpoint, which torch pickles: export only checkpoints you
 wrote. Loading an exported file never unpickles anything.
 """
 
@@ -206,7 +206,8 @@ class ModelCard:
                          "weights (the stems differ: patches and class token vs token and position embeddings).")
         lines += ["", "## Training", "",
                   f"- loss recipe: {', '.join(f'{k} {v:g}' for k, v in terms.items()) or 'none recorded'}"
-                  + (f" (IMSep sides: {loss.imsep_sides}, rescaled: {loss.imsep_rescale})" if loss.imsep_weight else ""),
+                  + (f" (IMSep sides: {loss.imsep_sides}, rescaled: {loss.imsep_rescale})"
+                     if loss.imsep_weight else ""),
                   f"- data: `{self.config.data.train or 'unknown'}`",
                   f"- steps: {self.step if self.step is not None else 'unknown'} (global batch "
                   f"{self.config.train.global_batch_size}, lr {self.config.train.lr:g})"]

@@ -1,5 +1,6 @@
-"""The non-linear aligner of seeds/000: an MLP from image embeddings into the text embedding space, saved as one
-safetensors file (weights + its shape as metadata), and a wrapper that puts it behind a model's image encoder."""
+"""The non-linear aligner of Vu, Balashova & Tran (2024): an MLP from image embeddings into the text embedding
+space, saved as one safetensors file (weights + its shape as metadata), and a wrapper that puts it behind a
+model's image encoder."""
 
 from __future__ import annotations
 

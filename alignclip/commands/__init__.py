@@ -1,1 +1,1 @@
-"""Command-line entry points: each module's ``main(argv=None) -> int`` (tools/ and the alignclip-* scripts call them)."""
+"""Command-line entry points: each module's ``main(argv=None) -> int``, called by tools/ and the alignclip-* scripts."""

@@ -53,8 +53,8 @@ def evaluate_classification(model, tokenizer, data: ClassificationData, device: 
                             batch_size: int = 64, workers: int = 0,
                             train: ClassificationData | None = None) -> dict[str, dict[str, float]]:
     """zeroshot_classification, plus linear_probe (fitted on ``train``) when a train split is given."""
-    weights = build_classifier(lambda texts: encode_texts(model, tokenizer, list(texts), device=device), data.classnames,
-                               data.templates)
+    weights = build_classifier(lambda texts: encode_texts(model, tokenizer, list(texts), device=device),
+                               data.classnames, data.templates)
     image, labels = encode_images_and_labels(model, data.dataset, device, batch_size, workers)
     results = {"zeroshot_classification": zero_shot_classification(image, labels, weights)}
     if train is not None:
