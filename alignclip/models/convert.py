@@ -74,26 +74,44 @@ def openclip_config(cfg: ModelConfig, eps: float) -> dict:
     }
 
 
+# Every parameter outside the blocks: ours ({image} / {text}: that tower's trunk), OpenCLIP's, HF's. OpenCLIP keeps
+# the projections as x @ W ([in, out]), so they are transposed for it; both store logit_scale as a 0-d tensor.
+_OUTER = [
+    ("image_stem.patch_embed.weight", "visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+    ("image_stem.class_token", "visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("image_stem.pos_embed", "visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("image_stem.norm_pre.weight", "visual.ln_pre.weight", "vision_model.pre_layrnorm.weight"),  # sic: HF's name
+    ("image_stem.norm_pre.bias", "visual.ln_pre.bias", "vision_model.pre_layrnorm.bias"),
+    ("{image}.norm.weight", "visual.ln_post.weight", "vision_model.post_layernorm.weight"),
+    ("{image}.norm.bias", "visual.ln_post.bias", "vision_model.post_layernorm.bias"),
+    ("{image}.proj.weight", "visual.proj", "visual_projection.weight"),
+    ("text_stem.token_embed.weight", "token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("text_stem.pos_embed", "positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("{text}.norm.weight", "ln_final.weight", "text_model.final_layer_norm.weight"),
+    ("{text}.norm.bias", "ln_final.bias", "text_model.final_layer_norm.bias"),
+    ("{text}.proj.weight", "text_projection", "text_projection.weight"),
+    ("logit_scale", "logit_scale", "logit_scale"),
+]
+
+
+def _outer(state: dict[str, torch.Tensor], cfg: ModelConfig, library: int) -> dict[str, torch.Tensor]:
+    """The non-block parameters under OpenCLIP's (library 0) or HF's (1) names."""
+    image, text = _trunk_prefixes(cfg)
+    out = {}
+    for ours, *theirs in _OUTER:
+        value = state[ours.format(image=image, text=text)]
+        if ours == "logit_scale":
+            value = value.reshape(())
+        elif library == 0 and ours.endswith("proj.weight"):
+            value = value.t()
+        out[theirs[library]] = value
+    return out
+
+
 def to_openclip(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> OpenCLIP ``CLIP``'s (every key it has, none it lacks)."""
-    image_trunk, text_trunk = _trunk_prefixes(cfg)
-    out = {
-        "visual.conv1.weight": state["image_stem.patch_embed.weight"],
-        "visual.class_embedding": state["image_stem.class_token"],
-        "visual.positional_embedding": state["image_stem.pos_embed"],
-        "visual.ln_pre.weight": state["image_stem.norm_pre.weight"],
-        "visual.ln_pre.bias": state["image_stem.norm_pre.bias"],
-        "visual.ln_post.weight": state[f"{image_trunk}.norm.weight"],
-        "visual.ln_post.bias": state[f"{image_trunk}.norm.bias"],
-        "visual.proj": state[f"{image_trunk}.proj.weight"].t(),
-        "token_embedding.weight": state["text_stem.token_embed.weight"],
-        "positional_embedding": state["text_stem.pos_embed"],
-        "ln_final.weight": state[f"{text_trunk}.norm.weight"],
-        "ln_final.bias": state[f"{text_trunk}.norm.bias"],
-        "text_projection": state[f"{text_trunk}.proj.weight"].t(),
-        "logit_scale": state["logit_scale"].reshape(()),
-    }
-    for trunk, tower in ((image_trunk, "visual.transformer"), (text_trunk, "transformer")):
+    out = _outer(state, cfg, library=0)
+    for trunk, tower in zip(_trunk_prefixes(cfg), ("visual.transformer", "transformer")):
         for index, params in _blocks(state, trunk).items():
             for name, value in params.items():
                 out[f"{tower}.resblocks.{index}.{_renamed(name, _OPENCLIP_BLOCK)}"] = value
@@ -120,24 +138,8 @@ def hf_config_kwargs(cfg: ModelConfig, eps: float) -> dict:
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> ``transformers.CLIPModel``'s."""
-    image_trunk, text_trunk = _trunk_prefixes(cfg)
-    out = {
-        "vision_model.embeddings.patch_embedding.weight": state["image_stem.patch_embed.weight"],
-        "vision_model.embeddings.class_embedding": state["image_stem.class_token"],
-        "vision_model.embeddings.position_embedding.weight": state["image_stem.pos_embed"],
-        "vision_model.pre_layrnorm.weight": state["image_stem.norm_pre.weight"],  # sic: HF's spelling
-        "vision_model.pre_layrnorm.bias": state["image_stem.norm_pre.bias"],
-        "vision_model.post_layernorm.weight": state[f"{image_trunk}.norm.weight"],
-        "vision_model.post_layernorm.bias": state[f"{image_trunk}.norm.bias"],
-        "visual_projection.weight": state[f"{image_trunk}.proj.weight"],
-        "text_model.embeddings.token_embedding.weight": state["text_stem.token_embed.weight"],
-        "text_model.embeddings.position_embedding.weight": state["text_stem.pos_embed"],
-        "text_model.final_layer_norm.weight": state[f"{text_trunk}.norm.weight"],
-        "text_model.final_layer_norm.bias": state[f"{text_trunk}.norm.bias"],
-        "text_projection.weight": state[f"{text_trunk}.proj.weight"],
-        "logit_scale": state["logit_scale"].reshape(()),
-    }
-    for trunk, tower in ((image_trunk, "vision_model"), (text_trunk, "text_model")):
+    out = _outer(state, cfg, library=1)
+    for trunk, tower in zip(_trunk_prefixes(cfg), ("vision_model", "text_model")):
         for index, params in _blocks(state, trunk).items():
             prefix = f"{tower}.encoder.layers.{index}"
             for name, value in params.items():
