@@ -60,6 +60,9 @@ class ModelConfig:
     # Run each trunk's last block at the pooled position only (the one row the embedding reads): the same values
     # and gradients, ~1/layers of the linear work less (alignclip.models.layers.pooled_block; perf.flops counts it)
     pooled_last_block: bool = True
+    # eps of every LayerNorm (stem, blocks, final), one value as in OpenCLIP and HF CLIP so exports are exact.
+    # null = checkpoints saved before this key: 1e-6 in the blocks, 1e-5 elsewhere (from_yaml_text sets it).
+    norm_eps: Optional[float] = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -188,6 +191,19 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot classification or retrieval while training (rank 0), logged as eval/<task>/<metric>."""
+
+    every_steps: int = 0  # 0: never
+    dataset: str = ""  # a kind of alignclip.eval.datasets: imagefolder | cifar10 | cifar100 | karpathy | wds
+    root: str = ""
+    annotations: str = ""  # karpathy: the Karpathy-split JSON
+    split: str = "test"
+    batch_size: int = 64
+    workers: int = 0
+
+
+@dataclass
 class LaunchConfig:
     executor: str = "slurm"  # slurm | local
     nodes: int = 1
@@ -217,6 +233,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
@@ -352,6 +369,11 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
                           f"of 'model.vision.patch_size' ({m.vision.patch_size})")
+    if config.eval.every_steps and not (config.eval.dataset and config.eval.root):
+        raise ConfigError(f"{source}: key 'eval.every_steps' is {config.eval.every_steps} but 'eval.dataset' and "
+                          f"'eval.root' are not both set")
+    if m.norm_eps is not None and not m.norm_eps > 0:
+        raise ConfigError(f"{source}: key 'model.norm_eps' must be > 0 (or null), got {m.norm_eps}")
     positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size",
                 "data.prefetch_factor"]
     for key in positive:
@@ -360,7 +382,7 @@ def validate(config: Config, source: str = "config") -> None:
     nonneg = ["loss.clip_weight", "loss.crsep_weight", "loss.imsep_weight", "loss.uniform_weight",
               "loss.xuniform_weight", "loss.align_weight", "train.warmup_steps", "train.max_steps",
               "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "data.workers",
-              "train.peak_tflops"]
+              "train.peak_tflops", "eval.every_steps", "eval.workers"]
     for key in nonneg:
         if _get(config, key) < 0:
             raise ConfigError(f"{source}: key '{key}' must be >= 0, got {_get(config, key)}")
@@ -373,7 +395,10 @@ def to_yaml(config: Config) -> str:
 
 def from_yaml_text(text: str) -> Config:
     """Rebuild a Config from a resolved YAML dump (a run directory's config.yaml, an export's metadata)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    saved = OmegaConf.create(text)
+    if "model" in saved and "norm_eps" not in saved.model:  # saved before model.norm_eps: the old mixed eps
+        saved.model.norm_eps = None
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

@@ -28,6 +28,10 @@ import torch
 from alignclip.analysis.metrics import as_numpy
 
 
+class CacheError(ValueError):
+    """An embedding cache (or foreign .npy) whose arrays would give wrong figures; the message names it."""
+
+
 @dataclass
 class ZeroShotTask:
     classnames: list[str]
@@ -62,6 +66,47 @@ class EmbeddingSet:
             raise ValueError(f"{len(image)} images and {len(text)} captions: pass text_to_image for several "
                              f"captions per image")
         return cls(image, text, owner, **kwargs)
+
+    def validate(self, where: str = "embedding set", unit_norm: bool = False) -> "EmbeddingSet":
+        """Raise CacheError naming ``where`` unless the arrays can be trusted: 2-D, one width, finite, no zero row,
+        caption owners inside [0, images) (a negative index would silently wrap), unit rows when ``unit_norm``
+        (a cache holds normalised embeddings; anything else means it was written by something else)."""
+        for name, arr in (("image", self.image), ("text", self.text)):
+            if arr.ndim != 2 or not len(arr):
+                raise CacheError(f"{where}: {name} embeddings must be a non-empty [n, d] array, found {arr.shape}")
+            bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+            if len(bad):
+                raise CacheError(f"{where}: {name} embeddings hold NaN or inf (row {bad[0]}, {len(bad)} rows)")
+            norms = np.linalg.norm(arr, axis=1)
+            if (norms < 1e-6).any():
+                raise CacheError(f"{where}: {name} embedding row {int(np.argmax(norms < 1e-6))} is all zeros")
+            off = np.flatnonzero(np.abs(norms - 1) > 1e-3)
+            if unit_norm and len(off):
+                raise CacheError(f"{where}: {name} embedding row {off[0]} has norm {norms[off[0]]:.4f}; a cache "
+                                 f"holds L2-normalised rows ({len(off)} rows are not)")
+        if self.image.shape[1] != self.text.shape[1]:
+            raise CacheError(f"{where}: image width {self.image.shape[1]} != text width {self.text.shape[1]}")
+        owner = self.text_to_image
+        if owner.shape != (len(self.text),) or not np.issubdtype(owner.dtype, np.integer):
+            raise CacheError(f"{where}: text_to_image must hold one integer per caption ({len(self.text)}), "
+                             f"found {owner.dtype} {owner.shape}")
+        out = np.flatnonzero((owner < 0) | (owner >= len(self.image)))
+        if len(out):
+            raise CacheError(f"{where}: text_to_image[{out[0]}] = {owner[out[0]]} is outside [0, {len(self.image)}) "
+                             f"images ({len(out)} entries are)")
+        for task_name, task in self.zeroshot.items():
+            if task.labels.shape != (len(self.image),):
+                raise CacheError(f"{where}: zero-shot task {task_name!r} has {len(task.labels)} labels for "
+                                 f"{len(self.image)} images")
+            bad = np.flatnonzero((task.labels < -1) | (task.labels >= len(task.class_embeddings)))
+            if len(bad):
+                raise CacheError(f"{where}: zero-shot task {task_name!r} label {task.labels[bad[0]]} of image "
+                                 f"{bad[0]} is outside [-1, {len(task.class_embeddings)})")
+        if self.arithmetic is not None:
+            idx = np.concatenate([self.arithmetic.source, self.arithmetic.target])
+            if len(idx) and (idx.min() < 0 or idx.max() >= len(self.image)):
+                raise CacheError(f"{where}: arithmetic image indices must lie in [0, {len(self.image)})")
+        return self
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(image of each caption, caption): the paired rows the gap metrics and the aligners use."""
@@ -100,13 +145,21 @@ class EmbeddingSet:
     def load(cls, path: str | Path) -> "EmbeddingSet":
         """A cache directory, or a single ``.npy`` of images whose sibling ``text.npy`` holds the captions."""
         p = Path(path)
+        if not (p.is_dir() and (p / "image.npy").is_file()) and not (p.suffix == ".npy" and p.is_file()):
+            raise FileNotFoundError(f"{path}: expected an embedding cache directory (image.npy, text.npy, ...), "
+                                    f"an image .npy with text.npy beside it, or an exported .safetensors model")
         folder = p if p.is_dir() else p.parent
+        if not (folder / "text.npy").is_file():
+            raise FileNotFoundError(f"{folder / 'text.npy'} not found: the caption embeddings of {path}")
         meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
 
         def arr(name):  # allow_pickle=False: a cache never runs code
-            return np.load(folder / f"{name}.npy", allow_pickle=False)
+            try:
+                return np.load(folder / f"{name}.npy", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise CacheError(f"{folder / (name + '.npy')}: not a readable numpy array ({err})") from None
 
-        image = arr("image") if p.is_dir() else np.load(p, allow_pickle=False)
+        image = arr("image") if p.is_dir() else arr(p.stem)
         owner = arr("text_to_image") if (folder / "text_to_image.npy").is_file() else None
         zeroshot = {name: ZeroShotTask(classnames, arr(f"zeroshot_{name}_classes"), arr(f"zeroshot_{name}_labels"))
                     for name, classnames in meta.get("zeroshot", {}).items()}
@@ -115,9 +168,14 @@ class EmbeddingSet:
             arithmetic = ArithmeticTask(*(arr(f"arithmetic_{part}") for part in ("source", "target", "text_a",
                                                                                   "text_b")))
         extra = {k: v for k, v in meta.items() if k not in ("keys", "captions", "zeroshot", "arithmetic")}
-        return cls.from_arrays(image, arr("text"), owner, keys=meta.get("keys", []),
-                               captions=meta.get("captions", []), zeroshot=zeroshot, arithmetic=arithmetic,
-                               meta=extra)
+        extra.setdefault("source", str(p))
+        text = arr("text")
+        if owner is None and len(image) != len(text):
+            raise CacheError(f"{folder}: {len(image)} images and {len(text)} captions but no text_to_image.npy")
+        es = cls.from_arrays(image, text, owner, keys=meta.get("keys", []), captions=meta.get("captions", []),
+                             zeroshot=zeroshot, arithmetic=arithmetic, meta=extra)
+        # a cache we wrote (meta.json) holds normalised rows; a foreign .npy may not (the metrics normalise)
+        return es.validate(str(path), unit_norm=bool(meta))
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -244,6 +302,9 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
     tokenizer = get_tokenizer(config.model.text.context_length)
     tasks = json.loads(Path(tasks_path).read_text()) if tasks_path else None
     if folder:
+        if not captions:
+            raise ValueError(f"--folder {folder} needs --captions FILE (filename<TAB>caption lines); for a folder "
+                             f"of one sub-folder per class use alignclip-eval --benchmark imagefolder")
         batches = folder_batches(folder, captions, config.model.vision.image_size, tokenizer, batch_size)
         source = f"{folder} ({captions})"
     else:
@@ -304,6 +365,10 @@ def add_source_arguments(parser) -> None:
     group.add_argument("--arithmetic-text", default="caption", choices=["caption", "word"],
                        help="arithmetic deltas from whole captions or from the swapped words alone")
     group.add_argument("--cache-dir", default="", help="save each encoded set here (<cache-dir>/<name>)")
+    group.add_argument("--trust-checkpoint", action="store_true",
+                       help="accept a training run or checkpoint directory as a source: it is exported first, which "
+                            "UNPICKLES its DeepSpeed state (torch.load runs code stored in the file); pass it only "
+                            "for checkpoints you wrote. Exported .safetensors and caches never unpickle")
 
 
 def resolve_source(source: str, args, name: str = "", split: str | None = None) -> EmbeddingSet:
@@ -311,7 +376,12 @@ def resolve_source(source: str, args, name: str = "", split: str | None = None) 
     (exported first, into --cache-dir or a temporary folder), encoded with the flags above."""
     p = Path(source)
     if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "mp_rank_00_model_states.pt").is_file()):
+        if not getattr(args, "trust_checkpoint", False):
+            raise ValueError(f"{source} is a training run / checkpoint: reading it unpickles DeepSpeed state; export "
+                             f"it with alignclip-export first, or pass --trust-checkpoint if you wrote it")
         p = _export_on_the_fly(p, args, name)  # a training run or checkpoint: export it first
+    if p.suffix == ".safetensors" and not p.is_file():
+        raise FileNotFoundError(f"{source}: no such exported model (.safetensors)")
     if p.suffix != ".safetensors":
         return EmbeddingSet.load(p)
     extra = None

@@ -1,12 +1,15 @@
-"""Export a training checkpoint to one safetensors file, and load it back without DeepSpeed.
+"""Export a training checkpoint, and load our own export back without DeepSpeed.
 
-    export_checkpoint(run_dir | checkpoints dir | step dir, "model.safetensors")
+    export_checkpoint(run_dir | checkpoints dir | step dir, "model.safetensors")  # format safetensors
+    export_checkpoint(run_dir, "oc", format="openclip")  # open_clip.create_model_and_transforms("local-dir:oc")
+    export_checkpoint(run_dir, "hf", format="hf")        # transformers.CLIPModel.from_pretrained("hf")
     model, tokenizer, transform = alignclip.load("model.safetensors")
 
-The file holds the fp32 weights and, as safetensors metadata, the run's resolved config (YAML); a sidecar
-``<file>.yaml`` repeats the config for people. ZeRO checkpoints are consolidated with DeepSpeed's own
-``zero_to_fp32`` (the fp32 master weights, whatever the training precision); a ZeRO-0 checkpoint's module states
-are read directly. Exporting reads the training checkpoint, which torch pickles: export only checkpoints you
+``safetensors``: one file of fp32 weights with, as safetensors metadata, the run's resolved config (YAML); a sidecar
+``<file>.yaml`` repeats the config for people. ``openclip`` / ``hf``: a folder in that library's layout
+(alignclip.models.convert maps the weights) with a model card README.md. ZeRO checkpoints are consolidated with
+DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights, whatever the training precision); a ZeRO-0
+checkpoint's module states are read directly. Exporting reads the training checkpoint, which torch pickles: export only checkpoints you
 wrote. Loading an exported file never unpickles anything.
 """
 
@@ -21,10 +24,12 @@ import torch
 from torch import nn
 
 from alignclip.config import Config, from_yaml_text, to_yaml
+from alignclip.data.transforms import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
+FORMATS = ("safetensors", "openclip", "hf")
 META_CONFIG, META_FORMAT, META_SOURCE = "alignclip_config", "alignclip_format", "alignclip_source"
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 
@@ -67,8 +72,8 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-def export_checkpoint(checkpoint: str | Path, out_path: str | Path, config: Config | None = None) -> Path:
-    """Write ``out_path`` (safetensors, config in its metadata) and ``out_path`` + ``.yaml``; return out_path."""
+def checkpoint_model(checkpoint: str | Path, config: Config | None = None) -> tuple[nn.Module, Config, Path]:
+    """(model with the checkpoint's fp32 weights, its config, the step directory). Unpickles the checkpoint."""
     from alignclip.models import build_model
 
     step_dir = resolve_checkpoint(checkpoint)
@@ -78,7 +83,20 @@ def export_checkpoint(checkpoint: str | Path, out_path: str | Path, config: Conf
     if missing or unexpected:
         raise ValueError(f"checkpoint {step_dir} does not match model config {config.model.arch}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return save_exported(model, config, out_path, source=str(step_dir))
+    return model.eval(), config, step_dir
+
+
+def export_checkpoint(checkpoint: str | Path, out_path: str | Path, config: Config | None = None,
+                      format: str = "safetensors", allow_inexact: bool = False) -> Path:
+    """Export the checkpoint as ``format`` (FORMATS) into ``out_path`` (a file for safetensors, else a folder)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; expected one of {list(FORMATS)}")
+    model, config, step_dir = checkpoint_model(checkpoint, config)
+    if format == "safetensors":
+        return save_exported(model, config, out_path, source=str(step_dir))
+    card = ModelCard.of_run(config, step_dir)
+    writer = save_openclip if format == "openclip" else save_hf
+    return writer(model, config, out_path, card, allow_inexact=allow_inexact)
 
 
 def save_exported(model: nn.Module, config: Config, out_path: str | Path, source: str = "") -> Path:
@@ -96,10 +114,15 @@ def save_exported(model: nn.Module, config: Config, out_path: str | Path, source
 
 def read_config(path: str | Path) -> Config:
     """The config stored in an exported file's metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such exported model (expected a .safetensors written by alignclip-export)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a safetensors file ({err})") from None
     if META_CONFIG not in meta:
         raise ValueError(f"{path} has no {META_CONFIG!r} metadata: not a file written by alignclip.export")
     return from_yaml_text(meta[META_CONFIG])
@@ -141,3 +164,132 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     model, config = load_model(path, device)
     return model, get_tokenizer(config.model.text.context_length), ImageTransform(config.model.vision.image_size)
 
+
+
+# ------------------------------------------------------------------------------------- OpenCLIP and HF folders
+class ModelCard:
+    """The README.md of an OpenCLIP / HF export: architecture, loss recipe, data, steps, known figures."""
+
+    def __init__(self, config: Config, step: int | None = None, source: str = "", figures: dict | None = None):
+        self.config, self.step, self.source, self.figures = config, step, source, dict(figures or {})
+
+    @classmethod
+    def of_run(cls, config: Config, step_dir: Path) -> "ModelCard":
+        """Steps from the step directory; figures from <run>/final_metrics.json if the trainer wrote one."""
+        import json
+
+        step = int(step_dir.name.rsplit("_", 1)[-1]) if step_dir.name.startswith("step_") else None
+        metrics_file = step_dir.parent.parent / "final_metrics.json"
+        figures = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        return cls(config, step, str(step_dir), figures)
+
+    def render(self, library: str, loading: str, eps_note: str) -> str:
+        m, loss = self.config.model, self.config.loss
+        shared = m.arch == "sharedclip"
+        kind = ("SharedCLIP" if loss.imsep_weight == 0 else "AlignCLIP") if shared else "CLIP"
+        terms = {k: getattr(loss, k) for k in ("clip_weight", "crsep_weight", "imsep_weight", "uniform_weight",
+                                                "xuniform_weight", "align_weight") if getattr(loss, k)}
+        lines = [
+            f"# {self.config.name} ({kind}, {library} format)", "",
+            f"Exported by alignclip from `{self.source or 'a model'}`.", "",
+            "## Load it", "", "```python", loading, "```", "",
+            "## Architecture", "",
+            f"- `{m.arch}`: image {m.vision.image_size} px in {m.vision.patch_size} px patches; vision width "
+            f"{m.vision.width}, {m.vision.layers} layers, {m.vision.heads} heads; text width {m.text.width}, "
+            f"{m.text.layers} layers, {m.text.heads} heads, context {m.text.context_length}; embedding "
+            f"{m.embed_dim}; exact GELU (not QuickGELU); {eps_note}.",
+        ]
+        if shared:
+            lines.append("- SharedCLIP / AlignCLIP share one transformer, final LayerNorm and projection between "
+                         "the modalities (Eslami & de Melo, ICLR 2025, arXiv 2406.17639). This format has two "
+                         "towers, so the shared trunk is written into both: the two towers hold identical "
+                         "weights (the stems differ: patches and class token vs token and position embeddings).")
+        lines += ["", "## Training", "",
+                  f"- loss recipe: {', '.join(f'{k} {v:g}' for k, v in terms.items()) or 'none recorded'}"
+                  + (f" (IMSep sides: {loss.imsep_sides}, rescaled: {loss.imsep_rescale})"
+                     if loss.imsep_weight else ""),
+                  f"- data: `{self.config.data.train or 'unknown'}`",
+                  f"- steps: {self.step if self.step is not None else 'unknown'} (global batch "
+                  f"{self.config.train.global_batch_size}, lr {self.config.train.lr:g})"]
+        if self.figures:
+            lines += ["", "## Figures at the end of training", "", "| figure | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                      for k, v in sorted(self.figures.items())]
+        else:
+            lines += ["", "Final gap and zero-shot figures: not recorded with this checkpoint "
+                          "(see alignclip's gap_analysis and evaluate tools)."]
+        return "\n".join(lines) + "\n"
+
+
+def _export_eps(config: Config, allow_inexact: bool) -> tuple[float, str]:
+    from alignclip.models.convert import ExportError, exact_norm_eps
+
+    try:
+        eps = exact_norm_eps(config.model)
+        return eps, f"LayerNorm eps {eps:g} everywhere"
+    except ExportError:
+        if not allow_inexact:
+            raise
+        log.warning("exporting a model with mixed LayerNorm eps as eps 1e-5: embeddings differ by ~1e-3")
+        return 1e-5, ("LayerNorm eps 1e-5 here, but the model was trained with 1e-6 inside its blocks: "
+                      "embeddings differ from the original by ~1e-3")
+
+
+def save_openclip(model: nn.Module, config: Config, out_dir: str | Path, card: ModelCard | None = None,
+                  allow_inexact: bool = False) -> Path:
+    """A ``local-dir:`` folder for OpenCLIP: open_clip_config.json + open_clip_model.safetensors + README.md."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from alignclip.models.convert import openclip_config, to_openclip
+
+    eps, eps_note = _export_eps(config, allow_inexact)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = to_openclip(model.state_dict(), config.model)
+    save_file({k: v.float() for k, v in state.items()}, str(out / "open_clip_model.safetensors"),
+              metadata={"format": "pt"})
+    preprocess = {"image_size": config.model.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (out / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": openclip_config(config.model, eps), "preprocess_cfg": preprocess}, indent=2) + "\n")
+    loading = (f'import open_clip\nmodel, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")'
+               f'\ntokenizer = open_clip.get_tokenizer("local-dir:{out}")')
+    (out / "README.md").write_text((card or ModelCard(config)).render("OpenCLIP", loading, eps_note))
+    log.info("exported OpenCLIP folder %s", out)
+    return out
+
+
+def save_hf(model: nn.Module, config: Config, out_dir: str | Path, card: ModelCard | None = None,
+            allow_inexact: bool = False) -> Path:
+    """A folder for ``transformers.CLIPModel`` / ``CLIPProcessor.from_pretrained``: config.json,
+    model.safetensors, preprocessor and tokenizer files, README.md."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from alignclip.models.convert import hf_config_kwargs, to_hf
+    from alignclip.tokenizer import get_tokenizer
+
+    eps, eps_note = _export_eps(config, allow_inexact)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model = CLIPModel(CLIPConfig(**hf_config_kwargs(config.model, eps)))
+    hf_model.load_state_dict(to_hf(model.state_dict(), config.model), strict=True)
+    hf_model.save_pretrained(str(out))
+    ours = get_tokenizer(config.model.text.context_length)
+    vocab, merges = ours.vocab_and_merges()
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"),
+                              model_max_length=config.model.text.context_length)
+    size = config.model.vision.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(out))
+    loading = (f'from transformers import CLIPModel, CLIPProcessor\nmodel = CLIPModel.from_pretrained("{out}")\n'
+               f'processor = CLIPProcessor.from_pretrained("{out}")')
+    (out / "README.md").write_text((card or ModelCard(config)).render("Hugging Face transformers", loading, eps_note))
+    log.info("exported Hugging Face folder %s", out)
+    return out

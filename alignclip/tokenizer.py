@@ -96,6 +96,13 @@ class CLIPTokenizer:
         """BPE ids of one text, without start/end tokens."""
         return self._tok.encode(_clean(text)).ids
 
+    def vocab_and_merges(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """The BPE vocabulary and merges (Hugging Face's vocab.json / merges.txt content, for exports)."""
+        import json
+
+        model = json.loads(self._tok.to_str())["model"]
+        return dict(model["vocab"]), [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
     def decode(self, ids: Sequence[int]) -> str:
         keep = [i for i in ids if i not in (self.sot_id, self.eot_id, self.pad_id)]
         return self._tok.decode(keep).replace("</w>", " ").strip()

@@ -29,7 +29,7 @@ class TinyContrastive(nn.Module):
     def forward(self, images, tokens):
         return {"image_embeds": F.normalize(self.image(images), dim=-1),
                 "text_embeds": F.normalize(self.text(tokens), dim=-1),
-                "logit_scale": self.logit_scale.clamp(max=MAX)}
+                "log_logit_scale": self.logit_scale.clamp(max=MAX)}
 
 
 def _inputs(model_kind):
@@ -63,9 +63,9 @@ def push_the_scale_up(rank, world, model_kind, clamp_mode):
     effective, stored, module_values, module_after_step = [], [], [], []
     for _ in range(STEPS):
         out = engine(images, tokens)
-        effective.append(out["logit_scale"].float().exp().max().item())
-        loss = objective(out["image_embeds"], out["text_embeds"], out["logit_scale"]).total
-        loss = loss - 10.0 * out["logit_scale"].float().sum()  # a strong push towards a larger scale
+        effective.append(out["log_logit_scale"].float().exp().max().item())
+        loss = objective(out["image_embeds"], out["text_embeds"], out["log_logit_scale"]).total
+        loss = loss - 10.0 * out["log_logit_scale"].float().sum()  # a strong push towards a larger scale
         engine.backward(loss)
         engine.step()
         module_after_step.append(engine.module.logit_scale.float().max().item())

@@ -57,9 +57,10 @@ def test_tiny_forward_backward_gives_every_parameter_a_gradient(name):
     assert out["image_embeds"].shape == (3, m.embed_dim) and out["text_embeds"].shape == (3, m.embed_dim)
     assert torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(out["text_embeds"].norm(dim=-1), torch.ones(3), atol=1e-5)
-    assert math.isclose(out["logit_scale"].item(), math.log(1 / 0.07), rel_tol=1e-6)
+    assert math.isclose(out["log_logit_scale"].item(), math.log(1 / 0.07), rel_tol=1e-6)
+    assert "logit_scale" not in out and "image_features" not in out  # OpenCLIP's keys mean other things
     # a joint contrastive step
-    logits = out["logit_scale"].exp() * out["image_embeds"] @ out["text_embeds"].T
+    logits = out["log_logit_scale"].exp() * out["image_embeds"] @ out["text_embeds"].T
     y = torch.arange(3)
     loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
     loss.backward()
@@ -124,7 +125,7 @@ def test_logit_scale_is_clamped_in_forward_at_ln_100():
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     images, tokens = _batch(m)
-    assert math.isclose(model(images, tokens)["logit_scale"].exp().item(), 100.0, rel_tol=1e-5)
+    assert math.isclose(model(images, tokens)["log_logit_scale"].exp().item(), 100.0, rel_tol=1e-5)
 
 
 def _joint_step(m, configure):

@@ -59,7 +59,7 @@ def test_copied_weights_give_the_same_embeddings_and_loss():
     other = theirs(batch["image"], batch["text"])
     torch.testing.assert_close(mine["image_embeds"], other["image_features"], rtol=0, atol=1e-5)
     torch.testing.assert_close(mine["text_embeds"], other["text_features"], rtol=0, atol=1e-5)
-    our_loss = build_objective(config.loss)(mine["image_embeds"], mine["text_embeds"], mine["logit_scale"]).total
+    our_loss = build_objective(config.loss)(mine["image_embeds"], mine["text_embeds"], mine["log_logit_scale"]).total
     their_loss = ClipLoss()(**other)
     assert abs(float(our_loss.detach()) - float(their_loss.detach())) < 1e-5
 

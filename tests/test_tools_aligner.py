@@ -71,25 +71,25 @@ class _TwoTowers(torch.nn.Module):
         self.img, self.txt = torch.nn.Linear(4, 8), torch.nn.Embedding(10, 8)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
 
-    def encode_image(self, images, normalize=True):
+    def encode_image(self, images, normalize=False):
         x = self.img(images)
         return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens, normalize=True):
+    def encode_text(self, tokens, normalize=False):
         x = self.txt(tokens).mean(1)
         return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images, tokens):
-        return dict(image_embeds=self.encode_image(images), text_embeds=self.encode_text(tokens),
-                    logit_scale=self.logit_scale)
+        return dict(image_embeds=self.encode_image(images, True), text_embeds=self.encode_text(tokens, True),
+                    log_logit_scale=self.logit_scale)
 
 
 def test_aligned_model_wraps_the_image_encoder():
     base, aligner = _TwoTowers(), MLPAligner(AlignerShape(dim=8, hidden=8, depth=1, residual=False))
     wrapped = AlignedModel(base, aligner)
     images, tokens = torch.randn(3, 4), torch.randint(0, 10, (3, 5))
-    expected = torch.nn.functional.normalize(aligner(base.encode_image(images)), dim=-1)
-    torch.testing.assert_close(wrapped.encode_image(images), expected)
+    expected = torch.nn.functional.normalize(aligner(base.encode_image(images, normalize=True)), dim=-1)
+    torch.testing.assert_close(wrapped.encode_image(images, normalize=True), expected)
     torch.testing.assert_close(wrapped.encode_text(tokens), base.encode_text(tokens))
     assert wrapped(images, tokens)["image_embeds"].shape == (3, 8)
 
@@ -121,13 +121,15 @@ def test_compare_reports_gap_and_tasks_for_every_method(tmp_path):
     labels = rng.integers(0, 4, 200)
     txt = _unit(classes[labels] + 0.3 * rng.normal(size=(200, 16)))
     img = txt + 0.8  # a pure modality gap (translation) on top of the text structure
-    fit = EmbeddingSet.from_arrays(img[:100], txt[:100])
+    fit = EmbeddingSet.from_arrays(img[:100], txt[:100], zeroshot={"c": ZeroShotTask(list("abcd"), classes,
+                                                                                      labels[:100])})
     held = EmbeddingSet.from_arrays(img[100:], txt[100:], zeroshot={"c": ZeroShotTask(list("abcd"), classes,
                                                                                        labels[100:])},
                                     arithmetic=ArithmeticTask(np.arange(5), np.arange(5, 10), txt[100:105],
                                                               txt[105:110]))
     methods = {"identity": PostHocAligner().fit(*fit.pairs()), "mean_shift": MeanShift().fit(*fit.pairs())}
-    rows = compare_methods(methods, held)
+    rows = compare_methods(methods, held, train_set=fit)  # linear probes: fit on `fit`, scored on `held`
+    assert "linear_probe_c" not in compare_methods(methods, held)["identity"]["tasks"]
     assert rows["identity"]["gap"]["centroid_distance"] > 0.5
     assert rows["mean_shift"]["gap"]["centroid_distance"] < 0.05
     assert rows["mean_shift"]["tasks"]["arithmetic"]["arithmetic_recall@1"] == 1.0

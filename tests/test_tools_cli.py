@@ -10,6 +10,11 @@ from tests.helpers.ranks import run_on_ranks
 from tests.helpers.tools import command
 
 
+def _run(name: str, argv: list[str]) -> None:
+    """The command as a user runs it; it must exit 0."""
+    assert command(name)(argv) == 0, f"{name} {argv} failed"
+
+
 def _train_tiny(rank, world_size, root: str):
     from alignclip.config import load_config
     from alignclip.training.loop import train
@@ -38,13 +43,14 @@ def trained(tmp_path_factory):
 def test_gap_analysis_evaluate_and_distill_tools(trained):
     root = trained
     paths = {name: root / "exported" / f"{name}.safetensors" for name in ("clip", "alignclip")}
-    command("export")([str(root / "runs" / "clip"), str(paths["clip"])])
+    _run("export", [str(root / "runs" / "clip"), str(paths["clip"])])
     cache = root / "cache"
-    command("gap_analysis")(["--model", f"clip={paths['clip']}",
+    _run("gap_analysis", ["--model", f"clip={paths['clip']}",
                                 "--model", f"alignclip={root / 'runs' / 'alignclip'}",  # a run dir: exported here
-                                "--out", str(root / "gap"), "--cache-dir", str(cache)])
+                                "--out", str(root / "gap"), "--cache-dir", str(cache), "--trust-checkpoint"])
     figures = json.loads((root / "gap" / "gap_metrics.json").read_text())
     assert set(figures) == {"clip", "alignclip"} and figures["clip"]["num_pairs"] == 96
+    assert figures["clip"]["data_source"] == figures["alignclip"]["data_source"] != "unknown"
     assert (root / "gap" / "pca_projection.png").stat().st_size > 0
     assert (cache / "clip" / "val" / "image.npy").is_file()
     assert (cache / "alignclip.safetensors").is_file()  # the run directory was exported on the fly
@@ -57,17 +63,20 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     (root / "size_templates.txt").write_text("a {c} shape\na {c} object\n")
     (root / "size_labels.tsv").write_text("".join(f"{key}\t{sizes[lab['size']]}\n"
                                                   for key, lab in tasks["val_labels"].items()))
-    command("evaluate")(["--model", str(paths["alignclip"]), "--out", str(root / "eval"), "--name", "tiny",
+    _run("evaluate", ["--model", str(paths["alignclip"]), "--out", str(root / "eval"), "--name", "tiny",
                             "--classnames", str(root / "sizes.txt"), "--templates", str(root / "size_templates.txt"),
                             "--labels", str(root / "size_labels.tsv")])
     names = sorted(p.name for p in (root / "eval").glob("*.json"))
-    assert "generated_tiny_retrieval.json" in names and "generated_tiny_arithmetic.json" in names
-    assert "generated_tiny_zeroshot_colour.json" in names and "generated_tiny_linear_probe_shape.json" in names
-    assert "generated_tiny_zeroshot_classes.json" in names  # from the plain files
-    zs = json.loads((root / "eval" / "generated_tiny_zeroshot_colour.json").read_text())
+    assert "generated_tiny_zeroshot_retrieval.json" in names and "generated_tiny_arithmetic.json" in names
+    assert "generated_tiny_zeroshot_classification_colour.json" in names
+    assert "generated_tiny_zeroshot_classification_classes.json" in names  # from the plain files
+    assert not [n for n in names if "linear_probe" in n]  # no train split given: no probe on the test set
+    zs = json.loads((root / "eval" / "generated_tiny_zeroshot_classification_colour.json").read_text())
     assert set(zs["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(zs)
+    assert (root / "eval" / "results.csv").is_file() and (root / "eval" / "results.md").is_file()
 
-    command("distill_aligner")(["--fit", str(paths["clip"]), "--out", str(root / "aligner"), "--max-epochs", "3",
+    _run("distill_aligner", ["--fit", str(paths["clip"]), "--out", str(root / "aligner"), "--max-epochs", "3",
                                    "--hidden", "32", "--recipe", "mlp_cos:cos=1",
                                    "--recipe", "mlp_all:cos=1,clip=1,imsep=0.5"])
     rows = json.loads((root / "aligner" / "aligner_comparison.json").read_text())
@@ -75,10 +84,10 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     assert rows["mean_centering"]["gap"]["centroid_distance"] < rows["identity"]["gap"]["centroid_distance"]
     assert "arithmetic" in rows["mlp_cos"]["tasks"]
     # the saved aligner evaluates as a wrapper of the image encoder
-    command("evaluate")(["--model", str(cache / "clip" / "val"), "--aligner",
+    _run("evaluate", ["--model", str(cache / "clip" / "val"), "--aligner",
                             str(root / "aligner" / "mlp_cos.safetensors"), "--out", str(root / "eval_aligned"),
                             "--name", "clip+mlp"])
-    assert (root / "eval_aligned" / "generated_clip_mlp_retrieval.json").is_file()
+    assert (root / "eval_aligned" / "generated_clip_mlp_zeroshot_retrieval.json").is_file()
     # ... and loads as a wrapper of the exported model's image encoder
     import torch
 
@@ -87,10 +96,11 @@ def test_gap_analysis_evaluate_and_distill_tools(trained):
     wrapped, tokenizer, _ = load_aligned(paths["clip"], root / "aligner" / "mlp_cos.safetensors")
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        expected = torch.nn.functional.normalize(wrapped.aligner(wrapped.model.encode_image(images)), dim=-1)
-        torch.testing.assert_close(wrapped.encode_image(images), expected)
+        expected = torch.nn.functional.normalize(wrapped.aligner(wrapped.model.encode_image(images, normalize=True)),
+                                                 dim=-1)
+        torch.testing.assert_close(wrapped.encode_image(images, normalize=True), expected)
         assert wrapped(images, tokenizer(["a red circle", "a blue square"]))["text_embeds"].shape == (2, 64)
-    command("gap_analysis")(["--model", f"clip={cache / 'clip' / 'val'}", "--aligner",
+    _run("gap_analysis", ["--model", f"clip={cache / 'clip' / 'val'}", "--aligner",
                                 f"clip={root / 'aligner' / 'mlp_cos.safetensors'}", "--out", str(root / "gap2")])
     figures = json.loads((root / "gap2" / "gap_metrics.json").read_text())
     assert set(figures) == {"clip", "clip+mlp_cos"}

@@ -1,4 +1,5 @@
-"""Export a real DeepSpeed checkpoint (ZeRO 0 and 1) to safetensors and load it back without DeepSpeed."""
+"""Export a real DeepSpeed checkpoint (ZeRO 0 and 1) to safetensors and load it back without DeepSpeed; export to
+OpenCLIP and Hugging Face folders that those libraries load and that give our embeddings."""
 
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def _train_and_checkpoint(rank, world_size, run_root: str):
         tokens[:, -1] = 49407
         for _ in range(3):
             out = engine(images, tokens)
-            loss = objective(out["image_embeds"], out["text_embeds"], out["logit_scale"]).total
+            loss = objective(out["image_embeds"], out["text_embeds"], out["log_logit_scale"]).total
             engine.backward(loss)
             engine.step()
         save_config(config, config.run_dir)
@@ -93,3 +94,128 @@ def test_loading_rejects_a_safetensors_file_without_config(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="alignclip_config"):
         load_model(tmp_path / "plain.safetensors")
+
+
+# ------------------------------------------------------------------------------ OpenCLIP and Hugging Face exports
+TEXTS = ["a red circle", "two blue squares left of a star", "x", "a photo of a cat " * 12]
+LARGEST_DIFFERENCE: dict[str, float] = {}  # (model, library) -> max |ours - theirs|, printed by the last test
+
+
+def _perturbed_model(name):
+    """A tiny model whose weights are all away from their (often zero or one) initial values."""
+    from alignclip.config import load_config
+    from alignclip.models import build_model
+
+    config = load_config(name)
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, config
+
+
+def _record(key, *diffs):
+    LARGEST_DIFFERENCE[key] = max(float(d.abs().max()) for d in diffs)
+    print(f"{key}: largest embedding difference {LARGEST_DIFFERENCE[key]:.2e}")
+    assert LARGEST_DIFFERENCE[key] <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["model/clip_tiny", "model/sharedclip_tiny"])
+def test_openclip_local_dir_loads_without_key_warnings_and_gives_our_embeddings(name, tmp_path, caplog):
+    import logging
+    import warnings
+
+    import open_clip
+
+    from alignclip.export import save_openclip
+    from alignclip.tokenizer import get_tokenizer
+
+    model, config = _perturbed_model(name)
+    out = save_openclip(model, config, tmp_path / "oc")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "open_clip_config.json",
+                                                     "open_clip_model.safetensors"]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    tokens = get_tokenizer(config.model.text.context_length)(TEXTS)
+    torch.testing.assert_close(tokenizer(TEXTS), tokens, atol=0, rtol=0)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    theirs.eval()
+    with torch.no_grad():
+        _record(f"{config.model.arch} OpenCLIP", theirs.encode_image(images) - model.encode_image(images),
+                theirs.encode_text(tokens) - model.encode_text(tokens))
+        out_dict = theirs(images, tokens)
+        scale = out_dict["logit_scale"] if isinstance(out_dict, dict) else out_dict[2]
+        torch.testing.assert_close(scale.reshape(1), model.logit_scale.exp())  # OpenCLIP's is exp'd
+    assert preprocess.transforms[0].size in (64, [64], (64, 64))
+    card = (out / "README.md").read_text()
+    assert "local-dir:" in card and config.model.arch in card
+    assert ("written into both" in card) == (config.model.arch == "sharedclip")
+
+
+@pytest.mark.parametrize("name", ["model/clip_tiny", "model/sharedclip_tiny"])
+def test_hf_folder_loads_with_clip_model_and_processor_and_gives_our_embeddings(name, tmp_path):
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    from alignclip.export import ImageTransform, save_hf
+    from alignclip.tokenizer import get_tokenizer
+
+    model, config = _perturbed_model(name)
+    out = save_hf(model, config, tmp_path / "hf")
+    theirs = CLIPModel.from_pretrained(str(out)).eval()
+    processor = CLIPProcessor.from_pretrained(str(out))
+    context = config.model.text.context_length
+    enc = processor(text=TEXTS, padding="max_length", max_length=context, truncation=True, return_tensors="pt")
+    ours = get_tokenizer(context)(TEXTS)
+    # HF pads with the end token (OpenAI's choice), we pad with 0: the ids up to the first end token agree
+    eot = ours.argmax(-1)
+    for row in range(len(TEXTS)):
+        assert enc["input_ids"][row, :eot[row] + 1].tolist() == ours[row, :eot[row] + 1].tolist()
+    pictures = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (10, 90, 250))]
+    pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, ImageTransform(64)(pictures), atol=1e-5, rtol=0)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        their_text = theirs.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        their_image = theirs.get_image_features(pixel_values=images)
+        their_text = getattr(their_text, "pooler_output", their_text)  # transformers 5 returns the model output
+        their_image = getattr(their_image, "pooler_output", their_image)
+        _record(f"{config.model.arch} HF", their_image - model.encode_image(images),
+                their_text - model.encode_text(ours))
+    assert "CLIPModel.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_a_model_with_the_old_mixed_eps_loads_and_refuses_an_inexact_export(tmp_path):
+    from alignclip.config import from_yaml_text, load_config, to_yaml
+    from alignclip.export import save_openclip
+    from alignclip.models import build_model
+    from alignclip.models.convert import ExportError
+
+    text = "\n".join(line for line in to_yaml(load_config("model/clip_tiny")).splitlines()
+                     if "norm_eps" not in line)  # a config saved before model.norm_eps existed
+    old = from_yaml_text(text)
+    assert old.model.norm_eps is None and load_config("model/clip_tiny").model.norm_eps == 1e-5
+    model = build_model(old.model)
+    assert model.text_trunk.blocks[0].norm1.eps == 1e-6 and model.text_trunk.norm.eps == 1e-5
+    assert model.image_stem.norm_pre.eps == 1e-5
+    with pytest.raises(ExportError, match="norm_eps"):
+        save_openclip(model, old, tmp_path / "oc")
+    save_openclip(model, old, tmp_path / "oc", allow_inexact=True)
+    assert "1e-3" in (tmp_path / "oc" / "README.md").read_text()
+
+
+def test_export_tool_errors_are_one_line_exit_2(tmp_path):
+    from alignclip.commands.export import main
+
+    for argv, expected in (([str(tmp_path / "nope"), str(tmp_path / "o")], "no complete checkpoint"),
+                           ([str(tmp_path), str(tmp_path / "o"), "--format", "onnx"], "invalid choice")):
+        proc = subprocess.run([sys.executable, "-m", "alignclip.commands.export", *argv], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert main is not None

@@ -96,3 +96,92 @@ def test_gap_metrics_dict_is_complete():
     assert set(out) >= {"alignment_score", "centroid_distance", "rmg_l2", "rmg_cosine", "linear_separability",
                         "uniformity", "cross_modal_uniformity", "alignment_loss"}
     assert all(isinstance(v, int if k.startswith("pca_") else float) for k, v in out.items())
+
+
+# ------------------------------------------------------------------ input validation of the tools (one line, exit 2)
+def _cache(path, n=20, d=8, seed=0, source="shards/val-{0..3}.tar", **broken):
+    from alignclip.embeddings import EmbeddingSet
+
+    img, txt = _random_unit(n, d, seed), _random_unit(n, d, seed + 1)
+    es = EmbeddingSet.from_arrays(img, txt, meta={"source": source})
+    es.save(path)
+    for name, arr in broken.items():
+        np.save(path / f"{name}.npy", arr)
+    return path
+
+
+def _run_tool(name, argv):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", f"alignclip.commands.{name}", *argv], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+
+
+def test_broken_caches_are_refused_naming_the_problem(tmp_path):
+    from alignclip.embeddings import CacheError, EmbeddingSet
+
+    EmbeddingSet.load(_cache(tmp_path / "ok"))  # a good cache loads
+    bad_owner = np.arange(20)
+    bad_owner[3] = 25
+    cases = {"owner": ({"text_to_image": bad_owner}, "text_to_image\\[3\\] = 25 is outside \\[0, 20\\)"),
+             "negative": ({"text_to_image": -np.ones(20, dtype=np.int64)}, "is outside"),
+             "nan": ({"image": np.full((20, 8), np.nan)}, "NaN or inf"),
+             "zeros": ({"text": np.zeros((20, 8))}, "all zeros"),
+             "unnormalised": ({"image": 3 * _random_unit(20, 8, 5)}, "norm 3.0000"),
+             "width": ({"text": _random_unit(20, 4, 5)}, "width")}
+    for name, (broken, message) in cases.items():
+        with pytest.raises(CacheError, match=message):
+            EmbeddingSet.load(_cache(tmp_path / name, **broken))
+    # the tools: one line on stderr, exit 2, no traceback
+    proc = _run_tool("gap_analysis", ["--model", f"a={tmp_path / 'owner'}", "--out", str(tmp_path / "g")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "text_to_image[3] = 25" in proc.stderr
+    proc = _run_tool("evaluate", ["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
+    assert proc.returncode == 2 and "expected an embedding cache directory" in proc.stderr
+    proc = _run_tool("evaluate", ["--model", "x.safetensors", "--out", str(tmp_path / "e"), "--benchmark", "cifar10",
+                                  "--root", str(tmp_path / "nothing")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "x.safetensors" in proc.stderr
+
+
+def test_gap_analysis_refuses_models_measured_on_different_data(tmp_path):
+    import json
+
+    a = _cache(tmp_path / "a", source="shards/val-{0..3}.tar")
+    b = _cache(tmp_path / "b", seed=3, source="other/val.tar")
+    proc = _run_tool("gap_analysis", ["--model", f"a={a}", "--model", f"b={b}", "--out", str(tmp_path / "g")])
+    assert proc.returncode == 2 and "different data" in proc.stderr and "--allow-mixed-data" in proc.stderr
+    proc = _run_tool("gap_analysis", ["--model", f"a={a}", "--model", f"b={b}", "--out", str(tmp_path / "g"),
+                                      "--allow-mixed-data"])
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads((tmp_path / "g" / "gap_metrics.json").read_text())
+    assert figures["a"]["data_source"] == "shards/val-{0..3}.tar" and figures["b"]["data_source"] == "other/val.tar"
+    assert figures["a"]["num_pairs"] == figures["b"]["num_pairs"] == 20
+    same = _cache(tmp_path / "c", seed=5, source="shards/val-{0..3}.tar")
+    assert _run_tool("gap_analysis", ["--model", f"a={a}", "--model", f"c={same}", "--out",
+                                      str(tmp_path / "g2")]).returncode == 0
+
+
+def test_a_run_directory_is_refused_without_trust_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for tool, argv in (("gap_analysis", ["--model", f"a={run}", "--out", str(tmp_path / "g")]),
+                       ("evaluate", ["--model", str(run), "--out", str(tmp_path / "e")]),
+                       ("distill_aligner", ["--fit", str(run), "--out", str(tmp_path / "d")])):
+        proc = _run_tool(tool, argv)
+        assert proc.returncode == 2, (tool, proc.stderr)
+        assert "unpickles" in proc.stderr and "--trust-checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+        assert "UNPICKLES" in _run_tool(tool, ["--help"]).stdout.replace("\n", " ")
+    # with the flag it goes on (and fails later only because this run has no checkpoint)
+    proc = _run_tool("evaluate", ["--model", str(run), "--out", str(tmp_path / "e"), "--trust-checkpoint"])
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+
+
+def test_models_size_command_has_help():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "alignclip.models", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower()

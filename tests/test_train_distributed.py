@@ -23,7 +23,7 @@ import torch
 from tests.helpers import REPO_ROOT
 from tests.helpers.launch import final_weights
 from tests.helpers.processes import assert_same_weights, child_env, latest_step, launch, wait_all, wait_for
-from tests.helpers.ranks import run_on_ranks
+from tests.helpers.ranks import free_port, run_on_ranks
 from tests.helpers.tiny import scalar_events, tiny_overrides, write_toy_shards
 
 

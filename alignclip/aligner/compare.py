@@ -17,13 +17,16 @@ GAP_COLUMNS = ["alignment_score", "centroid_distance", "rmg_cosine", "linear_sep
 
 
 def compare_methods(methods: Mapping[str, object], eval_set: EmbeddingSet, lam: float = 1.0,
-                    seed: int = 0) -> dict[str, dict]:
+                    seed: int = 0, train_set: EmbeddingSet | None = None) -> dict[str, dict]:
     """methods: name -> fitted object with map_image / map_text (numpy in, numpy out).
-    Returns name -> {"gap": gap metrics, "tasks": task metrics} on ``eval_set`` after the map."""
+    Returns name -> {"gap": gap metrics, "tasks": task metrics} on ``eval_set`` after the map (linear probes
+    fitted on ``train_set`` after the same map, when given)."""
     rows = {}
     for name, method in methods.items():
         mapped = eval_set.mapped(method.map_image, method.map_text, name)
-        rows[name] = {"gap": gap_metrics(*mapped.pairs(), seed=seed), "tasks": evaluate_set(mapped, lam, seed)}
+        train = train_set.mapped(method.map_image, method.map_text, name) if train_set is not None else None
+        rows[name] = {"gap": gap_metrics(*mapped.pairs(), seed=seed),
+                      "tasks": evaluate_set(mapped, lam, seed, train=train)}
     return rows
 
 

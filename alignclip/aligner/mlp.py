@@ -1,5 +1,6 @@
-"""The non-linear aligner of seeds/000: an MLP from image embeddings into the text embedding space, saved as one
-safetensors file (weights + its shape as metadata), and a wrapper that puts it behind a model's image encoder."""
+"""The non-linear aligner of Vu, Balashova & Tran (2024): an MLP from image embeddings into the text embedding
+space, saved as one safetensors file (weights + its shape as metadata), and a wrapper that puts it behind a
+model's image encoder."""
 
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def load_aligner(path: str | Path) -> MLPAligner:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such aligner file (expected a .safetensors written by distill_aligner)")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if _METADATA_KEY not in meta:
@@ -96,16 +99,16 @@ class AlignedModel(nn.Module):
         super().__init__()
         self.model, self.aligner = model, aligner
 
-    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         x = self.aligner(self.model.encode_image(images, normalize=True))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
         return self.model.encode_text(tokens, normalize=normalize)
 
     def forward(self, images: Tensor, tokens: Tensor) -> dict:
         out = self.model(images, tokens)
-        out["image_embeds"] = self.encode_image(images)
+        out["image_embeds"] = self.encode_image(images, normalize=True)
         return out
 
     @property

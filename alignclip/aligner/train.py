@@ -1,11 +1,11 @@
-"""Distil the MLP aligner on cached embeddings (seeds/000): image -> text space.
+"""Distil the MLP aligner on cached embeddings (Vu, Balashova & Tran 2024): image -> text space.
 
     L = w_cos (1 - mean_i cos(f(x_i), y_i)) + w_mse mean_i ||f^(x_i) - y_i||^2 + w_clip L_clip + w_imsep L_IMsep
 
-f^ is f normalised; the CLIP and IMSep terms come from the project's objective (alignclip.losses, DESIGN.md
-section 5) on (f^(x), y) with a learnable temperature. IMSep rescales with the captions' sentence embeddings when
-given, else with the target text embeddings themselves. Seeded train/validation split; early stopping on the
-validation loss keeps the best weights.
+f^ is f normalised; the CLIP and IMSep terms come from the project's objective (alignclip.losses; Eslami & de Melo
+2025, arXiv 2406.17639, eq. 4 and 7-11) on (f^(x), y) with a learnable temperature. IMSep rescales with the
+captions' sentence embeddings when given, else with the target text embeddings themselves. Seeded train/validation
+split; early stopping on the validation loss keeps the best weights.
 """
 
 from __future__ import annotations

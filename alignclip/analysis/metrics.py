@@ -47,12 +47,13 @@ def paired_cosines(img: Any, txt: Any) -> np.ndarray:
 
 
 def alignment_score(img: Any, txt: Any) -> float:
-    """Alignment = 1/N sum_i cos(x_i, y_i) (seeds/000): 1 when every pair coincides."""
+    """Alignment = 1/N sum_i cos(x_i, y_i) (Vu, Balashova & Tran 2024): 1 when every pair coincides."""
     return float(paired_cosines(img, txt).mean())
 
 
 def centroid_distance(img: Any, txt: Any) -> float:
-    """L2M = ||mean_i x_i - mean_i y_i||_2 on normalised rows, NOT squared (seeds/000; Liang et al. 2022)."""
+    """L2M = ||mean_i x_i - mean_i y_i||_2 on normalised rows, NOT squared (Vu, Balashova & Tran 2024;
+    Liang et al. 2022)."""
     a, b = _paired(img, txt)
     return float(np.linalg.norm(a.mean(axis=0) - b.mean(axis=0)))
 
@@ -92,7 +93,7 @@ def _pair_distance(sq: np.ndarray, distance: str) -> np.ndarray:
 def relative_modality_gap(img: Any, txt: Any, distance: str = "l2") -> float:
     """RMG = m / (m + (sum_{i!=j} d(x_i,x_j) + sum_{i!=j} d(y_i,y_j)) / (2N(N-1))), m = 1/N sum_i d(x_i, y_i).
 
-    distance="l2":     d(u, v) = ||u - v||_2, the plain L2 of the seed's slide (seeds/000).
+    distance="l2":     d(u, v) = ||u - v||_2, the plain L2 of Vu, Balashova & Tran 2024.
     distance="cosine": d(u, v) = (1 - cos(u, v)) / 2 in [0, 1], the form of its origin (Schrodi et al. 2025).
     Both on normalised rows; needs N >= 2.
     """
@@ -108,7 +109,8 @@ def relative_modality_gap(img: Any, txt: Any, distance: str = "l2") -> float:
 
 
 def uniformity(x: Any) -> float:
-    """U(X) = log 1/(N(N-1)) sum_{i != j} exp(-2 ||x_i - x_j||^2) (seeds/002 eq. 2, DESIGN.md section 5: i != j)."""
+    """U(X) = log 1/(N(N-1)) sum_{i != j} exp(-2 ||x_i - x_j||^2) (Fahim, Murphy & Fyshe 2024, arXiv 2405.18570,
+    eq. 2; i != j as in the training loss)."""
     a = l2_normalize(x)
     n = a.shape[0]
     if n < 2:
@@ -117,7 +119,8 @@ def uniformity(x: Any) -> float:
 
 
 def cross_modal_uniformity(img: Any, txt: Any) -> float:
-    """L_xuniform = log 1/(N(N-1)) sum_{i != j} exp(-2 ||x_i - y_j||^2) (seeds/002 eq. 4)."""
+    """L_xuniform = log 1/(N(N-1)) sum_{i != j} exp(-2 ||x_i - y_j||^2) (Fahim, Murphy & Fyshe 2024,
+    arXiv 2405.18570, eq. 4)."""
     a, b = _paired(img, txt)
     n = a.shape[0]
     if n < 2:
@@ -126,13 +129,15 @@ def cross_modal_uniformity(img: Any, txt: Any) -> float:
 
 
 def alignment_loss(img: Any, txt: Any) -> float:
-    """L_align = 1/N sum_i ||x_i - y_i||^2 = 2 - 2 * alignment_score (seeds/002 eq. 5)."""
+    """L_align = 1/N sum_i ||x_i - y_i||^2 = 2 - 2 * alignment_score (Fahim, Murphy & Fyshe 2024,
+    arXiv 2405.18570, eq. 5)."""
     a, b = _paired(img, txt)
     return float(np.mean(np.sum((a - b) ** 2, axis=1)))
 
 
 def linear_separability(img: Any, txt: Any, seed: int = 0, test_fraction: float = 0.2) -> float:
-    """Held-out accuracy of a logistic regression telling image from text embeddings (seeds/002, Welle 2023).
+    """Held-out accuracy of a logistic regression telling image from text embeddings (Fahim, Murphy & Fyshe
+    2024, arXiv 2405.18570; Welle 2023).
 
     The 2N embeddings (label 1 = image, 0 = text) are split by a seeded random permutation into 80% train / 20%
     test; ~0.5 means the modalities overlap, 1.0 means they are linearly disjoint.

@@ -1,5 +1,5 @@
 """Multimodal arithmetic: query = image + lambda (text_b - text_a), then retrieve the target image
-(seeds/002 section 5.3; SIMAT, Couairon et al. 2021)."""
+(Fahim, Murphy & Fyshe 2024, arXiv 2405.18570, section 5.3; SIMAT, Couairon et al. 2021)."""
 
 from __future__ import annotations
 

@@ -11,36 +11,56 @@ from alignclip.analysis.metrics import l2_normalize
 _BLOCK = 2048  # query rows per similarity block: memory ~ block x gallery floats, not queries x gallery
 
 
+def tie_aware_hit_rate(above: np.ndarray, tied_own: np.ndarray, tied_other: np.ndarray, k: int) -> np.ndarray:
+    """P(at least one own item in the top k) per query when ties are broken uniformly at random.
+
+    ``above``: gallery items scoring strictly above the query's best own item (none of them own); ``tied_own`` /
+    ``tied_other``: own / other items scoring exactly that best score. With m = k - above free slots, the tie group
+    misses every own item with probability C(other, m) / C(own + other, m). Without ties this is the plain 0/1 hit
+    CLIP_benchmark counts; with ties a query gains no advantage (identical captions score chance, not 1)."""
+    free = np.clip(k - above, 0, None)
+    miss = np.ones(len(above), dtype=np.float64)
+    for i in range(int(free.max(initial=0))):
+        active = i < free
+        factor = np.clip(tied_other - i, 0, None) / np.maximum(tied_own + tied_other - i, 1)
+        miss = np.where(active, miss * factor, miss)
+    return np.where(free > 0, 1.0 - miss, 0.0)
+
+
 def retrieval_metrics(image_embeddings, text_embeddings, text_to_image: Sequence[int] | None = None,
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K of text->image ("image_retrieval") and image->text ("text_retrieval").
+    """Recall@K of text->image ("image_retrieval") and image->text ("text_retrieval"), CLIP_benchmark's
+    definition (a query hits when at least one of its own items is among the K most similar), with ties broken
+    uniformly at random in expectation (tie_aware_hit_rate) instead of in the query's favour.
 
-    ``text_to_image[j]`` is the image that caption j describes (default: caption j describes image j). A caption
-    query hits when its image is among the K most similar images; an image query hits when ANY of its captions
-    is among the K most similar captions."""
+    ``text_to_image[j]`` is the image that caption j describes (default: caption j describes image j)."""
     img, txt = l2_normalize(image_embeddings).astype(np.float32), l2_normalize(text_embeddings).astype(np.float32)
     owner = np.arange(len(txt)) if text_to_image is None else np.asarray(text_to_image, dtype=np.int64)
     if len(owner) != len(txt):
         raise ValueError(f"text_to_image has {len(owner)} entries for {len(txt)} captions")
-    # Ranks count the gallery items scoring strictly above the query's own match, read from the SAME similarity
-    # block (a separately computed dot product may differ in the last bit and miscount the match itself).
-    # Row blocks bound memory to ~block x gallery floats.
-    text_query_rank = np.zeros(len(txt), dtype=np.int64)
+    if len(owner) and (owner.min() < 0 or owner.max() >= len(img)):
+        raise ValueError(f"text_to_image holds image indices outside [0, {len(img)})")
+    # Counts are read from the SAME similarity block as the query's own score (a separately computed dot product
+    # may differ in the last bit); row blocks bound memory to ~block x gallery floats.
+    text_counts = np.zeros((3, len(txt)), dtype=np.int64)  # above, tied own (always 1), tied other
     for s in range(0, len(txt), _BLOCK):
         sims = txt[s:s + _BLOCK] @ img.T  # [captions in block, images]
         own = sims[np.arange(len(sims)), owner[s:s + _BLOCK]]
-        text_query_rank[s:s + _BLOCK] = (sims > own[:, None]).sum(axis=1)
-    # an image query hits at K when its best-ranked own caption is in the top K
-    image_query_rank = np.zeros(len(img), dtype=np.int64)
+        text_counts[0, s:s + _BLOCK] = (sims > own[:, None]).sum(axis=1)
+        text_counts[1, s:s + _BLOCK] = 1
+        text_counts[2, s:s + _BLOCK] = (sims == own[:, None]).sum(axis=1) - 1
+    image_counts = np.zeros((3, len(img)), dtype=np.int64)
     has_caption = np.zeros(len(img), dtype=bool)
     for s in range(0, len(img), _BLOCK):
         sims = img[s:s + _BLOCK] @ txt.T  # [images in block, captions]
         mine = owner[None, :] == np.arange(s, s + len(sims))[:, None]
-        best_own = np.where(mine, sims, -np.inf).max(axis=1)
-        image_query_rank[s:s + _BLOCK] = (sims > best_own[:, None]).sum(axis=1)
+        best_own = np.where(mine, sims, -np.inf).max(axis=1)[:, None]
+        image_counts[0, s:s + _BLOCK] = (sims > best_own).sum(axis=1)
+        image_counts[1, s:s + _BLOCK] = ((sims == best_own) & mine).sum(axis=1)
+        image_counts[2, s:s + _BLOCK] = ((sims == best_own) & ~mine).sum(axis=1)
         has_caption[s:s + _BLOCK] = mine.any(axis=1)
     out = {}
     for k in ks:
-        out[f"image_retrieval_recall@{k}"] = float(np.mean(text_query_rank < k))
-        out[f"text_retrieval_recall@{k}"] = float(np.mean(image_query_rank[has_caption] < k))
+        out[f"image_retrieval_recall@{k}"] = float(np.mean(tie_aware_hit_rate(*text_counts, k)))
+        out[f"text_retrieval_recall@{k}"] = float(np.mean(tie_aware_hit_rate(*image_counts[:, has_caption], k)))
     return out

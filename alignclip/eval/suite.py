@@ -1,5 +1,8 @@
 """Every task an EmbeddingSet supports, in one call: retrieval, zero-shot and linear probe per classification
-task, and multimodal arithmetic; results keyed by task name (one CLIP_benchmark JSON each via write_results)."""
+task, and multimodal arithmetic; results keyed by task name (one CLIP_benchmark JSON each via write_results).
+
+Linear probes train on a separate train set (CLIP_benchmark: fit on the train split, score on the test split);
+without one they are not run, never fitted on part of the evaluation set."""
 
 from __future__ import annotations
 
@@ -15,17 +18,10 @@ from alignclip.eval.retrieval import retrieval_metrics
 from alignclip.eval.zeroshot import zero_shot_classification
 
 
-def probe_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of the labelled rows into probe-train / probe-test indices."""
-    labelled = np.flatnonzero(labels >= 0)
-    order = np.random.default_rng(seed).permutation(labelled)
-    n_test = max(1, int(round(test_fraction * len(order))))
-    return order[n_test:], order[:n_test]
-
-
-def evaluate_set(es: EmbeddingSet, lam: float = 1.0, seed: int = 0, probe_test_fraction: float = 0.5,
-                 linear_probes: bool = True) -> dict[str, dict[str, float]]:
-    """task name -> metrics. Linear probes use a seeded split of the set's labelled images (no extra data)."""
+def evaluate_set(es: EmbeddingSet, lam: float = 1.0, seed: int = 0, train: EmbeddingSet | None = None,
+                 ) -> dict[str, dict[str, float]]:
+    """task name -> metrics. ``train``: a set encoded from the train split with the same tasks' labels; each
+    classification task with labels there gets a linear probe fitted on it and scored on ``es``."""
     results = {"retrieval": retrieval_metrics(es.image, es.text, es.text_to_image)}
     for name, task in es.zeroshot.items():
         rows = np.flatnonzero(task.labels >= 0)
@@ -33,10 +29,12 @@ def evaluate_set(es: EmbeddingSet, lam: float = 1.0, seed: int = 0, probe_test_f
             continue
         results[f"zeroshot_{name}"] = zero_shot_classification(es.image[rows], task.labels[rows],
                                                                task.class_embeddings)
-        train, test = probe_split(task.labels, probe_test_fraction, seed)
-        if linear_probes and len(np.unique(task.labels[train])) > 1:
-            results[f"linear_probe_{name}"] = linear_probe(es.image[train], task.labels[train], es.image[test],
-                                                           task.labels[test], seed=seed)
+        train_task = train.zeroshot.get(name) if train is not None else None
+        if train_task is not None:
+            fit = np.flatnonzero(train_task.labels >= 0)
+            if len(np.unique(train_task.labels[fit])) > 1:
+                results[f"linear_probe_{name}"] = linear_probe(train.image[fit], train_task.labels[fit],
+                                                               es.image[rows], task.labels[rows], seed=seed)
     if es.arithmetic is not None:
         ar = es.arithmetic
         results["arithmetic"] = arithmetic_retrieval(es.image, ar.source, ar.text_a, ar.text_b, ar.target, lam=lam)
@@ -45,7 +43,17 @@ def evaluate_set(es: EmbeddingSet, lam: float = 1.0, seed: int = 0, probe_test_f
 
 def write_results(results: dict[str, dict[str, float]], out_dir: str | Path, dataset: str, model: str,
                   **extra) -> list[Path]:
-    return [write_result(out_dir, dataset, model, task, metrics, **extra) for task, metrics in results.items()]
+    return [write_result(out_dir, dataset, model, task_name(task), metrics, **extra)
+            for task, metrics in results.items()]
+
+
+def task_name(task: str) -> str:
+    """CLIP_benchmark's task names for ours (``zeroshot_shape`` -> ``zeroshot_classification_shape``)."""
+    if task == "retrieval":
+        return "zeroshot_retrieval"
+    if task.startswith("zeroshot_"):
+        return "zeroshot_classification" + task[len("zeroshot"):]
+    return task
 
 
 def headline(results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -37,13 +37,19 @@ def build_classifier(encode_text: Callable[[list[str]], np.ndarray], classnames:
 
 
 def classification_metrics(logits, labels, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """top-k accuracies and the mean per-class recall (balanced accuracy) of class scores [n, C]."""
+    """top-k accuracies and the mean per-class recall (balanced accuracy) of class scores [n, C], as
+    CLIP_benchmark defines them: acc_k is NaN when there are fewer than k classes (it reports acc5 = NaN below 5
+    classes); the mean per-class recall averages over the classes present in ``labels``."""
     scores, y = as_numpy(logits), np.asarray(labels, dtype=np.int64)
-    order = np.argsort(-scores, axis=1)
+    if len(y) != len(scores):
+        raise ValueError(f"{len(scores)} rows of class scores for {len(y)} labels")
+    if len(y) and (y.min() < 0 or y.max() >= scores.shape[1]):
+        raise ValueError(f"labels must lie in [0, {scores.shape[1]}), found [{y.min()}, {y.max()}]")
+    order = np.argsort(-scores, axis=1, kind="stable")
     out = {}
     for k in ks:
-        kk = min(k, scores.shape[1])
-        out[f"acc{k}"] = float(np.mean(np.any(order[:, :kk] == y[:, None], axis=1)))
+        hit = np.any(order[:, :k] == y[:, None], axis=1)
+        out[f"acc{k}"] = float(np.mean(hit)) if k <= scores.shape[1] else float("nan")
     pred = order[:, 0]
     recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
     out["mean_per_class_recall"] = float(np.mean(recalls))

@@ -1,3 +1,3 @@
 from .factory import main
 
-main()
+raise SystemExit(main())

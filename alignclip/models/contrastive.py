@@ -55,25 +55,32 @@ class ContrastiveModel(nn.Module):
         for trunk in self._trunks():
             trunk.pooled_last_block = enable
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    # OpenCLIP's conventions: encode_* return raw projected features unless normalize=True.
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self._trunk_for("image")(self.image_stem(images), pool_index=None, causal=False)
         return l2_normalize(x) if normalize else x
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         eot_index = tokens.argmax(dim=-1)
         x = self._trunk_for("text")(self.text_stem(tokens), pool_index=eot_index, causal=True)
         return l2_normalize(x) if normalize else x
 
     def clamped_logit_scale(self) -> torch.Tensor:
+        """ln s, clamped: the log-space temperature parameter the loss takes (s = exp of it)."""
         # Clamping in forward (not in place on the parameter) holds under ZeRO + bf16, where an in-place clamp of
         # the module's copy would be overwritten from the optimizer's fp32 master weights at the next step.
         return self.logit_scale.clamp(max=self.max_logit_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised embeddings and ``log_logit_scale`` = ln s (log space, what alignclip.losses takes).
+
+        OpenCLIP's forward returns ``logit_scale`` already exponentiated and ``image_features`` /
+        ``text_features``; ours has none of those keys, so code ported from OpenCLIP fails with a KeyError
+        instead of silently using a log-space scale as the scale."""
         return {
-            "image_embeds": self.encode_image(images),
-            "text_embeds": self.encode_text(tokens),
-            "logit_scale": self.clamped_logit_scale(),
+            "image_embeds": self.encode_image(images, normalize=True),
+            "text_embeds": self.encode_text(tokens, normalize=True),
+            "log_logit_scale": self.clamped_logit_scale(),
         }
 
 

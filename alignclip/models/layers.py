@@ -1,12 +1,16 @@
 """Modality stems and the transformer trunk they feed.
 
 A model is stems + trunks: CLIP gives each modality its own trunk, SharedCLIP gives both the same one
-(seeds/001 section 3.1, Figure 2). The trunk is timm's pre-norm ``Block`` (scaled-dot-product attention, so flash
-kernels on H100), a final LayerNorm and a bias-free projection. With ``pooled_last_block`` on, the trunk's last
+(Eslami & de Melo, ICLR 2025, arXiv 2406.17639, section 3.1, Figure 2). The trunk is timm's pre-norm ``Block``
+(scaled-dot-product attention, so flash kernels on H100), a final LayerNorm and a bias-free projection. Every
+LayerNorm takes the model's one ``eps`` (``model.norm_eps``), as in OpenCLIP and Hugging Face CLIP, so the exports
+(alignclip.export) reproduce our embeddings exactly. With ``pooled_last_block`` on, the trunk's last
 block is evaluated at the pooled position of each sequence only (``pooled_block``), the one row the trunk returns.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -18,14 +22,14 @@ from torch.utils.checkpoint import checkpoint
 class ImageStem(nn.Module):
     """Patch embedding (a bias-free conv, as CLIP), class token, positional embedding and CLIP's pre-norm."""
 
-    def __init__(self, image_size: int, patch_size: int, width: int):
+    def __init__(self, image_size: int, patch_size: int, width: int, eps: float = 1e-5):
         super().__init__()
         self.patch_size = patch_size
         self.grid = image_size // patch_size
         self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_token = nn.Parameter(torch.zeros(width))
         self.pos_embed = nn.Parameter(torch.zeros(self.grid * self.grid + 1, width))
-        self.norm_pre = nn.LayerNorm(width)
+        self.norm_pre = nn.LayerNorm(width, eps=eps)
 
     def init_weights(self) -> None:
         scale = self.class_token.shape[0] ** -0.5
@@ -63,11 +67,13 @@ class TextStem(nn.Module):
 class Trunk(nn.Module):
     """``layers`` pre-norm blocks, a final LayerNorm and a bias-free projection to the joint embedding."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, embed_dim: int):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, embed_dim: int,
+                 block_eps: float = 1e-5, final_eps: float = 1e-5):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            [Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, act_layer=nn.GELU) for _ in range(layers)])
-        self.norm = nn.LayerNorm(width)
+        block_norm = functools.partial(nn.LayerNorm, eps=block_eps)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, act_layer=nn.GELU,
+                                           norm_layer=block_norm) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width, eps=final_eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpointing = False
         self.pooled_last_block = False  # build_model sets it from model.pooled_last_block (on by default)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from alignclip.config import Config, ConfigError, ModelConfig, load_config
+from alignclip.models.factory import norm_eps_of
 
 # A small ViT-CLIP: 64 px images in 8 px patches (65 tokens with the class token), width 256 (4 heads of 64, MLP
 # 1024), 4 blocks per tower, 32-token text, 256-d joint embedding. Small enough for two CPU cores (one to two seconds
@@ -84,9 +85,11 @@ def build_openclip_model(model_cfg: ModelConfig) -> nn.Module:
                        layers=t.layers, mlp_ratio=t.mlp_ratio)
     model = CLIP(model_cfg.embed_dim, vision, text, quick_gelu=False,
                  init_logit_scale=math.log(1.0 / model_cfg.init_temperature), output_dict=True)
-    # timm's Block (ours) builds its LayerNorms with eps 1e-6; OpenCLIP's blocks use torch's 1e-5.
+    # Our LayerNorm eps (model.norm_eps; checkpoints older than that key: 1e-6 inside the blocks)
+    block_eps, outer_eps = norm_eps_of(model_cfg)
     for block in (*model.visual.transformer.resblocks, *model.transformer.resblocks):
-        block.ln_1.eps = block.ln_2.eps = 1e-6
+        block.ln_1.eps = block.ln_2.eps = block_eps
+    model.visual.ln_pre.eps = model.visual.ln_post.eps = model.ln_final.eps = outer_eps
     return model
 
 

@@ -209,7 +209,7 @@ def run_case(case: BenchCase) -> BenchResult:
         outputs = engine(batch["image"], batch["text"])
         sync()
         marks.append(time.perf_counter())
-        loss = objective(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
+        loss = objective(outputs["image_embeds"], outputs["text_embeds"], outputs["log_logit_scale"],
                          batch.get("semantic"))
         sync()
         marks.append(time.perf_counter())

@@ -42,6 +42,7 @@ class RunResult:
     run_dir: Path
     checkpoint: Optional[Path]
     gap: dict = field(default_factory=dict)  # the last live gap metrics (rank 0)
+    eval: dict = field(default_factory=dict)  # the last eval/* figures (rank 0, when eval.every_steps > 0)
     losses: list = field(default_factory=list)  # (step, global-batch total loss) of every step of this session
 
 
@@ -90,6 +91,9 @@ def train(config: Config, dist_env: Optional[DistEnv] = None) -> RunResult:
                     window = _Window()
                 if _every(state.step, cfg.logging.gap_every_steps) or last:
                     result.gap = _log_gap_metrics(run)
+                if cfg.eval.every_steps and (_every(state.step, cfg.eval.every_steps) or last) and run.env.is_main:
+                    from alignclip.eval.benchmark import evaluate_during_training
+                    result.eval = mon.evaluation(state.step, evaluate_during_training(run.engine.module, cfg))
                 mon.advance(state.step, {"loss": stats["loss/total"], "lr": stats["train/lr"], **shown})
                 preempted = run.preemption.agree()  # collective: every rank stops at the same step
                 if preempted or _every(state.step, cfg.train.checkpoint_every_steps) or last:
@@ -125,7 +129,7 @@ def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[s
         batch = next(batches)
         waited += time.perf_counter() - t
         outputs = engine(*_to_device(run, batch))
-        loss = run.objective(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
+        loss = run.objective(outputs["image_embeds"], outputs["text_embeds"], outputs["log_logit_scale"],
                              _semantic_embeddings(run, batch))
         bad_term = _nonfinite_term(loss)
         if any_rank(bad_term is not None, run.device):  # collective: all ranks take the same branch
@@ -160,7 +164,7 @@ def _train_step(run: _Run, batches: Iterator[dict], window: "_Window") -> dict[s
         values = values / run.env.world_size
     stats = {f"loss/{n}": float(v) for n, v in zip(names, values.cpu())}
     stats.setdefault("loss/total", float("nan"))
-    scale = float(outputs["logit_scale"].detach().float().exp())
+    scale = float(outputs["log_logit_scale"].detach().float().exp())
     grad_norm = engine.get_global_grad_norm()
     stats.update({"train/lr": lr, "train/logit_scale": scale, "train/temperature": 1.0 / scale,
                   "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -246,8 +250,8 @@ def _log_gap_metrics(run: _Run) -> dict[str, float]:
     model = run.engine.module
     was_training = model.training
     model.eval()
-    images = model.encode_image(run.eval_batch["image"].to(run.device, run.input_dtype)).float().cpu()
-    texts = model.encode_text(run.eval_batch["text"].to(run.device)).float().cpu()
+    images = model.encode_image(run.eval_batch["image"].to(run.device, run.input_dtype), normalize=True).float().cpu()
+    texts = model.encode_text(run.eval_batch["text"].to(run.device), normalize=True).float().cpu()
     model.train(was_training)
     retrieval = retrieval_metrics(images, texts, ks=(1,))
     gap = {"gap/alignment_score": alignment_score(images, texts),
@@ -255,6 +259,7 @@ def _log_gap_metrics(run: _Run) -> dict[str, float]:
            **{f"gap/{k}": float(v) for k, v in retrieval.items()}}
     run.monitor.scalars(run.state.step, gap)
     run.monitor.histogram(run.state.step, "gap/paired_cosine", paired_cosines(images, texts))
+    run.monitor.gap_plots(run.state.step, images, texts)
     return gap
 
 
@@ -293,6 +298,8 @@ def _close_epoch_counts(run: _Run) -> None:
 
 def _finish(run: _Run, result: RunResult) -> RunResult:
     result.step = run.state.step
+    if result.exit_code == 0:
+        run.monitor.hparams(run.config, {**result.gap, **result.eval})
     run.monitor.flush()
     run.monitor.close()
     run.preemption.restore()
@@ -358,6 +365,7 @@ def _setup(config: Config, env: DistEnv) -> _Run:
     if config.train.max_steps > 0:
         total_steps = min(total_steps, config.train.max_steps)
     monitor = Monitor(run_dir, config.logging, env.is_main, total_steps, state.step)
+    monitor.run_config(config, state.step)
     if latest is not None:
         monitor.info(f"resumed from {latest} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
         if resumed_hash != state.config_hash:

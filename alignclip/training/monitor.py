@@ -10,7 +10,14 @@ TensorBoard tags (docs/training.md lists them with units):
   device's peak; only when the peak is known: a table for H100 / H200 / A100, or train.peak_tflops),
   memory/rss_gb (host) and, on CUDA, memory/max_allocated_gb
   gap/alignment_score, gap/centroid_distance (scalars) and gap/paired_cosine (histogram), every
-  ``logging.gap_every_steps`` on the fixed held-out batch.
+  ``logging.gap_every_steps`` on the fixed held-out batch, with the images gap/cosine_cdf and gap/pca_projection
+  (the plots of alignclip.analysis.plots)
+  eval/<task>/<metric>: zero-shot classification or retrieval on the ``eval`` section's dataset, every
+  ``eval.every_steps`` (OpenCLIP's --zeroshot-frequency)
+  config (text): the resolved config as YAML, at the start of every session
+  hparams: the flattened config and the final gap and eval figures, when the run completes (a ``hparams`` sub-run,
+  so runs of a sweep line up in TensorBoard's HParams view); the same figures go to <run_dir>/final_metrics.json
+  (which alignclip-export's model card reads)
 
 A resumed run opens its writer with ``purge_step`` = the resumed step + 1: TensorBoard then drops the events of
 the interrupted session after the checkpoint, so each curve has each step once. The writer is flushed at every
@@ -28,7 +35,7 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from alignclip.config import LoggingConfig
+from alignclip.config import Config, LoggingConfig, to_yaml
 
 
 def memory_gb() -> dict[str, float]:
@@ -94,6 +101,47 @@ class Monitor:
         if self.is_main and self.writer is not None:
             self.writer.add_histogram(tag, np.asarray(values), global_step=step)
 
+    def run_config(self, config: Config, step: int) -> None:
+        """The resolved config as a text summary (tag ``config``)."""
+        if self.is_main and self.writer is not None:
+            self.writer.add_text("config", "```yaml\n" + to_yaml(config) + "```", global_step=step)
+
+    def gap_plots(self, step: int, images, texts) -> None:
+        """The paired-cosine CDF and the 2-D PCA projection of the held-out batch as images."""
+        if not (self.is_main and self.writer is not None):
+            return
+        import tempfile
+
+        from PIL import Image
+
+        from alignclip.analysis.plots import plot_cosine_cdf, plot_projection
+
+        pairs = {f"step {step}": (images, texts)}
+        with tempfile.TemporaryDirectory() as tmp:
+            for tag, plot in (("gap/cosine_cdf", plot_cosine_cdf), ("gap/pca_projection", plot_projection)):
+                with Image.open(plot(pairs, Path(tmp) / "plot.png")) as img:
+                    pixels = np.asarray(img.convert("RGB"))
+                self.writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
+
+    def evaluation(self, step: int, results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """CLIP_benchmark-style results (task -> metrics) as scalars ``eval/<task>/<metric>``; returns them."""
+        flat = {f"eval/{task}/{name}": float(value) for task, metrics in results.items()
+                for name, value in metrics.items()}
+        self.scalars(step, flat)
+        return flat
+
+    def hparams(self, config: Config, final_metrics: Mapping[str, float]) -> None:
+        """The flattened config with the final figures, for the HParams view, and <run_dir>/final_metrics.json."""
+        if not self.is_main:
+            return
+        import json
+
+        metrics = {k: float(v) for k, v in final_metrics.items() if np.isfinite(v)}
+        (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        if self.writer is not None and metrics:
+            self.writer.add_hparams(flat_hparams(config), {f"final/{k}": v for k, v in metrics.items()},
+                                    run_name="hparams")
+
     def advance(self, step: int, postfix: Optional[Mapping[str, float]] = None) -> None:
         """Move the bar to ``step`` (its ETA is tqdm's: remaining steps / this session's rate)."""
         if self.bar is not None:
@@ -116,3 +164,23 @@ class Monitor:
             for handler in list(self.log.handlers):
                 handler.close()
                 self.log.removeHandler(handler)
+
+
+def flat_hparams(config: Config) -> dict[str, float | int | str | bool]:
+    """Every config leaf as ``section.key`` -> value (TensorBoard's hparams take numbers, strings and booleans)."""
+    from omegaconf import OmegaConf
+
+    out: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            elif isinstance(value, (bool, int, float, str)):
+                out[name] = value
+            else:  # None, lists: as text
+                out[name] = str(value)
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+    return out
