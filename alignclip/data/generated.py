@@ -164,26 +164,32 @@ def sample_scene(rng: np.random.Generator, image_size: int, num_objects: int | N
     return scene
 
 
-def partial_caption(scene: Scene, rng: np.random.Generator, coverage: float, subject: int = 0) -> str:
-    """A v2 caption naming part of the scene: the subject object's colour and shape always; each other object,
-    each size word and the background each with probability ``coverage``.
+def partial_caption(scene: Scene, rng: np.random.Generator, coverage: float, subject: int = 0,
+                    full_subject: bool = False) -> str:
+    """A v2 caption naming part of the scene. Each named object gets its colour and shape with probability
+    ``coverage``, else one of the two (a coin flip: "a red shape", "a circle"), and its size word with probability
+    ``coverage``; the subject is always named, each other object and the background with probability
+    ``coverage``. ``full_subject`` names the subject's colour and shape always (validation captions, so the
+    arithmetic's swapped word is in them).
 
     The draws depend on the rng only, never on the attribute values, so a scene with one word swapped
     (``swap_attribute``) gets the same caption with that word swapped (the arithmetic ground truth)."""
     order = [subject] + [i for i in range(len(scene.objects)) if i != subject]
-    named_sizes = rng.random(len(order)) < coverage
-    named_others = rng.random(len(order)) < coverage
+    n = len(order)
+    named_sizes, named_others, both, colour_only = (rng.random(n) < coverage, rng.random(n) < coverage,
+                                                   rng.random(n) < coverage, rng.random(n) < 0.5)
     named_background = rng.random() < coverage
+    if full_subject:
+        both[0] = True
 
-    def phrase(i: int, with_size: bool) -> str:
-        o = scene.objects[i]
-        if with_size:
-            return f"a {o.size} {o.colour} {o.shape}"
-        return f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape}"
+    def phrase(k: int) -> str:
+        o = scene.objects[order[k]]
+        words = ([o.size] if named_sizes[k] else []) + ([o.colour] if both[k] or colour_only[k] else [])
+        words.append(o.shape if both[k] or not colour_only[k] else "shape")
+        return f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}"
 
-    words = [phrase(order[0], bool(named_sizes[0]))]
-    others = [phrase(i, bool(s)) for i, s, n in zip(order[1:], named_sizes[1:], named_others[1:]) if n]
-    text = words[0] + (" with " + " and ".join(others) if others else "")
+    others = [phrase(k) for k in range(1, n) if named_others[k]]
+    text = phrase(0) + (" with " + " and ".join(others) if others else "")
     if named_background and scene.pattern:
         text += f" on a {scene.pattern} background"
     return text
@@ -294,7 +300,8 @@ class Recipe:
         if self.version == 1:
             return scene.caption()
         rng = np.random.default_rng([seed, SPLIT_IDS[split], index, CAPTION_STREAM + which])
-        return partial_caption(scene, rng, self.caption_coverage, which % len(scene.objects))
+        return partial_caption(scene, rng, self.caption_coverage, which % len(scene.objects),
+                               full_subject=split == "val")
 
 
 V1 = Recipe()
