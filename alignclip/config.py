@@ -104,7 +104,7 @@ class GeneratedDataConfig:
     version: int = 1
     caption_coverage: float = 0.5  # v2: chance that each optional fact (other object, size, background) is named
     captions_per_image: int = 2  # v2: distinct captions per training image (one sample each)
-    max_objects: int = 3  # v2: objects per scene, 1..max_objects
+    max_objects: int = 2  # v2: objects per scene, 1..max_objects
 
 
 @dataclass

@@ -221,7 +221,7 @@ def test_v2_dataset_ground_truth_and_versions(tmp_path):
             "data.generated.val_samples=24", "data.generated.image_size=32", "data.train=generated"]
     v2 = G.ensure_generated(load_config(None, base + ["data.generated.version=2"]).data)
     v1 = G.ensure_generated(load_config(None, base).data)
-    assert v2.root != v1.root and v2.root.name.startswith("v2-") and "cov0.5-cap2-obj3" in v2.root.name
+    assert v2.root != v1.root and v2.root.name.startswith("v2-") and "cov0.5-cap2-obj2" in v2.root.name
     assert v1.root.name.startswith("v1-")
     tasks = v2.tasks()
     assert tasks["generator_version"] == 2 and tasks["classes"]["pattern"] == list(G.PATTERNS)
@@ -239,7 +239,7 @@ def test_v2_dataset_ground_truth_and_versions(tmp_path):
         assert b.split()[-1 if item["attribute"] == "shape" else -2] == item["to"]
         assert source[len(a):] == target[len(b):]
     for key, value, message in (("version", 3, "must be one of [1, 2]"), ("caption_coverage", 1.5, "in [0, 1]"),
-                                ("captions_per_image", 0, "must be > 0"), ("max_objects", 9, "in 1..4")):
+                                ("captions_per_image", 0, "must be > 0"), ("max_objects", 9, "in 1..3")):
         with pytest.raises(ConfigError, match=re.escape(message)) as err:
             G.ensure_generated(load_config(None, base + [f"data.generated.{key}={value}"]).data)
         assert f"data.generated.{key}" in str(err.value)

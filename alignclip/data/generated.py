@@ -56,6 +56,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": (0.09, 0.11), "large": (0.17, 0.20)}  # radius as a fraction of the image side
+# v2 draws larger objects: a tiny ViT's 8 px patches must see a shape's edges to tell shapes apart (at v1's sizes
+# the embedded CLIP stayed at chance on shape).
+SIZES_V2 = {"small": (0.12, 0.14), "large": (0.19, 0.22)}
 RELATIONS = ("left of", "right of", "above", "below")
 COLOUR_JITTER = 14  # per-channel uniform jitter of an object's colour, in 0..255 units
 MARGIN = 0.07  # keep objects this far (fraction of the side) from the border: the random crop may cut 5%
@@ -115,9 +118,9 @@ def _relation(a: SceneObject, b: SceneObject) -> str:
     return "above" if dy > 0 else "below"
 
 
-def _sample_object(rng: np.random.Generator, colour: str) -> SceneObject:
-    size = list(SIZES)[int(rng.integers(len(SIZES)))]
-    lo, hi = SIZES[size]
+def _sample_object(rng: np.random.Generator, colour: str, sizes: dict = SIZES) -> SceneObject:
+    size = list(sizes)[int(rng.integers(len(sizes)))]
+    lo, hi = sizes[size]
     radius = float(rng.uniform(lo, hi))
     low, high = MARGIN + radius, 1.0 - MARGIN - radius
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
@@ -139,7 +142,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, num_objects: int | N
             num_objects = int(rng.integers(1, max_objects + 1))
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:num_objects]]
     for _ in range(10_000):  # rejection: objects apart (v1: a clear dominant axis, so the relation is unambiguous)
-        objects = [_sample_object(rng, c) for c in colours]
+        objects = [_sample_object(rng, c, SIZES if version == 1 else SIZES_V2) for c in colours]
         if num_objects == 1:
             break
         if version == 1:
@@ -424,8 +427,8 @@ def check_generated_config(g) -> None:
             raise ConfigError(f"key 'data.generated.{key}' must be > 0, got {getattr(g, key)}")
     if not 0.0 <= g.caption_coverage <= 1.0:
         raise ConfigError(f"key 'data.generated.caption_coverage' must be in [0, 1], got {g.caption_coverage}")
-    if not 1 <= g.max_objects <= 4:
-        raise ConfigError(f"key 'data.generated.max_objects' must be in 1..4, got {g.max_objects}")
+    if not 1 <= g.max_objects <= 3:
+        raise ConfigError(f"key 'data.generated.max_objects' must be in 1..3, got {g.max_objects}")
 
 
 def ensure_generated(data_cfg) -> GeneratedDataset:

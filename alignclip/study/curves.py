@@ -46,11 +46,11 @@ def plot_curves(curves: dict[str, dict[int, dict[str, list[tuple[int, float]]]]]
             if common:
                 ax.plot(common, [sum(p[s] for p in series) / len(series) for s in common], color=colour, lw=2,
                         label=f"{variant} (mean of {len(series)} seeds)")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
+        ax.set(xlabel="step", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return Path(path)
