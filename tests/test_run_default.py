@@ -14,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.heavy
+@pytest.mark.timeout(3600)  # a hang guard: a loaded 2-core machine is slow
 def test_run_default_trains_both_and_prints_them_side_by_side(tmp_path):
     overrides = [f"data.cache_dir={tmp_path / 'data'}", "data.workers=0",
                  "data.generated.num_shards=2", "data.generated.samples_per_shard=64",
