@@ -108,15 +108,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", default="runs/embedded", help="folder of the runs and plots (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (both models)")
     args = parser.parse_args(argv)
-    _defaults_for_a_laptop()
     out = Path(args.out).absolute()
     chosen = [args.only] if args.only else list(MODELS)
-    try:  # every config checked before anything trains: a typo exits 2 at once
+    try:  # every config checked before anything is imported or trained: a typo exits 2 at once
         for key in chosen:
             load_config(MODELS[key][1], args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    _defaults_for_a_laptop()
     names, figures, sets, walls, exit_code = [], {}, {}, {}, 0
     for key in chosen:
         name, path = MODELS[key]
@@ -142,8 +142,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("\n" + side_by_side(names, figures, sets, walls))
         print(f"\nplots: {plots / 'cosine_cdf.png'}\n       {plots / 'pca_projection.png'}\n"
               f"       {plots / 'explained_variance.png'}\nreport: {plots / 'gap_report.md'}")
-        for name in names:
-            print(f"TensorBoard ({name}): tensorboard --logdir {out / [k for k in chosen if MODELS[k][0] == name][0] / 'tb'}")
+        for key in chosen:
+            if MODELS[key][0] in names:
+                print(f"TensorBoard ({MODELS[key][0]}): tensorboard --logdir {out / key / 'tb'}")
     raise SystemExit(exit_code)
 
 

@@ -78,8 +78,9 @@ def test_aggregate_and_report_layout():
 
 
 def _study(**changes) -> dict:
-    raw = {"name": "s", "seeds": [0, 1], "variants": [{"name": "CLIP", "configs": ["experiment/embedded_clip"]},
-                                                      {"name": "AlignCLIP", "configs": ["experiment/embedded_default"]}]}
+    variants = [{"name": "CLIP", "configs": ["experiment/embedded_clip"]},
+                {"name": "AlignCLIP", "configs": ["experiment/embedded_default"]}]
+    raw = {"name": "s", "seeds": [0, 1], "variants": variants}
     raw.update(changes)
     return raw
 
