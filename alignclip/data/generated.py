@@ -29,7 +29,6 @@ initialisation and temperature, which both versions leave to the model. Validati
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import math

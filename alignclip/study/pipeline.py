@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 from alignclip.study.curves import plot_curves, read_scalars

@@ -22,7 +22,7 @@ so a typo exits with code 2 before a job starts.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
