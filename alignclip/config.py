@@ -101,6 +101,12 @@ class GeneratedDataConfig:
     image_size: int = 64
     val_samples: int = 256
     seed: int = 0
+    # Generator version: 1 = one or two objects, the caption names everything drawn; 2 = up to max_objects
+    # objects on a patterned background, each caption names only part of the scene (alignclip.data.generated).
+    version: int = 1
+    caption_coverage: float = 0.5  # v2: chance that each optional fact (other object, size, background) is named
+    captions_per_image: int = 2  # v2: distinct captions per training image (one sample each)
+    max_objects: int = 2  # v2: objects per scene, 1..max_objects
 
 
 @dataclass

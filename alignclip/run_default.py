@@ -1,13 +1,17 @@
-"""The embedded default, end to end (what ``make run`` runs): a tiny AlignCLIP trained on the generated dataset.
+"""The embedded default, end to end (what ``make run`` runs): a tiny CLIP and a tiny AlignCLIP trained on the same
+generated data with the same budget, then measured side by side.
 
-    python -m alignclip.run_default                 # configs/experiment/embedded_default.yaml
-    python -m alignclip.run_default --clip          # the same for CLIP (configs/experiment/embedded_clip.yaml)
-    python -m alignclip.run_default key=value ...   # config overrides, as for alignclip.train
+    python -m alignclip.run_default                   # both models, into runs/embedded/{clip,alignclip}
+    python -m alignclip.run_default --only alignclip  # one of them (clip | alignclip)
+    python -m alignclip.run_default key=value ...     # config overrides for both, as for alignclip.train
 
 Steps: render the generated shards if absent (under ``$ALIGNCLIP_CACHE/generated``, default
-``~/.cache/alignclip/generated``); when the loss rescales IMSep, encode every caption once with the offline MiniLM
-into sidecar files next to the shards (precomputed caption embeddings, so the training step never runs SBERT); train (resuming if the run directory has a checkpoint); print
-where the checkpoints and TensorBoard logs are and the final gap metrics on the held-out batch.
+``~/.cache/alignclip/generated``; generator v2, whose captions name only part of each scene, so a
+modality gap opens as with real image-text pairs: Schrodi et al. 2025, arXiv:2404.07983); for AlignCLIP encode every
+caption once with the offline MiniLM into sidecar files next to the shards (the precomputed path, so the training
+step never runs SBERT); train each model (resuming if its run directory has a checkpoint); export it, encode the
+held-out split once, and print the gap metrics (Eslami & de Melo 2025, arXiv:2406.17639, Table 1), zero-shot per
+task, retrieval and linear probes side by side, with the paths of the plots.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +27,14 @@ from alignclip.config import CONFIG_DIR, Config, ConfigError, load_config
 
 DEFAULT_CONFIG = CONFIG_DIR / "experiment" / "embedded_default.yaml"
 CLIP_CONFIG = CONFIG_DIR / "experiment" / "embedded_clip.yaml"
+MODELS = {"clip": ("CLIP", CLIP_CONFIG), "alignclip": ("AlignCLIP", DEFAULT_CONFIG)}
+
+# Rows of the side-by-side table: (label, where in the measurement, format).
+GAP_ROWS = [("alignment (mean paired cosine, higher = smaller gap)", "alignment_score"),
+            ("L2M (centroid distance, lower = smaller gap)", "centroid_distance"),
+            ("RMG (relative modality gap, L2)", "rmg_l2"),
+            ("linear separability (0.5 = modalities overlap)", "linear_separability"),
+            ("uniformity (mean of both modalities)", "uniformity")]
 
 
 def _defaults_for_a_laptop() -> None:
@@ -41,105 +52,101 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def prepare_data(config: Config) -> Config:
-    """Render the generated shards if needed; precompute the semantic sidecars the objective needs."""
-    from alignclip.data import generated
-    from alignclip.data import shards as shardlib
-    from alignclip.losses import build_objective
+def measure(result, config: Config) -> tuple[dict, object]:
+    """Export the final checkpoint, encode the generated validation split once, and measure it:
+    ({"gap": ..., "tasks": ...}, the EmbeddingSet). The same path as the study's."""
+    from alignclip.study.measure import EvalSet, encode_set, export_run, measure_set
 
-    if config.data.train != "generated":
-        return config
-    started = time.perf_counter()
-    dataset = generated.ensure_generated(config.data)
-    print(f"data: generated shards in {dataset.root} ({time.perf_counter() - started:.1f} s)", flush=True)
-    if not build_objective(config.loss).needs_semantic or config.data.semantic_dir:
-        return config
-    from alignclip.semantic import SemanticEncoder, embed_shards, sidecar_path
-
-    model_tag = Path(config.loss.semantic_model).name.replace("/", "_")
-    semantic_dir = dataset.root / f"semantic-{model_tag}"
-    shards = shardlib.expand_spec(dataset.spec("train")) + shardlib.expand_spec(dataset.spec("val"))
-    started = time.perf_counter()
-    if not all(sidecar_path(semantic_dir, s).is_file() for s in shards):
-        encoder = SemanticEncoder(config.loss.semantic_model, "auto", batch_size=config.loss.semantic_batch_size)
-        embed_shards(shards, encoder, semantic_dir)
-        del encoder
-    print(f"data: caption embeddings ({config.loss.semantic_model}) in {semantic_dir} "
-          f"({time.perf_counter() - started:.1f} s)", flush=True)
-    return replace(config, data=replace(config.data, semantic_dir=str(semantic_dir)))
+    step = result.checkpoint.name
+    exported = export_run(result.checkpoint, result.run_dir / "export" / f"{step}.safetensors")
+    es = encode_set(exported, EvalSet("generated"), result.run_dir / "embeddings" / f"{step}-val")
+    return measure_set(es), es
 
 
-def zero_shot(result, config: Config) -> dict[str, tuple[float, float]]:
-    """Export the final checkpoint and classify the generated validation images zero-shot (colour, shape):
-    task -> (top-1 accuracy, chance). The same path as tools/export.py + tools/evaluate.py."""
-    if config.data.train != "generated" or result.checkpoint is None:
-        return {}
-    import numpy as np
-
-    from alignclip.embeddings import encode_with_model
-    from alignclip.eval.zeroshot import zero_shot_classification
-    from alignclip.export import export_checkpoint
-
-    exported = export_checkpoint(result.checkpoint, result.run_dir / "export" / "model.safetensors")
-    embeddings = encode_with_model(exported, data="generated", split="val")
-    out = {}
-    for name, task in embeddings.zeroshot.items():
-        labelled = task.labels >= 0
-        metrics = zero_shot_classification(embeddings.image[labelled], task.labels[labelled], task.class_embeddings)
-        out[name] = (metrics["acc1"], 1.0 / len(task.classnames))
-    return out
+def _chance(es, task: str) -> float:
+    return 1.0 / len(es.zeroshot[task].classnames)
 
 
-def report(result, wall_s: float, config: Config, zero_shot_results: Optional[dict] = None) -> str:
-    gap = result.gap
-    chance = 1.0 / config.logging.gap_batch_size
-    lines = [
-        "",
-        f"== {config.name}: {result.step} steps in {wall_s:.0f} s (exit code {result.exit_code})",
-        f"run directory : {result.run_dir}",
-        f"checkpoints   : {result.checkpoint}  (latest pointer: {result.run_dir / 'checkpoints' / 'latest'})",
-        f"TensorBoard   : tensorboard --logdir {result.run_dir / 'tb'}",
-        f"train log     : {result.run_dir / 'train.log'}",
-    ]
-    if not result.losses:
-        lines.append(f"the run had already finished at step {result.step}: its figures are in train.log")
-    else:
-        first, last = result.losses[0][1], result.losses[-1][1]
-        lines.append(f"loss          : {first:.3f} (step {result.losses[0][0]}) -> {last:.3f} (step {result.step})")
-    if gap:
-        lines += [
-            f"alignment score (mean paired cosine, held-out {config.logging.gap_batch_size}): "
-            f"{gap['gap/alignment_score']:.3f}",
-            f"centroid distance (L2 between modality means): {gap['gap/centroid_distance']:.3f}",
-            f"retrieval R@1 in the held-out batch: image->text {gap.get('gap/text_retrieval_recall@1', 0):.3f}, "
-            f"text->image {gap.get('gap/image_retrieval_recall@1', 0):.3f} (chance {chance:.3f})",
-        ]
-    for name, (acc1, chance) in (zero_shot_results or {}).items():
-        lines.append(f"zero-shot {name} (validation images, prompt ensembles): top-1 {acc1:.3f} (chance {chance:.3f})")
+def side_by_side(names: list[str], figures: dict[str, dict], sets: dict, walls: dict[str, float]) -> str:
+    """The comparison table: gap metrics, zero-shot top-1 per task (with chance), retrieval, linear probes."""
+    rows: list[tuple[str, list[str]]] = []
+    for label, key in GAP_ROWS:
+        rows.append((label, [f"{figures[n]['gap'][key]:.3f}" for n in names]))
+    first = sets[names[0]]
+    for task in first.zeroshot:
+        rows.append((f"zero-shot {task} top-1 (chance {_chance(first, task):.3f})",
+                     [f"{figures[n]['tasks'][f'zeroshot_{task}']['acc1']:.3f}" for n in names]))
+    for direction, key in (("image->text", "text_retrieval"), ("text->image", "image_retrieval")):
+        for k in (1, 5):
+            rows.append((f"retrieval {direction} R@{k} ({len(first.image)} images)",
+                         [f"{figures[n]['tasks']['retrieval'][f'{key}_recall@{k}']:.3f}" for n in names]))
+    for task in first.zeroshot:
+        if f"linear_probe_{task}" in figures[names[0]]["tasks"]:
+            rows.append((f"linear probe {task} top-1",
+                         [f"{figures[n]['tasks'][f'linear_probe_{task}']['acc1']:.3f}" for n in names]))
+    if "arithmetic" in figures[names[0]]["tasks"]:
+        rows.append(("multimodal arithmetic R@1",
+                     [f"{figures[n]['tasks']['arithmetic']['arithmetic_recall@1']:.3f}" for n in names]))
+    rows.append(("wall time (s: data prep, training, measuring)", [f"{walls[n]:.0f}" for n in names]))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{n:>10}" for n in names)]
+    lines += [f"{label:<{width}}  " + "  ".join(f"{v:>10}" for v in values) for label, values in rows]
     return "\n".join(lines)
+
+
+def run_one(config_path: Path, overrides: list[str], run_dir: Path) -> tuple[object, Config]:
+    from alignclip.study.prepare import prepare_data
+    from alignclip.training.loop import train
+
+    config = load_config(config_path, overrides + [f"run_dir={run_dir}"])
+    config = prepare_data(config)
+    return train(config), config
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alignclip.run_default", description=__doc__.splitlines()[0])
-    parser.add_argument("--clip", action="store_true", help="run the embedded CLIP baseline instead")
-    parser.add_argument("--config", default=None, help="another experiment file (default: embedded_default)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--only", choices=list(MODELS), help="train and measure one model only")
+    parser.add_argument("--out", default="runs/embedded", help="folder of the runs and plots (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (both models)")
     args = parser.parse_args(argv)
-    _defaults_for_a_laptop()
-    started = time.perf_counter()
-    try:
-        config = load_config(args.config or (CLIP_CONFIG if args.clip else DEFAULT_CONFIG), args.overrides)
-        config = prepare_data(config)
-        from alignclip.training.loop import train
-
-        result = train(config)
+    out = Path(args.out).absolute()
+    chosen = [args.only] if args.only else list(MODELS)
+    try:  # every config checked before anything is imported or trained: a typo exits 2 at once
+        for key in chosen:
+            load_config(MODELS[key][1], args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        zero_shot_results = zero_shot(result, config) if result.exit_code == 0 else {}
-        print(report(result, time.perf_counter() - started, config, zero_shot_results), flush=True)
-    raise SystemExit(result.exit_code)
+    _defaults_for_a_laptop()
+    names, figures, sets, walls, exit_code = [], {}, {}, {}, 0
+    for key in chosen:
+        name, path = MODELS[key]
+        started = time.perf_counter()
+        print(f"== {name}: {path.name}", flush=True)
+        result, config = run_one(path, list(args.overrides), out / key)
+        if result.exit_code != 0:
+            exit_code = result.exit_code
+            print(f"{name}: training stopped with exit code {result.exit_code}; resume with the same command",
+                  flush=True)
+            continue
+        if int(os.environ.get("RANK", "0")) != 0 or result.checkpoint is None:
+            continue
+        figures[name], sets[name] = measure(result, config)
+        walls[name] = time.perf_counter() - started
+        names.append(name)
+        print(f"{name}: {result.step} steps in {walls[name]:.0f} s; run directory {result.run_dir} "
+              f"(checkpoints, tb/, train.log)", flush=True)
+    if names:
+        from alignclip.study.measure import gap_plots
+
+        plots = gap_plots({n: sets[n] for n in names}, out / "gap", title="Embedded default: modality gap")
+        print("\n" + side_by_side(names, figures, sets, walls))
+        print(f"\nplots: {plots / 'cosine_cdf.png'}\n       {plots / 'pca_projection.png'}\n"
+              f"       {plots / 'explained_variance.png'}\nreport: {plots / 'gap_report.md'}")
+        for key in chosen:
+            if MODELS[key][0] in names:
+                print(f"TensorBoard ({MODELS[key][0]}): tensorboard --logdir {out / key / 'tb'}")
+    raise SystemExit(exit_code)
 
 
 if __name__ == "__main__":

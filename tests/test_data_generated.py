@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignclip.config import load_config
+from alignclip.config import ConfigError, load_config
 from alignclip.data import build_train_loader
 from alignclip.data import generated as G
 
@@ -135,3 +135,111 @@ def test_generated_shards_go_through_the_training_pipeline(small_generated):
     keys = [k for batch in loader for k in batch["key"]]
     assert len(loader) == 4 and sorted(keys) == [f"{i:09d}" for i in range(32)]
 
+
+
+# ------------------------------------------------------------------------------------------- generator v2
+_PHRASE = re.compile(r"^an? (?:(small|large) )?(?:(\w+) (circle|square|triangle|diamond|cross|shape)|"
+                     r"(circle|square|triangle|diamond|cross))$")
+
+
+def _parse_v2(caption: str) -> tuple[list[tuple[str | None, str | None, str | None]], str | None]:
+    """"a small red circle with a square and a blue shape on a dotted background" ->
+    ([(size, colour, shape)], pattern); None where the caption leaves a fact out."""
+    caption, _, pattern = caption.partition(" on a ")
+    head, _, rest = caption.partition(" with ")
+    phrases = [head] + (rest.split(" and ") if rest else [])
+    named = []
+    for phrase in phrases:
+        m = _PHRASE.match(phrase)
+        assert m, phrase
+        size, colour, shape, bare = m.groups()
+        named.append((size, colour, None if shape == "shape" else (shape or bare)))
+    return named, pattern.removesuffix(" background") if pattern else None
+
+
+def test_v2_captions_name_part_of_what_is_drawn():
+    """Every fact a v2 caption states is in the scene drawn (colours found in the pixels); at coverage 1/2 some
+    objects and backgrounds go unnamed; at coverage 1 every object and the background are named."""
+    unnamed_objects = unnamed_backgrounds = 0
+    for coverage in (0.5, 1.0):
+        recipe = G.Recipe(2, coverage, 2, 3)
+        for index in range(40):
+            scene, caption, image = G._train_sample(3, index, 80, 64, recipe)
+            named, pattern = _parse_v2(caption)
+            pixels = np.asarray(G.render(scene))
+            drawn = {o.colour: o for o in scene.objects}
+            for size, colour, shape in named:
+                assert colour or shape, caption
+                candidates = [o for o in scene.objects if (colour in (None, o.colour)) and (shape in (None, o.shape))
+                              and (size in (None, o.size))]
+                assert candidates, caption
+                if colour:
+                    assert colour in drawn and _mask(pixels, colour).sum() > 10, caption
+            assert pattern in (None, scene.pattern) and scene.pattern in G.PATTERNS
+            if coverage == 1.0:
+                assert len(named) == len(scene.objects) and pattern == scene.pattern
+                assert all(size and colour and shape for size, colour, shape in named), caption
+            else:
+                unnamed_objects += len(scene.objects) - len(named)
+                unnamed_backgrounds += pattern is None
+    assert unnamed_objects > 5 and unnamed_backgrounds > 5
+
+
+def test_v2_coverage_zero_names_one_attribute_of_the_subject():
+    recipe = G.Recipe(2, 0.0, 2, 3)
+    for index in range(20):
+        _, caption, _ = G._train_sample(0, index, 40, 32, recipe)
+        named, pattern = _parse_v2(caption)
+        assert len(named) == 1 and pattern is None and named[0][0] is None
+        assert (named[0][1] is None) != (named[0][2] is None), caption  # colour or shape, not both
+
+
+def test_v2_several_captions_per_image(tmp_path):
+    """captions_per_image=2: sample i and i + n/2 hold the same image (same bytes), with different captions."""
+    recipe = G.Recipe(2, 0.5, 2, 3)
+    G.write_split(tmp_path, "train", 2, 16, 32, 0, recipe=recipe)
+    samples = {}
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"train-{shard:05d}.tar") as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    keys = sorted(samples)
+    assert len(keys) == 32
+    differing = 0
+    for i in range(16):
+        a, b = samples[keys[i]], samples[keys[i + 16]]
+        assert a["jpg"] == b["jpg"]
+        assert json.loads(a["json"])["image_id"] == json.loads(b["json"])["image_id"] == i
+        differing += a["txt"] != b["txt"]
+    assert differing >= 10
+    assert len({samples[k]["jpg"] for k in keys[:16]}) == 16
+
+
+def test_v2_dataset_ground_truth_and_versions(tmp_path):
+    base = [f"data.cache_dir={tmp_path}", "data.generated.num_shards=1", "data.generated.samples_per_shard=8",
+            "data.generated.val_samples=24", "data.generated.image_size=32", "data.train=generated"]
+    v2 = G.ensure_generated(load_config(None, base + ["data.generated.version=2"]).data)
+    v1 = G.ensure_generated(load_config(None, base).data)
+    assert v2.root != v1.root and v2.root.name.startswith("v2-") and "cov0.5-cap2-obj2" in v2.root.name
+    assert v1.root.name.startswith("v1-")
+    tasks = v2.tasks()
+    assert tasks["generator_version"] == 2 and tasks["classes"]["pattern"] == list(G.PATTERNS)
+    assert "a {} circle" in tasks["zero_shot"]["colour"]["templates"]  # v2 captions may omit the size
+    samples = _val_samples(v2)
+    for key in tasks["zero_shot"]["colour"]["keys"]:
+        named, _ = _parse_v2(samples[key]["txt"].decode())
+        labels = tasks["val_labels"][key]
+        assert labels["num_objects"] == 1 and named[0][1] == list(G.COLOURS)[labels["colour"]]
+        assert named[0][2] == G.SHAPES[labels["shape"]]
+    for item in tasks["arithmetic"]:  # the target caption is the source's with the one word swapped
+        source, target = samples[item["source"]]["txt"].decode(), samples[item["target"]]["txt"].decode()
+        a, b = source.split(" with ")[0].split(" on a ")[0], target.split(" with ")[0].split(" on a ")[0]
+        assert a.split()[-1 if item["attribute"] == "shape" else -2] == item["from"]
+        assert b.split()[-1 if item["attribute"] == "shape" else -2] == item["to"]
+        assert source[len(a):] == target[len(b):]
+    for key, value, message in (("version", 3, "must be one of [1, 2]"), ("caption_coverage", 1.5, "in [0, 1]"),
+                                ("captions_per_image", 0, "must be > 0"), ("max_objects", 9, "in 1..3")):
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            G.ensure_generated(load_config(None, base + [f"data.generated.{key}={value}"]).data)
+        assert f"data.generated.{key}" in str(err.value)

@@ -348,25 +348,3 @@ def test_resume_at_another_world_size_through_a_universal_checkpoint(toy_data, t
     assert latest_step(tmp_path) == 6
     log = (tmp_path / "train.log").read_text()
     assert "step_00000004 at step 4 (epoch 0, batch 4)" in log
-
-
-# ------------------------------------------------------------------------------------ the embedded default
-@pytest.mark.heavy
-def test_run_default_generates_data_trains_and_reports_where_things_are(tmp_path):
-    """`make run`'s command end to end at a toy size: shards rendered, captions embedded, trained, reported."""
-    overrides = [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'data'}", "data.workers=0",
-                 "data.generated.num_shards=2", "data.generated.samples_per_shard=64",
-                 "data.generated.val_samples=64", "train.global_batch_size=32", "train.max_steps=4",
-                 "train.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
-                 "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
-                 "model.embed_dim=32"]
-    proc = subprocess.run([sys.executable, "-m", "alignclip.run_default", *overrides], env=child_env(), cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    run_dir = tmp_path / "run"
-    assert f"checkpoints   : {run_dir / 'checkpoints' / 'step_00000004'}" in out
-    assert f"tensorboard --logdir {run_dir / 'tb'}" in out
-    assert "alignment score" in out and "centroid distance" in out and "zero-shot colour" in out
-    assert list((tmp_path / "data").glob("*/semantic-*/train-00000.sem.npz"))  # the precomputed path was taken
-    assert (run_dir / "export" / "model.safetensors").is_file()

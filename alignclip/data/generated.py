@@ -14,12 +14,21 @@ comes with it (``tasks.json`` next to the shards, and ``zero_shot_tasks()`` here
 * multimodal arithmetic: validation sample ``2k + 1`` is sample ``2k`` with one attribute word of its first object
   swapped (colour or shape) and everything else identical, so ``image(2k) + text(to) - text(from)`` has a known
   target image.
+
+Version 2 (``data.generated.version: 2``) puts an information imbalance between the modalities, the trigger of
+the modality gap according to Schrodi et al. (2025, "Two effects, one trigger", arXiv:2404.07983): a scene holds
+1..``max_objects`` objects on a patterned background (plain, striped, dotted, checked), and each caption names only
+part of it. The knob ``caption_coverage`` (c) is the chance that each optional fact is named: every other object,
+every size word, the background. The caption's subject (colour and shape) is always named, so c = 1 describes the
+whole scene and c = 0 one object only. A training image gets ``captions_per_image`` captions (one sample each,
+spread over the epoch), each with another subject and another draw of the facts, so no caption says all the image
+holds. Liang et al. (2022, "Mind the Gap", arXiv:2203.02053) name the other cause, the cone effect of
+initialisation and temperature, which both versions leave to the model. Validation images get one caption each.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import math
@@ -31,7 +40,10 @@ from PIL import Image, ImageDraw
 
 from alignclip.data.writer import ShardWriter, atomic_write_bytes, sample_key
 
-GENERATOR_VERSION = 1  # bump when rendering changes, so cached shards of an older version are not reused
+# The versions a config may ask for (data.generated.version). Change a version's rendering only with a new number,
+# so cached shards of another rendering are never reused (the cache folder is named after the version).
+GENERATOR_VERSIONS = (1, 2)
+GENERATOR_VERSION = 1  # the version written when none is asked for (the schema's default, tools/make_shards.py)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -43,6 +55,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": (0.09, 0.11), "large": (0.17, 0.20)}  # radius as a fraction of the image side
+# v2 draws larger objects: a tiny ViT's 8 px patches must see a shape's edges to tell shapes apart (at v1's sizes
+# the embedded CLIP stayed at chance on shape).
+SIZES_V2 = {"small": (0.12, 0.14), "large": (0.19, 0.22)}
 RELATIONS = ("left of", "right of", "above", "below")
 COLOUR_JITTER = 14  # per-channel uniform jitter of an object's colour, in 0..255 units
 MARGIN = 0.07  # keep objects this far (fraction of the side) from the border: the random crop may cut 5%
@@ -50,6 +65,9 @@ SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges
 JPEG_QUALITY = 95
 SINGLE_OBJECT_FRACTION = 0.5
 SPLIT_IDS = {"train": 0, "val": 1}
+PATTERNS = ("plain", "striped", "dotted", "checked")  # v2 backgrounds, +-PATTERN_CONTRAST grey levels
+PATTERN_CONTRAST = 22.0
+CAPTION_STREAM = 1000  # v2: caption j of a scene draws from rng stream CAPTION_STREAM + j (scene draws: stream 0)
 
 
 @dataclass
@@ -72,8 +90,10 @@ class Scene:
     noise_seed: int
     noise_std: float
     image_size: int
+    pattern: str = ""  # v2: one of PATTERNS; "" (v1) draws no pattern
 
     def caption(self) -> str:
+        """The v1 caption: everything drawn (v2 captions come from ``partial_caption``)."""
         words = [f"a {o.size} {o.colour} {o.shape}" for o in self.objects]
         return words[0] if len(words) == 1 else f"{words[0]} {self.relation} {words[1]}"
 
@@ -82,8 +102,11 @@ class Scene:
         return {"colour": list(COLOURS).index(first.colour), "shape": SHAPES.index(first.shape),
                 "size": list(SIZES).index(first.size), "num_objects": len(self.objects)}
 
-    def to_json(self) -> dict:
-        return {"caption": self.caption(), "labels": self.labels(), "scene": asdict(self)}
+    def to_json(self, caption: str | None = None) -> dict:
+        scene = asdict(self)
+        if not self.pattern:  # v1 records stay byte-identical to those written before v2 existed
+            del scene["pattern"]
+        return {"caption": self.caption() if caption is None else caption, "labels": self.labels(), "scene": scene}
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -94,9 +117,9 @@ def _relation(a: SceneObject, b: SceneObject) -> str:
     return "above" if dy > 0 else "below"
 
 
-def _sample_object(rng: np.random.Generator, colour: str) -> SceneObject:
-    size = list(SIZES)[int(rng.integers(len(SIZES)))]
-    lo, hi = SIZES[size]
+def _sample_object(rng: np.random.Generator, colour: str, sizes: dict = SIZES) -> SceneObject:
+    size = list(sizes)[int(rng.integers(len(sizes)))]
+    lo, hi = sizes[size]
     radius = float(rng.uniform(lo, hi))
     low, high = MARGIN + radius, 1.0 - MARGIN - radius
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
@@ -105,25 +128,73 @@ def _sample_object(rng: np.random.Generator, colour: str) -> SceneObject:
                        float(rng.uniform(low, high)), radius, rgb)  # type: ignore[arg-type]
 
 
-def sample_scene(rng: np.random.Generator, image_size: int, num_objects: int | None = None) -> Scene:
+def _apart(a: SceneObject, b: SceneObject) -> bool:
+    return math.hypot(b.cx - a.cx, b.cy - a.cy) > a.radius + b.radius + 0.04
+
+
+def sample_scene(rng: np.random.Generator, image_size: int, num_objects: int | None = None,
+                 version: int = 1, max_objects: int = 3) -> Scene:
     if num_objects is None:
-        num_objects = 1 if rng.random() < SINGLE_OBJECT_FRACTION else 2
+        if version == 1:
+            num_objects = 1 if rng.random() < SINGLE_OBJECT_FRACTION else 2
+        else:
+            num_objects = int(rng.integers(1, max_objects + 1))
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:num_objects]]
-    while True:  # rejection: two objects apart, with a clear dominant axis so the relation word is unambiguous
-        objects = [_sample_object(rng, c) for c in colours]
+    for _ in range(10_000):  # rejection: objects apart (v1: a clear dominant axis, so the relation is unambiguous)
+        objects = [_sample_object(rng, c, SIZES if version == 1 else SIZES_V2) for c in colours]
         if num_objects == 1:
             break
-        a, b = objects
-        dx, dy = abs(b.cx - a.cx), abs(b.cy - a.cy)
-        if math.hypot(dx, dy) > a.radius + b.radius + 0.04 and max(dx, dy) > 1.5 * min(dx, dy):
+        if version == 1:
+            a, b = objects
+            dx, dy = abs(b.cx - a.cx), abs(b.cy - a.cy)
+            if _apart(a, b) and max(dx, dy) > 1.5 * min(dx, dy):
+                break
+        elif all(_apart(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
             break
+    else:
+        raise ValueError(f"could not place {num_objects} objects apart on one image; lower max_objects")
     grey = rng.uniform(0.2, 0.85) * 255
     tint = rng.uniform(-0.08, 0.08, size=3) * 255  # low saturation: never an object colour
     background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
     angle = rng.uniform(0, 2 * math.pi)
     gradient = (math.cos(angle), math.sin(angle), float(rng.uniform(0, 40)))
-    return Scene(objects, _relation(*objects) if num_objects == 2 else "", background,  # type: ignore[arg-type]
-                 gradient, int(rng.integers(2**31)), float(rng.uniform(0, 10)), image_size)
+    relation = _relation(*objects) if version == 1 and num_objects == 2 else ""
+    scene = Scene(objects, relation, background, gradient, int(rng.integers(2**31)),  # type: ignore[arg-type]
+                  float(rng.uniform(0, 10)), image_size)
+    if version >= 2:
+        scene.pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    return scene
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator, coverage: float, subject: int = 0,
+                    full_subject: bool = False) -> str:
+    """A v2 caption naming part of the scene. Each named object gets its colour and shape with probability
+    ``coverage``, else one of the two (a coin flip: "a red shape", "a circle"), and its size word with probability
+    ``coverage``; the subject is always named, each other object and the background with probability
+    ``coverage``. ``full_subject`` names the subject's colour and shape always (validation captions, so the
+    arithmetic's swapped word is in them).
+
+    The draws depend on the rng only, never on the attribute values, so a scene with one word swapped
+    (``swap_attribute``) gets the same caption with that word swapped (the arithmetic ground truth)."""
+    order = [subject] + [i for i in range(len(scene.objects)) if i != subject]
+    n = len(order)
+    named_sizes, named_others, both, colour_only = (rng.random(n) < coverage, rng.random(n) < coverage,
+                                                   rng.random(n) < coverage, rng.random(n) < 0.5)
+    named_background = rng.random() < coverage
+    if full_subject:
+        both[0] = True
+
+    def phrase(k: int) -> str:
+        o = scene.objects[order[k]]
+        words = ([o.size] if named_sizes[k] else []) + ([o.colour] if both[k] or colour_only[k] else [])
+        words.append(o.shape if both[k] or not colour_only[k] else "shape")
+        return f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}"
+
+    others = [phrase(k) for k in range(1, n) if named_others[k]]
+    text = phrase(0) + (" with " + " and ".join(others) if others else "")
+    if named_background and scene.pattern:
+        text += f" on a {scene.pattern} background"
+    return text
 
 
 def swap_attribute(scene: Scene, attribute: str, new_value: str) -> Scene:
@@ -151,6 +222,24 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(shape)
 
 
+def _pattern(name: str, side: int, seed: int) -> np.ndarray:
+    """A grey-level pattern in {-1, +1} ([side, side]): stripes, dots or checks, with a seeded period and phase."""
+    rng = np.random.default_rng([seed, 1])
+    period = side * float(rng.uniform(0.12, 0.2))
+    offset = rng.uniform(0, period, size=2).astype(np.float32)[:, None, None]
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) + offset
+    if name == "striped":
+        angle = float(rng.uniform(0, math.pi))
+        along = x * math.cos(angle) + y * math.sin(angle)
+        return np.where((along // (period / 2)) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    if name == "checked":
+        return np.where(((x // period) + (y // period)) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    if name == "dotted":
+        dx, dy = x % period - period / 2, y % period - period / 2
+        return np.where(np.hypot(dx, dy) < period * 0.22, -1.0, 0.3).astype(np.float32)
+    raise ValueError(f"unknown background pattern {name!r}; expected one of {PATTERNS}")
+
+
 def render(scene: Scene) -> Image.Image:
     """Draw the scene (numpy background, PIL shapes at 2x, box-downsampled)."""
     side = scene.image_size * SUPERSAMPLE
@@ -159,6 +248,8 @@ def render(scene: Scene) -> Image.Image:
     shade = (gx * ramp[None, :] + gy * ramp[:, None]) * strength
     noise = np.random.default_rng(scene.noise_seed).normal(0, scene.noise_std, (side, side, 1)).astype(np.float32)
     pixels = np.asarray(scene.background, np.float32)[None, None, :] + shade[..., None] + noise
+    if scene.pattern and scene.pattern != "plain":
+        pixels += PATTERN_CONTRAST * _pattern(scene.pattern, side, scene.noise_seed)[..., None]
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
@@ -187,11 +278,44 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_IDS[split], index])
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What a generator version draws and says (the ``data.generated`` keys beyond sizes and seed)."""
+
+    version: int = 1
+    caption_coverage: float = 0.5
+    captions_per_image: int = 1
+    max_objects: int = 2
+
+    @classmethod
+    def of(cls, g) -> "Recipe":
+        if g.version == 1:
+            return cls()
+        return cls(g.version, float(g.caption_coverage), int(g.captions_per_image), int(g.max_objects))
+
+    def scene(self, rng: np.random.Generator, image_size: int) -> Scene:
+        return sample_scene(rng, image_size, version=self.version, max_objects=self.max_objects)
+
+    def caption(self, scene: Scene, seed: int, split: str, index: int, which: int = 0) -> str:
+        """Caption ``which`` of scene ``index`` (v1: the full description; v2: a partial one with subject
+        ``which`` mod the number of objects)."""
+        if self.version == 1:
+            return scene.caption()
+        rng = np.random.default_rng([seed, SPLIT_IDS[split], index, CAPTION_STREAM + which])
+        return partial_caption(scene, rng, self.caption_coverage, which % len(scene.objects),
+                               full_subject=split == "val")
+
+
+V1 = Recipe()
+
+
 # --------------------------------------------------------------------------------------- zero-shot tasks
-def zero_shot_tasks() -> dict[str, dict]:
-    """Class names and prompt templates per task; a template ensemble spans the attributes not being asked."""
-    colour_templates = [f"a {size} {{}} {shape}" for size in SIZES for shape in SHAPES]
-    shape_templates = [f"a {size} {colour} {{}}" for size in SIZES for colour in COLOURS]
+def zero_shot_tasks(version: int = 1) -> dict[str, dict]:
+    """Class names and prompt templates per task; a template ensemble spans the attributes not being asked
+    (v2 captions may leave the size out, so its templates come with and without a size word)."""
+    sizes = [f"{size} " for size in SIZES] + ([""] if version >= 2 else [])
+    colour_templates = [f"a {size}{{}} {shape}" for size in sizes for shape in SHAPES]
+    shape_templates = [f"a {size}{colour} {{}}" for size in sizes for colour in COLOURS]
     return {
         "colour": {"classnames": list(COLOURS), "templates": colour_templates, "label": "colour"},
         "shape": {"classnames": list(SHAPES), "templates": shape_templates, "label": "shape"},
@@ -199,26 +323,39 @@ def zero_shot_tasks() -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------- split writing
-def _val_scene(seed: int, index: int, image_size: int) -> tuple[Scene, dict | None]:
-    """Validation sample 2k is a fresh scene; 2k + 1 is 2k with one word of object 0 swapped (the arithmetic)."""
-    source = sample_scene(scene_rng(seed, "val", index - index % 2), image_size)
+def _val_scene(seed: int, index: int, image_size: int, recipe: Recipe = V1) -> tuple[Scene, str, dict | None]:
+    """Validation sample 2k is a fresh scene; 2k + 1 is 2k with one word of object 0 swapped (the arithmetic),
+    captioned by the same draws as 2k, so the two captions differ in that word only."""
+    source_index = index - index % 2
+    source = recipe.scene(scene_rng(seed, "val", source_index), image_size)
     if index % 2 == 0:
-        return source, None
+        return source, recipe.caption(source, seed, "val", source_index), None
     rng = scene_rng(seed, "val", index)
     attribute = "colour" if rng.random() < 0.5 else "shape"
     old = getattr(source.objects[0], attribute)
-    taken = {o.colour for o in source.objects}  # two objects keep distinct colours
+    taken = {o.colour for o in source.objects}  # objects keep distinct colours
     pool = [c for c in COLOURS if c not in taken] if attribute == "colour" else [s for s in SHAPES if s != old]
     new = pool[int(rng.integers(len(pool)))]
-    return swap_attribute(source, attribute, new), {"attribute": attribute, "from": old, "to": new}
+    target = swap_attribute(source, attribute, new)
+    return target, recipe.caption(target, seed, "val", source_index), {"attribute": attribute, "from": old, "to": new}
+
+
+def _train_sample(seed: int, index: int, total: int, image_size: int, recipe: Recipe) -> tuple[Scene, str, int]:
+    """Sample ``index`` of ``total``: image ``index mod n_images`` with its caption ``index div n_images``, so an
+    image's captions are an epoch apart in the shard order (never neighbours in a shuffle buffer)."""
+    n_images = -(-total // recipe.captions_per_image)
+    image, which = index % n_images, index // n_images
+    scene = recipe.scene(scene_rng(seed, "train", image), image_size)
+    return scene, recipe.caption(scene, seed, "train", image, which), image
 
 
 def write_split(out_dir: str | Path, split: str, num_shards: int, samples_per_shard: int, image_size: int,
-                seed: int, prefix: str | None = None) -> dict:
+                seed: int, prefix: str | None = None, recipe: Recipe = V1) -> dict:
     """Render a split into ``<prefix>NNNNN.tar`` shards (skipping complete ones); returns its ground truth."""
     out_dir = Path(out_dir)
     prefix = f"{split}-" if prefix is None else prefix
     truth: dict = {"labels": {}, "arithmetic": []}
+    total = num_shards * samples_per_shard
     for shard in range(num_shards):
         path = out_dir / f"{prefix}{shard:05d}.tar"
         writer = None if path.exists() else ShardWriter(path)
@@ -226,17 +363,20 @@ def write_split(out_dir: str | Path, split: str, num_shards: int, samples_per_sh
             for i in range(samples_per_shard):
                 index = shard * samples_per_shard + i
                 key = sample_key(shard, i, samples_per_shard)
+                image_id = index
                 if split == "val":
-                    scene, swap = _val_scene(seed, index, image_size)
+                    scene, caption, swap = _val_scene(seed, index, image_size, recipe)
                     if swap is not None:
                         source = sample_key(*divmod(index - 1, samples_per_shard), samples_per_shard)
                         truth["arithmetic"].append(dict(swap, source=source, target=key))
                 else:
-                    scene = sample_scene(scene_rng(seed, split, index), image_size)
+                    scene, caption, image_id = _train_sample(seed, index, total, image_size, recipe)
                 truth["labels"][key] = scene.labels()
                 if writer is not None:
-                    writer.write(key, {"jpg": jpeg_bytes(render(scene)), "txt": scene.caption(),
-                                       "json": dict(scene.to_json(), key=key, status="success")})
+                    record = dict(scene.to_json(caption), key=key, status="success")
+                    if recipe.version >= 2:
+                        record["image_id"] = image_id
+                    writer.write(key, {"jpg": jpeg_bytes(render(scene)), "txt": caption, "json": record})
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -269,8 +409,25 @@ def dataset_dir(data_cfg) -> Path:
 
     g = data_cfg.generated
     base = Path(data_cfg.cache_dir) if data_cfg.cache_dir else cache_dir("generated")
-    tag = f"v{GENERATOR_VERSION}-seed{g.seed}-{g.num_shards}x{g.samples_per_shard}-val{g.val_samples}-px{g.image_size}"
+    tag = f"v{g.version}-seed{g.seed}-{g.num_shards}x{g.samples_per_shard}-val{g.val_samples}-px{g.image_size}"
+    if g.version >= 2:
+        tag += f"-cov{g.caption_coverage:g}-cap{g.captions_per_image}-obj{g.max_objects}"
     return base / tag
+
+
+def check_generated_config(g) -> None:
+    """Every data.generated key in range, or a ConfigError naming it."""
+    from alignclip.config import ConfigError
+
+    if g.version not in GENERATOR_VERSIONS:
+        raise ConfigError(f"key 'data.generated.version' must be one of {list(GENERATOR_VERSIONS)}, got {g.version}")
+    for key in ("num_shards", "samples_per_shard", "image_size", "val_samples", "captions_per_image"):
+        if getattr(g, key) <= 0:
+            raise ConfigError(f"key 'data.generated.{key}' must be > 0, got {getattr(g, key)}")
+    if not 0.0 <= g.caption_coverage <= 1.0:
+        raise ConfigError(f"key 'data.generated.caption_coverage' must be in [0, 1], got {g.caption_coverage}")
+    if not 1 <= g.max_objects <= 3:
+        raise ConfigError(f"key 'data.generated.max_objects' must be in 1..3, got {g.max_objects}")
 
 
 def ensure_generated(data_cfg) -> GeneratedDataset:
@@ -280,31 +437,29 @@ def ensure_generated(data_cfg) -> GeneratedDataset:
     ``tasks.json`` is written last, so its presence marks a complete dataset.
     """
     g = data_cfg.generated
-    from alignclip.config import ConfigError
-
-    for key in ("num_shards", "samples_per_shard", "image_size", "val_samples"):
-        if getattr(g, key) <= 0:
-            raise ConfigError(f"key 'data.generated.{key}' must be > 0, got {getattr(g, key)}")
+    check_generated_config(g)
     root = dataset_dir(data_cfg)
     dataset = GeneratedDataset(root, g.num_shards)
     if dataset.tasks_path.exists():
         return dataset
     root.mkdir(parents=True, exist_ok=True)
+    recipe = Recipe.of(g)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not dataset.tasks_path.exists():
-            write_split(root, "train", g.num_shards, g.samples_per_shard, g.image_size, g.seed)
-            val = write_split(root, "val", 1, g.val_samples, g.image_size, g.seed)
+            write_split(root, "train", g.num_shards, g.samples_per_shard, g.image_size, g.seed, recipe=recipe)
+            val = write_split(root, "val", 1, g.val_samples, g.image_size, g.seed, recipe=recipe)
             single = [k for k, lab in val["labels"].items() if lab["num_objects"] == 1]
             tasks = {
-                "generator_version": GENERATOR_VERSION,
+                "generator_version": g.version,
                 "config": asdict(g) if hasattr(g, "__dataclass_fields__") else dict(g),
                 "train": dataset.spec("train"),
                 "val": dataset.spec("val"),
-                "zero_shot": {name: dict(task, keys=single) for name, task in zero_shot_tasks().items()},
+                "zero_shot": {name: dict(task, keys=single) for name, task in zero_shot_tasks(g.version).items()},
                 "val_labels": val["labels"],
                 "arithmetic": val["arithmetic"],
-                "classes": {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)},
+                "classes": {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES),
+                            **({"pattern": list(PATTERNS)} if g.version >= 2 else {})},
             }
             atomic_write_bytes(dataset.tasks_path, json.dumps(tasks, indent=1).encode())
     return dataset

@@ -1,0 +1,142 @@
+"""Aggregate a study's measurements over seeds and write ``study_report.md``, ``study_results.json`` and plots.
+
+Layout follows Eslami & de Melo (2025, arXiv:2406.17639): Table 1's gap metrics (alignment, L2M, RMG, linear
+separability, uniformity), then the downstream tables (zero-shot top-1, retrieval R@1/5, linear probe), each as
+mean ± standard deviation over seeds per variant, and for every metric each variant's difference to the baseline
+with a 95 % t-interval over seeds, paired by seed (alignclip.study.stats).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+from alignclip.study.stats import paired_difference, summarize
+
+# Table 1 of the paper: (column, metric key in the measurement's "gap" section, higher is better?)
+GAP_COLUMNS = [("alignment", "alignment_score"), ("L2M", "centroid_distance"), ("RMG", "rmg_l2"),
+               ("lin. separability", "linear_separability"), ("uniformity", "uniformity")]
+
+
+def flatten(measurement: Mapping) -> dict[str, float]:
+    """One eval set's {"gap", "tasks"} as metric id -> value: "gap/<key>", "<task>/<metric>"."""
+    flat = {f"gap/{k}": float(v) for k, v in measurement["gap"].items()}
+    for task, metrics in measurement["tasks"].items():
+        for name, value in metrics.items():
+            flat[f"{task}/{name}"] = float(value)
+    return flat
+
+
+def downstream_columns(metric_ids) -> list[tuple[str, str]]:
+    """(column, metric id) of the downstream tables present: zero-shot top-1, retrieval R@1/5, linear probe."""
+    ids = set(metric_ids)
+    cols = []
+    for mid in sorted(ids):
+        task, _, name = mid.partition("/")
+        if task.startswith("zeroshot_") and name == "acc1":
+            cols.append((f"zero-shot {task[9:]} top-1", mid))
+    for direction, key in (("I→T", "text_retrieval"), ("T→I", "image_retrieval")):
+        for k in (1, 5):
+            if f"retrieval/{key}_recall@{k}" in ids:
+                cols.append((f"{direction} R@{k}", f"retrieval/{key}_recall@{k}"))
+    for mid in sorted(ids):
+        task, _, name = mid.partition("/")
+        if task.startswith("linear_probe_") and name == "acc1":
+            cols.append((f"probe {task[13:]} top-1", mid))
+    return cols
+
+
+def aggregate(measurements: Mapping[str, Mapping[int, Mapping[str, Mapping]]], baseline: str) -> dict:
+    """measurements: variant -> seed -> eval set -> {"gap", "tasks"}. Returns per eval set:
+    {"values": metric -> variant -> {seed: value}, "summary": metric -> variant -> {mean, std, n},
+     "difference": metric -> variant -> {mean, low, high, excludes_zero, n} (variant - baseline, paired)}."""
+    out: dict = {}
+    eval_sets = sorted({name for seeds in measurements.values() for per in seeds.values() for name in per})
+    for eval_set in eval_sets:
+        values: dict[str, dict[str, dict[int, float]]] = {}
+        for variant, seeds in measurements.items():
+            for seed, per_set in seeds.items():
+                if eval_set not in per_set:
+                    continue
+                for mid, value in flatten(per_set[eval_set]).items():
+                    values.setdefault(mid, {}).setdefault(variant, {})[int(seed)] = value
+        summary = {mid: {v: vars(summarize([s[k] for k in sorted(s)])) for v, s in per.items()}
+                   for mid, per in values.items()}
+        difference = {}
+        for mid, per in values.items():
+            if baseline not in per:
+                continue
+            difference[mid] = {}
+            for variant, seeds in per.items():
+                if variant == baseline or not set(seeds) & set(per[baseline]):
+                    continue
+                d = paired_difference(seeds, per[baseline])
+                difference[mid][variant] = dict(mean=d.mean, low=d.low, high=d.high, n=d.n,
+                                                excludes_zero=d.excludes_zero, text=d.text())
+        out[eval_set] = {"values": values, "summary": summary, "difference": difference}
+    return out
+
+
+def _cell(summary: dict) -> str:
+    if summary["n"] < 2:
+        return f"{summary['mean']:.3f}"
+    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+
+def _table(rows: list[str], columns: list[tuple[str, str]], cell) -> str:
+    lines = ["| variant | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(cell(row, mid) for _, mid in columns) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict, plots: Mapping[str, str]) -> str:
+    """The report's text (plots given as name -> path relative to the report)."""
+    variants, baseline, seeds = results["variants"], results["baseline"], results["seeds"]
+    parts = [f"# Study {results['study']}", "",
+             f"Variants: {', '.join(variants)}; seeds {seeds} (paired across variants); baseline {baseline}. "
+             f"Runs: {results['runs_summary']}. Wall time of this command: {results['wall_time_s']:.0f} s.", "",
+             "Cells are mean ± sample standard deviation over seeds (one seed: the value). Differences are "
+             f"variant − {baseline} per seed, averaged, with a 95 % Student-t interval on n − 1 degrees of freedom "
+             "(n/a with one seed); * marks an interval that excludes zero. Gap metrics follow Eslami & de Melo "
+             "(2025, arXiv:2406.17639) Table 1: alignment = mean paired cosine (higher: smaller gap), L2M = "
+             "distance between the modality centroids, RMG = relative modality gap (Schrodi et al. 2025, "
+             "arXiv:2404.07983), linear separability of image vs text embeddings (0.5: the modalities overlap), "
+             "uniformity = mean of both modalities' log-potential (lower: more uniform).", ""]
+    for eval_set, agg in results["aggregate"].items():
+        summary, difference = agg["summary"], agg["difference"]
+        gap_cols = [(c, f"gap/{k}") for c, k in GAP_COLUMNS if f"gap/{k}" in summary]
+        down_cols = downstream_columns(summary)
+
+        def cell(row, mid, summary=summary):
+            return _cell(summary[mid][row]) if row in summary.get(mid, {}) else "–"
+
+        def diff_cell(row, mid, difference=difference):
+            return difference.get(mid, {}).get(row, {}).get("text", "–")
+
+        others = [v for v in variants if v != baseline]
+        parts += [f"## Evaluation set `{eval_set}`", "", "### Modality gap (Table 1 layout)", "",
+                  _table(variants, gap_cols, cell), "", "### Downstream", "", _table(variants, down_cols, cell), ""]
+        if others:
+            parts += [f"### Difference to {baseline} (95 % interval over seeds, paired)", "",
+                      _table(others, gap_cols, diff_cell), "", _table(others, down_cols, diff_cell), ""]
+    if plots:
+        parts += ["## Plots", ""]
+        for caption, rel in plots.items():
+            parts += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+    failed = [r for r in results["runs"] if r["status"] == "failed"]
+    if failed:
+        parts += ["## Failed runs (not in the tables; rerun the command to resubmit them)", ""]
+        parts += [f"- {r['variant']} seed {r['seed']}: {r['detail']}" for r in failed]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(out_dir: str | Path, results: dict, plots: Mapping[str, str]) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "study_results.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md_path = out / "study_report.md"
+    md_path.write_text(markdown(results, plots))
+    return md_path, json_path

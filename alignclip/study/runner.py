@@ -1,0 +1,138 @@
+"""Run a study: train the grid through the submitit launcher, then measure every run, resumably.
+
+Each (variant, seed) run has a stable folder ``<study>/runs/<variant>/seed<k>``. A run that finished carries a
+marker (``study_done.json``, written by the job itself after the trainer exits 0); a rerun of the study skips it.
+Any other run is (re)submitted: the trainer resumes from its latest checkpoint, so a run killed halfway loses at
+most the steps since its last checkpoint. The local executor trains one run after another (the machine's cores are
+shared by the run's ranks and loader workers); Slurm gets the unfinished runs as one job array.
+
+Measuring is cached per run and checkpoint (``<run>/study/``): the export, each evaluation set's embeddings, and
+the figures; a rerun reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from alignclip.launch import TrainJob, make_executor, make_run, wait_slurm
+from alignclip.study.prepare import prepare_data
+from alignclip.study.spec import StudySpec, run_overrides, write_variant_config
+
+DONE_FILE = "study_done.json"
+
+
+@dataclass
+class RunState:
+    variant: str
+    seed: int
+    run_dir: Path
+    status: str  # "skipped" (finished before), "trained", "failed"
+    detail: str = ""
+
+
+class StudyJob(TrainJob):
+    """TrainJob that marks its run finished (rank 0, after the trainer exited 0), so a rerun skips it."""
+
+    def __call__(self) -> str:
+        run_dir = Path(super().__call__())
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            mark_done(run_dir)
+        return str(run_dir)
+
+
+def mark_done(run_dir: Path) -> None:
+    from alignclip.training.checkpoint import find_latest
+
+    latest = find_latest(run_dir)
+    record = {"checkpoint": latest.name if latest else None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = run_dir / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(run_dir / DONE_FILE)
+
+
+def is_done(run_dir: Path) -> bool:
+    return (run_dir / DONE_FILE).is_file()
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    record = json.loads((run_dir / DONE_FILE).read_text())
+    return run_dir / "checkpoints" / record["checkpoint"]
+
+
+def train_grid(spec: StudySpec, log: Callable[[str], None] = print, executor: Optional[str] = None) -> list[RunState]:
+    """Submit every unfinished run; wait for them; return each run's state."""
+    kind = executor or spec.executor
+    pending, states = [], []
+    for variant in spec.variants:
+        config_path = write_variant_config(spec, variant)
+        for seed in spec.seeds:
+            run_dir = spec.run_dir(variant.name, seed)
+            if is_done(run_dir):
+                states.append(RunState(variant.name, seed, run_dir, "skipped", "finished before"))
+                continue
+            overrides = run_overrides(spec, variant, seed)
+            run = make_run(config_path, overrides, run_dir=run_dir)
+            prepared = prepare_data(run.config)  # generated shards + caption embeddings, once for all runs
+            if prepared.data.semantic_dir != run.config.data.semantic_dir:
+                run = make_run(config_path, overrides + [f"data.semantic_dir={prepared.data.semantic_dir}"],
+                               run_dir=run_dir)
+            pending.append(run)
+    log(f"study {spec.name}: {len(states)} run(s) finished before, {len(pending)} to train ({kind} executor)")
+    if kind == "local":
+        for run in pending:  # one at a time: a 2-core workstation trains one run well, two runs badly
+            log(f"  training {run.config.name} seed {run.config.train.seed} in {run.run_dir}")
+            ex = make_executor(run.config, run.run_dir / "submitit", "local", job_name=run.config.name)
+            job = ex.submit(StudyJob(run.config_path, run.overrides, run.config.launch.max_requeues))
+            states.append(_outcome(run, job.result))
+    elif pending:
+        ex = make_executor(pending[0].config, spec.study_dir / "submitit", "slurm", job_name=spec.name)
+        with ex.batch():
+            jobs = [ex.submit(StudyJob(r.config_path, r.overrides, r.config.launch.max_requeues)) for r in pending]
+        log(f"  submitted job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} runs); waiting")
+        wait_slurm([j.job_id for j in jobs], timeout_s=float("inf"))
+        states += [_outcome(r, None) for r in pending]
+    return states
+
+
+def _outcome(run, result: Optional[Callable]) -> RunState:
+    detail = ""
+    if result is not None:
+        try:
+            result()
+        except Exception as err:  # the job's own failure, recorded; the study goes on with the other runs
+            detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    status = "trained" if is_done(run.run_dir) else "failed"
+    return RunState(run.config.name, run.config.train.seed, run.run_dir, status,
+                    detail or ("" if status == "trained" else f"no {DONE_FILE}: see {run.run_dir}/submitit"))
+
+
+def measure_run(spec: StudySpec, run_dir: Path, seed: int) -> dict:
+    """eval set -> {"gap", "tasks"} for the run's final checkpoint (cached in ``<run>/study``)."""
+    from alignclip.study.measure import encode_set, export_run, measure_set
+
+    checkpoint = final_checkpoint(run_dir)
+    folder = run_dir / "study"
+    cached = folder / f"measure-{checkpoint.name}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    model = export_run(checkpoint, folder / f"{checkpoint.name}.safetensors")
+    out = {}
+    for eval_set in spec.eval_sets:
+        es = encode_set(model, eval_set, folder / "embeddings" / f"{checkpoint.name}-{eval_set.name}")
+        out[eval_set.name] = measure_set(es, seed=0)  # the metric's own split seed: the same for every run
+    folder.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def embeddings_of(run_dir: Path, eval_set_name: str):
+    """The cached EmbeddingSet of one measured run (for the plots)."""
+    from alignclip.study.measure import load_set
+
+    checkpoint = final_checkpoint(run_dir)
+    return load_set(run_dir / "study" / "embeddings" / f"{checkpoint.name}-{eval_set_name}")
