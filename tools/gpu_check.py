@@ -145,8 +145,8 @@ def plan(args, gpus: int) -> list[tuple[str, dict]]:
     if args.cpu_smoke:  # tiny sizes, fp32 Triton under the interpreter, gloo, the tiny model, no compile
         return [
             ("environment", {"device": "cpu", "peak_override": args.peak_tflops}),
-            ("loss", {"impls": ["triton", "chunked"], "dtypes": ["fp32"], "batch_sizes": [24, 64], "dim": 32,
-                      "semantic_dim": 16, "device": "cpu", "repeats": 1, "chunk_size": 16, "memory_batch": 96,
+            ("loss", {"impls": ["triton", "chunked"], "dtypes": ["fp32"], "batch_sizes": [16, 40], "dim": 32,
+                      "semantic_dim": 16, "device": "cpu", "repeats": 1, "chunk_size": 16, "memory_batch": 48,
                       "memory_impl": "triton"}),
             ("distributed", {"backend": "gloo", "world": 2, "batch": 16, "dim": 16, "semantic_dim": 8,
                              "impls": ["dense", "chunked"], "chunk_size": 4}),
@@ -252,13 +252,15 @@ def main(argv=None) -> int:
             return 2
         import torch
 
-        gpus = torch.cuda.device_count()
-        where = f"{gpus} x {torch.cuda.get_device_name(0)}"
+        gpus = torch.cuda.device_count()  # no CUDA context here: the children own the GPUs
+        where = f"{gpus} GPU(s)"
     budget_s = 60 * args.budget_min
     print(f"GPU readiness check: {where}; budget {args.budget_min:g} min", file=sys.stderr, flush=True)
     rows = run_plan(plan(args, gpus), budget_s, gpus, child_env,
                     progress=lambda m: print(f"  ... {m}", file=sys.stderr, flush=True))
     took_min = (time.monotonic() - started) / 60
+    if gpus and rows[0].figures.get("name"):
+        where = f"{gpus} x {rows[0].figures['name']}"
     print(f"GPU readiness check: {where}; budget {args.budget_min:g} min, took {took_min:.1f} min")
     print(rows_lib.render_table(rows))
     if args.json:
