@@ -44,7 +44,14 @@ def test_with_a_device_node_but_no_cuda_torch_gives_the_reason():
 def test_bad_budget_is_a_one_line_usage_error():
     out = subprocess.run([sys.executable, str(SCRIPT), "--budget-min", "0"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 2 and "--budget-min must be > 0" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and out.stderr.strip() == "gpu_check: --budget-min must be > 0, got 0.0 (see --help)"
+
+
+def test_a_step_config_typo_is_found_before_any_row_runs():
+    step = {"compile": True, "precision": "bf16", "batch": 256}
+    assert gpu_check.config_problem([("step_compiled", {**step, "config": "model/alignclip_vit_b16"})]) is None
+    problem = gpu_check.config_problem([("environment", {}), ("step_compiled", {**step, "config": "model/nope"})])
+    assert problem.startswith("--step-config model/nope: config file not found")
 
 
 def test_verdicts_decide_the_exit_code():

@@ -205,8 +205,13 @@ def run_plan(groups: list[tuple[str, dict]], budget_s: float, gpus: int, child_e
 
 
 # --------------------------------------------------------------------------------------------------- main
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: what was wrong and the flag that takes it
+        self.exit(2, f"gpu_check: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = _OneLineErrors(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--budget-min", type=float, default=8.0,
                         help="time budget in minutes (default 8: one H100-class GPU)")
@@ -225,7 +230,26 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.budget_min <= 0:
         parser.error(f"--budget-min must be > 0, got {args.budget_min}")
+    for name in ("step_batch", "step_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.step_warmup < 0 or args.memory_batch < 0 or min(args.loss_batch_sizes) < 1:
+        parser.error("--step-warmup and --memory-batch must be >= 0 and every --loss-batch-sizes >= 1")
     return args
+
+
+def config_problem(groups: list[tuple[str, dict]]) -> str | None:
+    """The step rows' config, loaded now (no torch): a typo fails before minutes of other rows, not after."""
+    from alignclip.config import ConfigError, load_config
+
+    for name, kwargs in groups:
+        if name.startswith("step_"):
+            try:
+                load_config(kwargs["config"], [*rows_lib.step_overrides(kwargs["compile"], kwargs["precision"]),
+                                               f"train.global_batch_size={kwargs['batch']}"])
+            except ConfigError as err:
+                return f"--step-config {kwargs['config']}: {err}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -254,9 +278,14 @@ def main(argv=None) -> int:
 
         gpus = torch.cuda.device_count()  # no CUDA context here: the children own the GPUs
         where = f"{gpus} GPU(s)"
+    groups = plan(args, gpus)
+    problem = config_problem(groups)
+    if problem:
+        print(f"gpu_check: {problem}", file=sys.stderr)
+        return 2
     budget_s = 60 * args.budget_min
     print(f"GPU readiness check: {where}; budget {args.budget_min:g} min", file=sys.stderr, flush=True)
-    rows = run_plan(plan(args, gpus), budget_s, gpus, child_env,
+    rows = run_plan(groups, budget_s, gpus, child_env,
                     progress=lambda m: print(f"  ... {m}", file=sys.stderr, flush=True))
     took_min = (time.monotonic() - started) / 60
     if gpus and rows[0].figures.get("name"):

@@ -414,6 +414,12 @@ def distributed_row(rank_results: list[dict], backend: str, batch: int,
 
 
 # ---------------------------------------------------------------------------------- 3. the training step
+def step_overrides(compile: bool, precision: str = "bf16", zero_stage: int = 1) -> list[str]:
+    """The fast path the step rows measure, as config overrides: every switch explicit, none left to auto."""
+    return [f"train.precision={precision}", f"deepspeed.zero_stage={zero_stage}",
+            f"train.compile={'true' if compile else 'false'}", "train.adamw_impl=fused", "train.sdpa=true"]
+
+
 def step_row(config: str, batch: int, *, compile: bool, precision: str = "bf16", zero_stage: int = 1,
              steps: int = 10, warmup: int = 3, device: str = "auto", peak_tflops: float = 0.0,
              threads: int = 0) -> Row:
@@ -422,8 +428,7 @@ def step_row(config: str, batch: int, *, compile: bool, precision: str = "bf16",
     loss is finite."""
     from alignclip.perf.step_bench import BenchCase, run_case
 
-    overrides = [f"train.precision={precision}", f"deepspeed.zero_stage={zero_stage}",
-                 f"train.compile={'true' if compile else 'false'}", "train.adamw_impl=fused", "train.sdpa=true"]
+    overrides = step_overrides(compile, precision, zero_stage)
     label = f"step {Path(str(config)).stem} {precision} compile {'on' if compile else 'off'}"
     r = run_case(BenchCase(config=config, overrides=overrides, label=label, batch=batch, steps=steps,
                            warmup=warmup, device=device, peak_tflops=peak_tflops, threads=threads))
