@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,12 @@ def test_verdicts_decide_the_exit_code():
     assert rows_lib.exit_code([row(PASS, True), row(SKIP, True)]) == 1  # a correctness check that never ran
     assert rows_lib.exit_code([row(PASS, True), row(ERROR, False)]) == 1  # a measurement that crashed
     assert rows_lib.exit_code([]) == 1
+
+
+def test_a_group_that_crashes_in_its_child_is_an_error_row_naming_the_cause():
+    rows = gpu_check.run_group_isolated("no such group", {}, timeout_s=300, env=dict(os.environ))
+    assert len(rows) == 1 and rows[0].verdict == ERROR and "unknown group 'no such group'" in rows[0].result
+    assert rows_lib.exit_code(rows) == 1
 
 
 def test_a_failing_loss_row_fails_the_table_and_its_json():

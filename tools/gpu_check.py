@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -66,8 +67,6 @@ def run_group(name: str, kwargs: dict) -> list[Row]:
         return [rows_lib.environment_row(**kwargs)]
     if name == "loss":
         return rows_lib.loss_group(**kwargs)
-    if name == "distributed":
-        return [distributed_group(**kwargs)]
     if name in ("step_eager", "step_compiled"):
         return [rows_lib.step_row(**kwargs)]
     if name == "data":
@@ -75,32 +74,54 @@ def run_group(name: str, kwargs: dict) -> list[Row]:
     raise ValueError(f"unknown group {name!r}")
 
 
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    """This script as a child in a session of its own, so that a timeout ends it together with what it started
+    (DataLoader workers, inductor's compile workers)."""
+    return subprocess.Popen([sys.executable, str(HERE), *args], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
+    """(stdout, stderr) of a finished child; on a timeout (or Ctrl-C here, which a child in its own session does
+    not receive) the child's process group is killed first and the exception passes on."""
+    try:
+        return proc.communicate(timeout=max(1.0, timeout_s))
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:  # still ours: not reaped, so its id (= its group's) cannot have been reused
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
 def distributed_group(backend: str, world: int, batch: int, dim: int, semantic_dim: int, impls: list[str],
-                      chunk_size: int, timeout_s: float) -> Row:
+                      chunk_size: int, timeout_s: float, env: dict) -> Row:
     """Start ``world`` rank processes (this script with --rank), wait for their reports, judge them."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = json.dumps({"backend": backend, "batch": batch, "dim": dim, "semantic_dim": semantic_dim,
                        "impls": impls, "chunk_size": chunk_size})
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(HERE), "--rank", spec], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    procs = [_start(["--rank", spec], {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                                       "MASTER_PORT": str(port)})
+             for rank in range(world)]
     reports, deadline = [], time.monotonic() + timeout_s
     try:
         for rank, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            out, err = _wait(proc, deadline - time.monotonic())
             if proc.returncode != 0:
                 raise RuntimeError(f"rank {rank} exited {proc.returncode}: {_last_lines(err)}")
             reports.append(_parse_child(out))
     finally:
         for proc in procs:  # a rank left waiting for its peer
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
     return rows_lib.distributed_row(reports, backend, batch)
 
 
@@ -124,19 +145,23 @@ def _group_check_name(name: str, kwargs: dict) -> str:
 CORRECTNESS_GROUPS = {"environment", "loss", "distributed", "step_eager", "step_compiled"}
 
 
-def run_group_in_child(name: str, kwargs: dict, timeout_s: float, env: dict | None = None) -> list[Row]:
-    """The group in a fresh child process (``--child``), killed after ``timeout_s``."""
+def run_group_isolated(name: str, kwargs: dict, timeout_s: float, env: dict) -> list[Row]:
+    """The group in fresh processes, ended after ``timeout_s``: a ``--child`` of this script, or (distributed)
+    the rank processes themselves. A timeout is a SKIP row, a crash an ERROR row."""
     check, correctness = _group_check_name(name, kwargs), name in CORRECTNESS_GROUPS
-    cmd = [sys.executable, str(HERE), "--child", json.dumps({"group": name, "kwargs": kwargs})]
     try:
-        proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=max(1.0, timeout_s))
+        if name == "distributed":
+            return [distributed_group(**kwargs, timeout_s=timeout_s, env=env)]
+        proc = _start(["--child", json.dumps({"group": name, "kwargs": kwargs})], env)
+        out, err = _wait(proc, timeout_s)
     except subprocess.TimeoutExpired:
         return [Row(check, SKIP, f"not finished within its {timeout_s:.0f} s of the budget (raise --budget-min)",
                     correctness)]
+    except Exception as err:
+        return [rows_lib.error_row(check, err, correctness)]
     if proc.returncode != 0:
-        return [Row(check, ERROR, f"child exited {proc.returncode}: {_last_lines(proc.stderr)}"[:400], correctness)]
-    return rows_lib.rows_from_json(_parse_child(proc.stdout))
+        return [Row(check, ERROR, f"child exited {proc.returncode}: {_last_lines(err)}"[:400], correctness)]
+    return rows_lib.rows_from_json(_parse_child(out))
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -189,13 +214,11 @@ def run_plan(groups: list[tuple[str, dict]], budget_s: float, gpus: int, child_e
             rows.append(Row("nccl 2 ranks = 1 process", NOT_APPLICABLE, f"{gpus} GPU: needs two on this node",
                             correctness=True))
             continue
-        if name == "distributed":
-            kwargs = {**kwargs, "timeout_s": max(1.0, timeout_s - 5)}
         if name == "data":
             kwargs = {**kwargs, "step_samples_per_s": step_rate(rows)}
         started = time.monotonic()
         progress(f"{name}: up to {max(timeout_s, 1.0):.0f} s")
-        group_rows = run_group_in_child(name, kwargs, timeout_s, child_env)
+        group_rows = run_group_isolated(name, kwargs, timeout_s, {**os.environ, **child_env})
         seconds = time.monotonic() - started
         for row in group_rows:
             row.figures["group_s"] = seconds

@@ -114,10 +114,6 @@ def _peak_mib(device, run) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _fmt(value: Optional[float], spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
 # ------------------------------------------------------------------------------------ 1. the environment
 def _nvidia_driver() -> str:
     import subprocess
@@ -272,11 +268,11 @@ def loss_row(impl: str, dtype: str, batch: int, *, dim: int = 768, semantic_dim:
                "peak_mib": peak_mib, "dense_peak_mib": dense_mib,
                "peak_x_dense": peak_mib / dense_mib if peak_mib is not None and dense_mib else None}
     verdict = PASS if finite and loss_err <= tolerance and grad_err <= tolerance else FAIL
-    memory = (f"memory {peak_mib:.0f} MiB = x{figures['peak_x_dense']:.3f} dense" if peak_mib is not None
+    memory = (f"memory {peak_mib:.0f} MiB = x{figures['peak_x_dense']:.3g} dense" if peak_mib is not None
               else "memory: CUDA only")
     result = (f"loss err {loss_err:.1e}, grad err {grad_err:.1e} (tol {tolerance:.0e}"
-              f"{'' if finite else ', NON-FINITE'}); fwd+bwd {1e3 * total_s:.2f} ms = x{total_s / dense_time[1]:.2f} "
-              f"dense (fwd x{forward_s / dense_time[0]:.2f}); {memory}")
+              f"{'' if finite else ', NON-FINITE'}); fwd+bwd {1e3 * total_s:.3g} ms = x{total_s / dense_time[1]:.3g} "
+              f"dense (fwd x{forward_s / dense_time[0]:.3g}); {memory}")
     return Row(f"loss {impl} {dtype} b={batch}", verdict, result, correctness=True, figures=figures)
 
 
