@@ -55,6 +55,48 @@ def test_a_step_config_typo_is_found_before_any_row_runs():
     assert problem.startswith("--step-config model/nope: config file not found")
 
 
+def test_the_gpu_plan_covers_every_row_of_the_issue():
+    groups = dict(gpu_check.plan(gpu_check.parse_args([]), gpus=2))
+    assert list(groups) == ["environment", "loss", "distributed", "step_eager", "step_compiled", "data"]
+    assert set(groups) == set(gpu_check.SHARES) and sum(gpu_check.SHARES.values()) == pytest.approx(1.0)
+    loss = groups["loss"]
+    assert (loss["impls"], loss["dtypes"], loss["batch_sizes"]) == (["triton", "chunked"], ["fp32", "bf16"],
+                                                                     [1024, 8192])
+    assert loss["device"] == "cuda" and loss["memory_batch"] == 32768 and loss["memory_impl"] == "triton"
+    assert groups["distributed"]["backend"] == "nccl" and groups["distributed"]["world"] == 2
+    for name, compiled in (("step_eager", False), ("step_compiled", True)):
+        step = groups[name]
+        assert step["config"] == "model/alignclip_vit_b16" and step["precision"] == "bf16"
+        assert step["compile"] is compiled and step["device"] == "cuda"
+    assert groups["data"]["gpus"] == 2
+    assert gpu_check.config_problem(list(groups.items())) is None
+
+
+def test_one_gpu_makes_the_nccl_row_not_applicable_without_starting_ranks():
+    groups = [("distributed", dict(gpu_check.plan(gpu_check.parse_args([]), gpus=1))["distributed"])]
+    rows = gpu_check.run_plan(groups, budget_s=60, gpus=1, child_env={})
+    assert [(r.check, r.verdict, r.correctness) for r in rows] == [("nccl 2 ranks = 1 process", NOT_APPLICABLE,
+                                                                     True)]
+    assert rows_lib.exit_code(rows) == 0
+
+
+def test_the_loader_is_sized_by_the_fastest_passing_step():
+    def step(verdict, rate):
+        return Row(f"step {rate}", verdict, "", True, {"samples_per_s": rate})
+
+    assert gpu_check.step_rate([step(PASS, 900.0), step(PASS, 1100.0), step(FAIL, 5000.0)]) == 1100.0
+    assert gpu_check.step_rate([Row("environment", PASS, ""), step(ERROR, 1.0)]) is None
+
+
+def test_data_row_warns_when_the_node_has_too_few_cores_for_its_gpus():
+    cores = len(os.sched_getaffinity(0))
+    row = rows_lib.data_row(1e6, gpus=cores, samples=8, shards=1, source_size=40, image_size=32, batch=4, workers=1)
+    figures = row.figures
+    assert figures["samples_per_s_per_worker"] > 0 and figures["cores"] == cores
+    assert figures["workers_per_gpu"] == math.ceil(1e6 / figures["samples_per_s_per_worker"])
+    assert row.verdict == WARN and not row.correctness and row.holds()
+
+
 def test_verdicts_decide_the_exit_code():
     def row(verdict, correctness):
         return Row(f"{verdict} {correctness}", verdict, "", correctness)
