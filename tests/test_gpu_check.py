@@ -42,10 +42,14 @@ def test_with_a_device_node_but_no_cuda_torch_gives_the_reason():
     assert reason.startswith(f"torch {torch.__version__}") and "sees no CUDA GPU" in reason
 
 
-def test_bad_budget_is_a_one_line_usage_error():
+def test_bad_arguments_are_one_line_errors_before_anything_runs():
     out = subprocess.run([sys.executable, str(SCRIPT), "--budget-min", "0"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == "gpu_check: --budget-min must be > 0, got 0.0 (see --help)"
+    out = subprocess.run([sys.executable, str(SCRIPT), "--json", "/nonexistent/table.json"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("gpu_check: --json /nonexistent/table.json: its folder")
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_a_step_config_typo_is_found_before_any_row_runs():

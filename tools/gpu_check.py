@@ -235,7 +235,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def parse_args(argv):
     parser = _OneLineErrors(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--budget-min", type=float, default=8.0,
                         help="time budget in minutes (default 8: one H100-class GPU)")
     parser.add_argument("--json", metavar="PATH", help="also write the table (every row's figures) as JSON here")
@@ -258,6 +258,8 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.step_warmup < 0 or args.memory_batch < 0 or min(args.loss_batch_sizes) < 1:
         parser.error("--step-warmup and --memory-batch must be >= 0 and every --loss-batch-sizes >= 1")
+    if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):  # not after minutes of rows
+        parser.error(f"--json {args.json}: its folder {Path(args.json).resolve().parent} is not a writable folder")
     return args
 
 
