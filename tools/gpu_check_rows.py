@@ -114,6 +114,11 @@ def _peak_mib(device, run) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
 # ------------------------------------------------------------------------------------ 1. the environment
 def _nvidia_driver() -> str:
     import subprocess
@@ -271,7 +276,7 @@ def loss_row(impl: str, dtype: str, batch: int, *, dim: int = 768, semantic_dim:
     memory = (f"memory {peak_mib:.0f} MiB = x{figures['peak_x_dense']:.3g} dense" if peak_mib is not None
               else "memory: CUDA only")
     result = (f"loss err {loss_err:.1e}, grad err {grad_err:.1e} (tol {tolerance:.0e}"
-              f"{'' if finite else ', NON-FINITE'}); fwd+bwd {1e3 * total_s:.3g} ms = x{total_s / dense_time[1]:.3g} "
+              f"{'' if finite else ', NON-FINITE'}); fwd+bwd {_ms(total_s)} ms = x{total_s / dense_time[1]:.3g} "
               f"dense (fwd x{forward_s / dense_time[0]:.3g}); {memory}")
     return Row(f"loss {impl} {dtype} b={batch}", verdict, result, correctness=True, figures=figures)
 
