@@ -145,3 +145,17 @@ def test_auto_on_cpu_is_dense_within_one_tile_and_chunked_above():
             logit_scale = torch.tensor(2.659)
             totals[impl] = build_objective(LossConfig(impl=impl, **cfg))(image, text, logit_scale, semantic).total
         assert torch.equal(totals["auto"], totals[twin]), (n, twin)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_bf16_inputs_match_the_fp32_dense_oracle_to_bf16_rounding(shared):
+    """bf16 features (a direct caller's choice; the objective itself hands fp32): the single-process backward used
+    to fail mixing its fp32 accumulators with bf16 operands. Against the dense loss of the same rounded inputs."""
+    image, text, semantic = make_batch(100, seed=11)
+    image, text = image.bfloat16(), text.bfloat16()
+    expected = run_terms(dense.contrastive_terms, image.float(), text.float(), semantic, 14.3, offset=0,
+                         n_local=100, shared=shared)
+    actual = run_terms(chunked_impl(32), image, text, semantic, 14.3, offset=0, n_local=100, shared=shared)
+    for name, a, e in zip(("values", "d_image", "d_text", "d_logit_scale"), actual, expected):
+        assert torch.isfinite(a).all(), name
+        assert relative_error(a.float(), e) < 2e-2, name

@@ -153,8 +153,8 @@ class RowCrossEntropy(torch.autograd.Function):
                 if distance is not None:
                     grad.mul_(distance)
                 grad = grad.to(rows.dtype)
-                d_rows[r0:r1].addmm_(grad, cols[c0:c1])
-                d_cols[c0:c1].addmm_(grad.T, rows[r0:r1])
+                _accumulate_mm(d_rows[r0:r1], grad, cols[c0:c1])
+                _accumulate_mm(d_cols[c0:c1], grad.T, rows[r0:r1])
         return (d_rows.to(rows.dtype), d_cols.to(cols.dtype), d_scale.to(scale.dtype), None, None,
                 None if d_pos is None else d_pos.to(positive.dtype), None, None)
 
@@ -198,8 +198,16 @@ def _paired_backward(a: Tensor, b: Tensor, s: Tensor, row_lse: Tensor, col_lse: 
                 grad.diagonal().sub_(g_rows[r0:r1] + g_cols[r0:r1])
             grad = grad.mul_(s).to(a.dtype)  # W = s G
             d_scale += _add_product(d_a[r0:r1], grad, b[c0:c1], a[r0:r1]) / s  # sum G R = sum W (a b^T) / s
-            d_b[c0:c1].addmm_(grad.T, a[r0:r1])
+            _accumulate_mm(d_b[c0:c1], grad.T, a[r0:r1])
     return d_scale
+
+
+def _accumulate_mm(out: Tensor, mat1: Tensor, mat2: Tensor) -> None:
+    """out += mat1 @ mat2. The accumulator is fp32 while bf16 inputs multiply in bf16 (addmm_ wants one dtype)."""
+    if out.dtype == mat1.dtype:
+        out.addmm_(mat1, mat2)
+    else:
+        out.add_(mat1 @ mat2)
 
 
 def _add_product(out: Tensor, weights: Tensor, cols: Tensor, rows: Tensor) -> Tensor:
