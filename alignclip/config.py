@@ -68,12 +68,14 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------- loss
 @dataclass
 class LossConfig:
-    """Weights of each loss term (docs/losses.md); a zero weight switches a term off.
+    """Weights of each loss term (docs/losses.md); a zero weight switches a term off. Equation numbers: AlignCLIP
+    (Eslami & de Melo, ICLR 2025, arXiv 2406.17639) and the contrastive gap (Fahim, Murphy & Fyshe, 2024, "It's Not
+    a Modality Gap", arXiv 2405.18570).
 
-    clip:      L_clip = 1/2 [CE(sP, y) + CE(sP^T, y)]                  (Eslami & de Melo 2025, eq. 4)
+    clip:      L_clip = 1/2 [CE(sP, y) + CE(sP^T, y)]                  (AlignCLIP eq. 4)
     crsep:     L_CRsep = CE(sP, y) + CE(sP^T, y), a sum                  (eq. 12, AlignCLIP's alpha)
     imsep:     L_IMsep = CE(s [diag(P) + X X^T (1 - S)], y)              (eq. 7-11, AlignCLIP's beta)
-    uniform / xuniform / align: the contrastive-gap terms               (Fahim et al. 2024, eq. 2-5)
+    uniform / xuniform / align: the contrastive-gap terms               (contrastive gap eq. 2-5)
     """
 
     impl: str = "auto"  # dense | chunked | triton | auto
