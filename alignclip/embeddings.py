@@ -390,7 +390,8 @@ def resolve_source(source: str, args, name: str = "", split: str | None = None) 
             raise ValueError("zero-shot from files needs all three of --classnames, --templates and --labels")
         extra = tasks_from_files(args.classnames, args.templates, args.labels)
     es = encode_with_model(p, args.data, split or args.split, args.folder, args.captions, args.tasks, args.limit,
-                           args.batch_size, args.arithmetic_text, extra_tasks=extra)
+                           args.batch_size, args.arithmetic_text, device=getattr(args, "device", "cpu"),
+                           extra_tasks=extra)
     if args.cache_dir:
         es.save(Path(args.cache_dir) / (name or p.stem) / (split or args.split))
     return es

@@ -197,3 +197,15 @@ def test_pooled_last_block_model_gives_the_same_embeddings_and_gradients(name):
     assert pooled_grads.keys() == full_grads.keys()
     for name_, grad in full_grads.items():
         torch.testing.assert_close(pooled_grads[name_], grad, rtol=1e-4, atol=1e-6, msg=name_)
+
+
+def test_encoders_follow_openclip_normalize_false_and_one_layernorm_eps():
+    m = load_config("model/clip_tiny").model
+    torch.manual_seed(0)
+    model = build_model(m)
+    images, tokens = _batch(m)
+    raw = model.encode_image(images)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-3)  # OpenCLIP: unnormalised by default
+    torch.testing.assert_close(model.encode_image(images, normalize=True), F.normalize(raw, dim=-1))
+    torch.testing.assert_close(model(images, tokens)["text_embeds"], model.encode_text(tokens, normalize=True))
+    assert {mod.eps for mod in model.modules() if isinstance(mod, torch.nn.LayerNorm)} == {m.norm_eps} == {1e-5}

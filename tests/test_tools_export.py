@@ -79,7 +79,13 @@ def test_export_then_load_reproduces_the_trained_model(tmp_path):
 
         pixels = transform(Image.new("RGB", (80, 100), (255, 0, 0)))
         assert pixels.shape == (3, 64, 64)
+    # the same checkpoint as OpenCLIP and HF folders, with a card naming the run's steps
+    for fmt in ("openclip", "hf"):
+        folder = export_checkpoint(tmp_path / "zero1", tmp_path / f"zero1_{fmt}", format=fmt)
+        card = (folder / "README.md").read_text()
+        assert "steps: 3" in card and "clip_weight 1" in card
     # loading needs neither DeepSpeed nor pickle: a fresh interpreter never imports deepspeed
+
     code = ("import sys, alignclip; alignclip.load(sys.argv[1]); "
             "assert 'deepspeed' not in sys.modules, 'alignclip.load imported deepspeed'")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "zero1.safetensors")], check=True,
