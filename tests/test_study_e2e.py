@@ -85,7 +85,7 @@ def test_tiny_study_trains_measures_and_reports(study):
     assert set(align) == {"CLIP", "AlignCLIP"} and align["CLIP"]["n"] == 2
     values = agg["values"]["gap/alignment_score"]
     diff = agg["difference"]["gap/alignment_score"]["AlignCLIP"]
-    by_hand = [values["AlignCLIP"][s] - values["CLIP"][s] for s in (0, 1)]
+    by_hand = [values["AlignCLIP"][s] - values["CLIP"][s] for s in ("0", "1")]  # JSON keys
     assert diff["mean"] == pytest.approx(sum(by_hand) / 2) and diff["n"] == 2 and diff["low"] <= diff["high"]
     for metric in ("zeroshot_colour/acc1", "zeroshot_shape/acc1", "retrieval/text_retrieval_recall@1",
                    "linear_probe_colour/acc1", "gap/linear_separability", "gap/uniformity", "gap/rmg_l2"):
