@@ -73,3 +73,21 @@ def test_weights_need_resampling_and_one_per_source(two_sources):
         build_train_loader(_config(two_sources, **{"data.weights": "1::2::3"}), 0, 1, 0)
     with pytest.raises(ConfigError, match="'data.weights'"):
         build_train_loader(_config(two_sources, **{"data.weights": "1::x"}), 0, 1, 0)
+
+
+@pytest.mark.heavy
+def test_the_trainer_logs_each_sources_samples_to_tensorboard(tmp_path):
+    from test_train_distributed import launch, scalar_events, tiny_overrides, wait_all, write_toy_shards
+
+    data = {"train": write_toy_shards(tmp_path / "a", num_shards=2, per_shard=16, seed=0) + "::"
+            + write_toy_shards(tmp_path / "b", num_shards=2, per_shard=16, seed=1),
+            "val": write_toy_shards(tmp_path / "val", num_shards=1, per_shard=16, seed=2)}
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(data, run_dir, **{"data.weights": "3::1", "data.resampled": True,
+                                                 "data.samples_per_epoch": 64, "train.max_steps": 4})
+    assert wait_all(launch(overrides, log_dir=tmp_path), timeout=600) == [0], (tmp_path / "rank0.out").read_text()
+    events = scalar_events(run_dir)
+    a, b = dict(events["data/source0_samples"]), dict(events["data/source1_samples"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert [a[s] + b[s] for s in range(1, 5)] == [16, 32, 48, 64]  # every sample of every step, from one source
+    assert a[4] > b[4]

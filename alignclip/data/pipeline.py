@@ -17,15 +17,18 @@ How an epoch is laid out (all of it a pure function of (data.train, train.seed, 
   with a generator seeded by (seed, epoch, reader).
 * **Shuffle.** Raw (undecoded) samples pass a shuffle buffer of ``data.shuffle_buffer`` per reader; the buffer is
   drained at the end of each pass, so a pass never mixes with the next.
+* **Batches.** Images travel as uint8 ``[b, 3, S, S]``; ``transforms.normalize_on_device`` applies CLIP's
+  mean/std where the model runs.
 * **Augmentation.** Every sample leaving the buffer consumes the same fixed number of uniforms from the
   reader's augmentation generator (seeded by (seed, epoch, reader)), valid or not, decoded or skipped; so the
   crops of a batch depend only on its position in the epoch.
 * **Resume.** ``start_batch = k`` makes each reader skip its first batches by reading and checking samples
   without decoding them (JPEGs are entropy-decoded at 1/8 scale to tell a corrupt image, see
   ``images.check_decodable``): the batches that follow equal those of an uninterrupted epoch.
-* **Errors.** A missing image, an empty caption, a missing precomputed embedding (checked as a shard is read,
-  before the buffer), an undecodable image (checked as it leaves the buffer), a truncated or unreadable tar are
-  counted, logged (first few per reader) and skipped. Each batch carries its reader's
+* **Errors.** A missing image, an empty or non-UTF-8 caption, a missing, wrong-width or non-finite precomputed
+  embedding (checked as a shard is read, before the buffer), an undecodable or too large image (checked as it
+  leaves the buffer), a truncated, unreadable, stalled or vanished shard are counted, logged with shard and key
+  (first few per reader) and skipped. Each batch carries its reader's
   running counts; ``TrainLoader.stats()`` sums them over readers (``reduce_stats`` sums over ranks).
 """
 

@@ -1,7 +1,9 @@
-"""Shard lists: spec parsing, per-epoch shuffling, the (rank, worker) split, sample counts and raw tar reading.
+"""Shard lists: spec parsing, per-epoch shuffling, the (rank, worker) split, opening streams (local, ``pipe:``,
+http(s), fsspec) with bounded reads, raw tar reading and sample counts.
 
 A spec (``data.train`` / ``data.val``) is one or more sources joined with ``'::'``; each source is a brace pattern
-(``cc12m/{00000..01242}.tar``, ``{a,b}.tar``), a glob, a single tar, or a folder (every ``*.tar`` in it, sorted).
+(``cc12m/{00000..01242}.tar``, ``{a,b}.tar``), a glob, a single tar, a folder (its ``*.tar`` / ``*.tar.gz``,
+sorted), a URL or ``pipe:COMMAND``.
 
 Nothing here decodes an image: this module deals in raw samples, ``dict(__key__, __shard__, ext -> bytes)``, as
 webdataset names them (the key is a member's name up to its first '.', the extension the rest: ``0001.sem.npy``
