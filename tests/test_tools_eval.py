@@ -392,3 +392,18 @@ def test_tensorboard_has_config_gap_plots_eval_and_hparams(tmp_path):
     assert {"final/gap/alignment_score", "final/eval/zeroshot_classification/acc1"} <= final
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
     assert metrics["eval/zeroshot_classification/acc1"] == final_eval["eval/zeroshot_classification/acc1"]
+
+
+def test_imagenet_val_layout_gets_the_imagenet_class_names(tmp_path):
+    from PIL import Image
+
+    from alignclip.eval.datasets import open_benchmark, shipped
+
+    pixel = Image.new("RGB", (1, 1))
+    wnids = [f"n{1440764 + 7 * i:08d}" for i in range(1000)]  # sorted wnid-named folders, as ImageNet's val
+    for wnid in wnids:
+        (tmp_path / wnid).mkdir()
+        pixel.save(tmp_path / wnid / "a.png")
+    data = open_benchmark("imagefolder", tmp_path)
+    assert data.classnames == shipped("classnames")["imagenet1k"] and data.classnames[:2] == ["tench", "goldfish"]
+    assert data.dataset[0][1] == 0 and data.dataset[999][1] == 999
