@@ -255,8 +255,7 @@ def folder_batches(folder: str | Path, captions_file: str | Path, image_size: in
                    batch_size: int = 64) -> Iterable[dict]:
     """Batches from a folder of images and a captions file (``filename<TAB>caption`` per line; several lines
     per image give several captions, each paired with that image)."""
-    from PIL import Image
-
+    from alignclip.data.images import load_rgb
     from alignclip.data.transforms import eval_transform, normalize_batch
 
     rows = [line.rstrip("\n").split("\t", 1) for line in Path(captions_file).read_text().splitlines() if line.strip()]
@@ -265,7 +264,7 @@ def folder_batches(folder: str | Path, captions_file: str | Path, image_size: in
         raise ValueError(f"{captions_file}: expected 'filename<TAB>caption' lines, found {bad[0]!r}")
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        pixels = [eval_transform(Image.open(Path(folder) / name).convert("RGB"), image_size) for name, _ in chunk]
+        pixels = [eval_transform(load_rgb(Path(folder) / name), image_size) for name, _ in chunk]
         yield {"image": normalize_batch(pixels), "text": tokenizer([c for _, c in chunk]),
                "caption": [c for _, c in chunk], "key": [name for name, _ in chunk]}
 

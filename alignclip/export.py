@@ -148,10 +148,11 @@ class ImageTransform:
         self.image_size = image_size
 
     def __call__(self, images):
+        from alignclip.data.images import to_rgb
         from alignclip.data.transforms import eval_transform, normalize_batch
 
         many = isinstance(images, (list, tuple))
-        arrays = [np.asarray(eval_transform(img.convert("RGB"), self.image_size))
+        arrays = [np.asarray(eval_transform(to_rgb(img), self.image_size))
                   for img in (images if many else [images])]
         batch = normalize_batch(arrays)
         return batch if many else batch[0]

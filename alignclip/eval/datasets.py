@@ -25,17 +25,11 @@ from typing import Callable
 
 from torch.utils.data import Dataset, IterableDataset
 
+from alignclip.data.images import load_rgb
+
 KINDS = ("imagefolder", "cifar10", "cifar100", "karpathy", "wds")
 _DATA_DIR = Path(__file__).parent / "data"
 _WNID = re.compile(r"n\d{8}")
-
-
-def load_rgb(source):
-    """An image file (path or file object) as an RGB PIL image: the evaluation's one decode call."""
-    from PIL import Image
-
-    with Image.open(source) as img:
-        return img.convert("RGB")
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,9 +133,7 @@ def _wds(root: Path, split: str, transform):
     def image(sample):
         for ext in ("webp", "png", "jpg", "jpeg"):
             if ext in sample:
-                import io
-
-                img = load_rgb(io.BytesIO(sample[ext]))
+                img = load_rgb(sample[ext])
                 return transform(img) if transform else img
         raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no webp/png/jpg image")
 

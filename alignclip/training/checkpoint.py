@@ -317,7 +317,6 @@ def prune(root: Path, keep: int) -> None:
 def find_latest(run_dir: str | Path) -> Optional[Path]:
     """The checkpoint ``latest`` names, if complete; else the newest complete one; None for a fresh run."""
     root = checkpoints_dir(run_dir)
-    pointer = root / LATEST
     ordered = candidates(root)
     readable = [c for c in ordered if _peek_state(c) is not None]
     return readable[0] if readable else None
@@ -326,7 +325,6 @@ def find_latest(run_dir: str | Path) -> Optional[Path]:
 def candidates(root: Path) -> list[Path]:
     """Complete checkpoints, newest first, the one ``latest`` names leading."""
     ordered = complete_checkpoints(root)[::-1]
-    pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if named in ordered:
