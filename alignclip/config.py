@@ -59,7 +59,7 @@ class ModelConfig:
     max_logit_scale: float = math.log(100.0)  # clamp s = exp(logit_scale) <= 100, as CLIP
     grad_checkpointing: bool = False
     # Run each trunk's last block at the pooled position only (the one row the embedding reads): the same values
-    # and gradients, ~1/layers of the linear work less (alignclip.models.layers.pooled_block; perf.flops counts it)
+    # and gradients, ~1/layers of the linear work less (alignclip.models.layers.pooled_block; training.flops counts it)
     pooled_last_block: bool = True
 
 
@@ -148,7 +148,7 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
     # The fast path (docs/performance.md measures each switch on CPU and argues its H100 effect). null = auto:
-    # resolved per device by alignclip.perf.fast_path.resolve_fast_path.
+    # resolved per device by alignclip.training.fast_path.resolve_fast_path.
     # torch.compile through engine.compile(); auto: on CUDA, off on CPU (no gain at the tiny sizes CPUs train here,
     # and tens of seconds to minutes of compiling at start)
     compile: Optional[bool] = None
@@ -156,7 +156,7 @@ class TrainConfig:
     adamw_impl: str = "auto"  # auto (= fused: one kernel over ZeRO's flat partition, CUDA and CPU) | foreach | loop
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (flash kernels); false = explicit math
     channels_last: Optional[bool] = None  # NHWC images into the patch conv; auto: on CUDA (cuDNN's native layout)
-    # Peak TFLOP/s of one device for MFU; 0 = the table of alignclip/perf/peaks.py (H100, H200, A100 by name and
+    # Peak TFLOP/s of one device for MFU; 0 = the table of alignclip/training/peaks.py (H100, H200, A100 by name and
     # precision). CPUs have no entry: there perf/mfu is not logged unless this is set.
     peak_tflops: float = 0.0
 
@@ -212,7 +212,7 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
-_CHOICES = {
+CHOICES = {
     "model.arch": ("clip", "sharedclip"),
     "loss.impl": ("dense", "chunked", "triton", "auto"),
     "loss.imsep_sides": ("image", "text", "both"),
@@ -297,9 +297,75 @@ def _get(config: Config, dotted: str) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: finite, above ``low`` (or at it when ``low_inclusive``), below
+    ``high`` (or at it when ``high_inclusive``); None = unbounded."""
+
+    low: Optional[float] = None
+    low_inclusive: bool = True
+    high: Optional[float] = None
+    high_inclusive: bool = True
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.high_inclusive)
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>=' if self.low_inclusive else '>'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<=' if self.high_inclusive else '<'} {self.high:g}")
+        return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, False), Range(0), Range(1)
+UNIT_OPEN = Range(0, True, 1, False)  # Adam's betas: [0, 1)
+
+# Every numeric key of the schema (a test checks that none is missing), checked at load time before anything is
+# built: a zero head count or patch size would otherwise fail deep inside the model (or divide by zero here).
+RANGES: dict[str, Range] = {
+    **{f"model.{tower}.{key}": POSITIVE for tower in ("vision", "text")
+       for key in ("width", "layers", "heads", "mlp_ratio")},
+    "model.vision.image_size": POSITIVE, "model.vision.patch_size": POSITIVE,
+    "model.text.context_length": Range(2),  # <start> and <end> at least
+    "model.text.vocab_size": Range(3),  # the two special tokens and one more
+    "model.embed_dim": POSITIVE, "model.init_temperature": POSITIVE, "model.max_logit_scale": POSITIVE,
+    **{f"loss.{term}_weight": NON_NEGATIVE for term in ("clip", "crsep", "imsep", "uniform", "xuniform", "align")},
+    "loss.chunk_size": POSITIVE, "loss.semantic_batch_size": POSITIVE,
+    "data.samples_per_epoch": NON_NEGATIVE, "data.workers": NON_NEGATIVE, "data.shuffle_buffer": NON_NEGATIVE,
+    "data.prefetch_factor": POSITIVE,
+    "data.generated.num_shards": POSITIVE, "data.generated.samples_per_shard": POSITIVE,
+    "data.generated.image_size": POSITIVE, "data.generated.val_samples": NON_NEGATIVE,
+    "data.generated.seed": NON_NEGATIVE,
+    "train.seed": NON_NEGATIVE,  # numpy seeds are unsigned
+    "train.epochs": POSITIVE, "train.max_steps": NON_NEGATIVE,
+    "train.global_batch_size": POSITIVE, "train.micro_batch_size": NON_NEGATIVE,
+    "train.lr": POSITIVE, "train.warmup_steps": NON_NEGATIVE, "train.min_lr": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE, "train.beta1": UNIT_OPEN, "train.beta2": UNIT_OPEN, "train.eps": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.checkpoint_every_steps": NON_NEGATIVE, "train.keep_checkpoints": AT_LEAST_ONE,
+    "train.max_skipped_steps": NON_NEGATIVE, "train.peak_tflops": NON_NEGATIVE,
+    "deepspeed.allgather_bucket_size": POSITIVE, "deepspeed.reduce_bucket_size": POSITIVE,
+    "logging.log_every_steps": NON_NEGATIVE, "logging.gap_every_steps": NON_NEGATIVE,
+    "logging.gap_batch_size": POSITIVE,
+    "launch.nodes": POSITIVE, "launch.gpus_per_node": NON_NEGATIVE, "launch.tasks_per_node": NON_NEGATIVE,
+    "launch.cpus_per_task": POSITIVE, "launch.mem_gb": NON_NEGATIVE, "launch.timeout_min": POSITIVE,
+    "launch.signal_lead_s": NON_NEGATIVE, "launch.array_parallelism": POSITIVE, "launch.max_requeues": NON_NEGATIVE,
+}
+
+
 def validate(config: Config, source: str = "config") -> None:
-    """Checks that types alone cannot express; each error names the key."""
-    for key, choices in _CHOICES.items():
+    """Checks that types alone cannot express; each error names the key and what is allowed."""
+    for key, allowed in RANGES.items():
+        value = _get(config, key)
+        if not allowed.admits(value):
+            raise ConfigError(f"{source}: key '{key}' is {value!r}; expected {allowed.describe()}")
+    for key, choices in CHOICES.items():
         value = _get(config, key)
         if value not in choices:
             raise ConfigError(f"{source}: key '{key}' is {value!r}; expected one of {list(choices)}")
@@ -318,18 +384,9 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
                           f"of 'model.vision.patch_size' ({m.vision.patch_size})")
-    positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size",
-                "data.prefetch_factor"]
-    for key in positive:
-        if _get(config, key) <= 0:
-            raise ConfigError(f"{source}: key '{key}' must be > 0, got {_get(config, key)}")
-    nonneg = ["loss.clip_weight", "loss.crsep_weight", "loss.imsep_weight", "loss.uniform_weight",
-              "loss.xuniform_weight", "loss.align_weight", "train.warmup_steps", "train.max_steps",
-              "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "data.workers",
-              "train.peak_tflops"]
-    for key in nonneg:
-        if _get(config, key) < 0:
-            raise ConfigError(f"{source}: key '{key}' must be >= 0, got {_get(config, key)}")
+    if config.train.min_lr > config.train.lr:
+        raise ConfigError(f"{source}: key 'train.min_lr' ({config.train.min_lr:g}) must not exceed 'train.lr' "
+                          f"({config.train.lr:g}): the schedule decays from lr to min_lr")
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -79,3 +79,76 @@ def test_every_shipped_config_loads():
     for path in paths:
         load_config(path)  # raises on any error
         assert to_yaml(load_config(path))
+
+
+# ------------------------------------------------------------------------------------------ range checks
+def _numeric_keys(node=Config, prefix: str = "") -> list[str]:
+    """The dotted names of the schema's int and float fields."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for name, kind in typing.get_type_hints(node).items():
+        if dataclasses.is_dataclass(kind):
+            keys += _numeric_keys(kind, f"{prefix}{name}.")
+        elif kind in (int, float):
+            keys.append(prefix + name)
+    return keys
+
+
+def test_every_numeric_key_has_a_range_check():
+    from alignclip.config import CHOICES, RANGES
+
+    keys = _numeric_keys()
+    assert len(keys) > 50 and "model.vision.patch_size" in keys and "train.lr" in keys
+    assert sorted(set(keys) - set(RANGES) - set(CHOICES)) == []  # a new numeric key needs its range (or choices)
+    assert sorted(set(RANGES) - set(keys)) == []  # and the table names no key that does not exist
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("model.vision.patch_size=0", "> 0"),
+    ("model.vision.heads=0", "> 0"),  # once a ZeroDivisionError inside validation
+    ("model.text.heads=-2", "> 0"),
+    ("model.text.context_length=0", ">= 2"),
+    ("model.embed_dim=0", "> 0"),
+    ("train.lr=-0.001", "> 0"),
+    ("train.lr=nan", "finite"),
+    ("train.lr=inf", "finite"),
+    ("train.beta1=1.0", "< 1"),
+    ("train.beta2=1.5", "< 1"),
+    ("train.eps=0", "> 0"),
+    ("train.checkpoint_every_steps=-1", ">= 0"),  # once silently disabled checkpoints
+    ("train.keep_checkpoints=0", ">= 1"),
+    ("train.epochs=0", "> 0"),  # once exit 0 with nothing done
+    ("train.global_batch_size=0", "> 0"),
+    ("train.micro_batch_size=-4", ">= 0"),
+    ("train.warmup_steps=-1", ">= 0"),
+    ("train.max_skipped_steps=-1", ">= 0"),
+    ("loss.imsep_weight=-0.5", ">= 0"),
+    ("loss.chunk_size=0", "> 0"),
+    ("data.workers=-1", ">= 0"),
+    ("logging.gap_batch_size=0", "> 0"),
+    ("launch.nodes=0", "> 0"),
+])
+def test_out_of_range_values_name_the_key_and_what_is_allowed(override, allowed):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config("model/clip_tiny", [override])
+    assert f"key '{key}'" in str(err.value) and allowed in str(err.value), str(err.value)
+
+
+def test_width_not_divisible_by_heads_and_min_lr_above_lr_are_refused():
+    with pytest.raises(ConfigError, match="'model.vision.width' .* divisible by 'model.vision.heads'"):
+        load_config("model/clip_tiny", ["model.vision.heads=5"])
+    with pytest.raises(ConfigError, match="'train.min_lr'"):
+        load_config(None, ["train.lr=1e-4", "train.min_lr=1e-3"])
+
+
+def test_out_of_range_value_exits_2_before_anything_is_built(tmp_path):
+    """The trainer's entry point: exit 2 naming the key, and no run directory made."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "alignclip.train", "--config", "model/clip_tiny",
+                           f"run_dir={run_dir}", "model.vision.patch_size=0"], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 2 and "model.vision.patch_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run_dir.exists()

@@ -25,7 +25,6 @@ def test_bench_loss_prints_one_table_with_ratios_against_dense():
 
 
 def test_saved_for_backward_counts_the_b_squared_matrices_each_term_keeps():
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
     from bench_loss import TERMS, saved_for_backward_mib
 
     batch, dim = 256, 8  # b >> d: the b x b matrices dominate

@@ -45,7 +45,7 @@ def test_bench_step_prints_one_consistent_table_for_the_tiny_alignclip():
     rows = _rows(out.stdout)
     assert set(rows) == {"base", "adamw loop"}, out.stdout
     from alignclip.config import load_config
-    from alignclip.perf.flops import step_flops
+    from alignclip.training.flops import step_flops
 
     gflop = step_flops(load_config("configs/model/alignclip_tiny.yaml"), global_batch=batch).total / 1e9
     for label, cells in rows.items():
@@ -54,12 +54,15 @@ def test_bench_step_prints_one_consistent_table_for_the_tiny_alignclip():
         assert warmup_s > 0
         assert n == batch and all(v > 0 for v in (samples_per_s, step_ms, fwd, loss, bwd, optim, tflops, mem))
         assert data >= 0
-        assert samples_per_s == pytest.approx(batch / (step_ms / 1e3), rel=0.01)
-        # each phase column is a median over the steps: together within a few % of the median step
-        assert data + fwd + loss + bwd + optim == pytest.approx(step_ms, rel=0.15)
+        # The columns are derived from one another; each check allows exactly the rounding of the printed
+        # figures (samples/s 2 decimals, ms 1, TFLOP/s 4, MFU 1), so it holds whatever the machine's speed.
+        slow, fast = batch / ((step_ms + 0.05) / 1e3), batch / ((step_ms - 0.05) / 1e3)
+        assert slow - 0.005 <= samples_per_s <= fast + 0.005
+        # a phase's median never exceeds the median step (each step's phase is part of that step)
+        assert max(data, fwd, loss, bwd, optim) <= step_ms + 0.1
         assert gflop_row == pytest.approx(gflop, rel=1e-3)
-        assert tflops == pytest.approx(gflop * samples_per_s / 1e3, rel=0.01)
-        assert mfu == pytest.approx(100 * tflops / peak, rel=0.02, abs=0.06)
+        assert abs(tflops - gflop * samples_per_s / 1e3) <= 0.5e-4 + gflop * 0.005 / 1e3 + 1e-9
+        assert abs(mfu - 100 * tflops / peak) <= 0.05 + 100 * 0.5e-4 / peak + 1e-9
     assert "adamw=loop" in out.stdout and "adamw=fused" in out.stdout  # each row says its switches
 
 
@@ -88,7 +91,7 @@ def test_adamw_implementations_take_the_same_step():
 
 def test_auto_switches_resolve_per_device():
     from alignclip.config import load_config
-    from alignclip.perf.fast_path import resolve_fast_path
+    from alignclip.training.fast_path import resolve_fast_path
 
     config = load_config("configs/model/alignclip_vit_b16.yaml")
     gpu, cpu = resolve_fast_path(config, "cuda"), resolve_fast_path(config, "cpu")
@@ -103,7 +106,7 @@ def test_auto_switches_resolve_per_device():
 def _compiled_engine_keys(rank: int, world_size: int):
     from alignclip.config import load_config
     from alignclip.models import build_model
-    from alignclip.perf.fast_path import compile_engine, resolve_fast_path
+    from alignclip.training.fast_path import compile_engine, resolve_fast_path
     from alignclip.training.deepspeed_config import build_deepspeed_config
     from alignclip.training.engine import initialize_engine
     from alignclip.training.optim import build_optimizer
@@ -130,7 +133,7 @@ def test_compiled_engine_keeps_clean_checkpoint_keys():
 
 def _train_with_peak(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
-    from alignclip.training.loop import train
+    from alignclip.training.trainer import train
 
     result = train(load_config(None, overrides))
     return result.exit_code
@@ -149,7 +152,7 @@ def test_trainer_logs_model_tflops_and_mfu_to_tensorboard(tmp_path):
     assert sorted(tflops) == sorted(mfu) == [1, 2]
 
     from alignclip.config import load_config
-    from alignclip.perf.flops import step_flops
+    from alignclip.training.flops import step_flops
 
     per_sample = step_flops(load_config(None, overrides)).total
     for step in (1, 2):

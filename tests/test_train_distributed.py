@@ -167,10 +167,10 @@ def _fixed_batch_steps(rank: int, world_size: int, overrides: list[str], steps: 
     from alignclip.config import load_config
     from alignclip.data.pipeline import iter_eval_batches
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
     config = load_config(None, overrides)
-    run = loop._setup(config, setup_distributed_env())
+    run = trainer.Trainer(config, setup_distributed_env())
     global_batches = list(iter_eval_batches(config, config.train.global_batch_size, spec=config.data.train,
                                             limit=config.train.global_batch_size * 4))
     per_rank = config.train.global_batch_size // world_size
@@ -182,10 +182,9 @@ def _fixed_batch_steps(rank: int, world_size: int, overrides: list[str], steps: 
 
     batches, losses = local_batches(), []
     for _ in range(steps):
-        losses.append(loop._train_step(run, batches, loop._Window())["loss/total"])
+        losses.append(run.read_stats([run.train_step(batches)])[0]["loss/total"])
     weights = {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
-    run.monitor.close()
-    run.preemption.restore()
+    run.close()
     return losses, weights
 
 
@@ -211,26 +210,25 @@ def _nonfinite_steps(rank: int, world_size: int, override_sets: list[list[str]])
     from alignclip.config import load_config
     from alignclip.data.pipeline import iter_eval_batches
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
     outcomes = []
     for overrides in override_sets:
         config = load_config(None, overrides)
-        run = loop._setup(config, setup_distributed_env())
+        run = trainer.Trainer(config, setup_distributed_env())
         good = next(iter_eval_batches(config, config.train.global_batch_size, spec=config.data.train))
         bad = {**good, "image": good["image"].clone()}
         bad["image"][0, 0, 0, 0] = float("nan")
         batches = iter([good, good, bad, good])
         for _ in range(2):
-            loop._train_step(run, batches, loop._Window())
+            run.train_step(batches)
         try:
-            stats = loop._train_step(run, batches, loop._Window())
+            stats = run.read_stats([run.train_step(batches)])[0]
             outcome = ("skipped", run.state.skipped_steps, stats["train/skipped_steps"])
-        except loop.NonFiniteLossError as err:
+        except trainer.NonFiniteLossError as err:
             outcome = ("stopped", str(err), None)
         finite = all(bool(torch.isfinite(v).all()) for v in run.engine.module.state_dict().values())
-        run.monitor.close()
-        run.preemption.restore()
+        run.close()
         outcomes.append((outcome, finite))
     return outcomes
 
@@ -247,14 +245,13 @@ def test_nonfinite_loss_stops_naming_step_and_term_or_is_skipped_and_counted(toy
 def _online_semantic_steps(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
-    run = loop._setup(load_config(None, overrides), setup_distributed_env())
-    batches = loop._epoch_batches(run)
-    stats = [loop._train_step(run, batches, loop._Window()) for _ in range(3)]
-    encoder = type(run.semantic_encoder).__name__
-    run.monitor.close()
-    run.preemption.restore()
+    run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
+    batches = run.epoch_batches()
+    stats = run.read_stats([run.train_step(batches) for _ in range(3)])
+    encoder = type(run.components.semantic_encoder).__name__
+    run.close()
     return stats, encoder
 
 
@@ -274,17 +271,16 @@ def _stored_scale_after_steps(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
     from alignclip.distributed.env import setup_distributed_env
     from alignclip.losses.temperature import stored_logit_scale
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
-    run = loop._setup(load_config(None, overrides), setup_distributed_env())
+    run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
     before = stored_logit_scale(run.engine)
-    batches = loop._epoch_batches(run)
+    batches = run.epoch_batches()
     for _ in range(2):
-        loop._train_step(run, batches, loop._Window())
+        run.train_step(batches)
     module = float(run.engine.module.logit_scale.detach().float().max())
     after = stored_logit_scale(run.engine)
-    run.monitor.close()
-    run.preemption.restore()
+    run.close()
     return before, after, module
 
 
@@ -403,9 +399,9 @@ _KILL_DURING_SAVE = """
 import os, signal, sys, torch
 from alignclip.config import load_config
 from alignclip.distributed.env import setup_distributed_env
-from alignclip.training import checkpoint as ckpt, loop
+from alignclip.training import checkpoint as ckpt, trainer
 config = load_config(None, sys.argv[1:])
-run = loop._setup(config, setup_distributed_env())
+run = trainer.Trainer(config, setup_distributed_env())
 ckpt.save_checkpoint(run.engine, run.run_dir, run.state, keep=3)  # step 0: complete
 run.state.step = 1
 real_save = torch.save
@@ -448,14 +444,13 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
 def _weights_after_setup(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
-    run = loop._setup(load_config(None, overrides), setup_distributed_env())
+    run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
     weights = {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
     optimizer_steps = {int(s["step"]) for s in run.engine.optimizer.optimizer.state.values() if "step" in s}
     state = (run.state.step, run.state.batch_in_epoch, run.state.world_size)
-    run.monitor.close()
-    run.preemption.restore()
+    run.close()
     return weights, optimizer_steps, state
 
 

@@ -430,7 +430,7 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
     if not 0 <= start_batch <= plan.batches_per_epoch:
         raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
     settings = reader_settings(config, shards, rank, world_size, epoch, start_batch, plan)
-    # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (perf.fast_path)
+    # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (training.fast_path)
     pin_memory = config.data.pin_memory if config.data.pin_memory is not None else torch.cuda.is_available()
     return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=pin_memory,
                        prefetch_factor=config.data.prefetch_factor)

@@ -30,9 +30,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, train_cfg: TrainConfig, impl: str | None = None) -> torch.optim.AdamW:
     """AdamW(beta1, beta2, eps) over the two groups; the lr is set each step from ``schedule.lr_at``.
 
-    ``impl`` is the resolved ``train.adamw_impl`` (alignclip.perf.fast_path): fused | foreach | loop, or None for
+    ``impl`` is the resolved ``train.adamw_impl`` (alignclip.training.fast_path): fused | foreach | loop, or None for
     torch's default; the arithmetic is the same (the tests compare them), only the number of kernels differs."""
-    from alignclip.perf.fast_path import adamw_kwargs
+    from alignclip.training.fast_path import adamw_kwargs
 
     return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
                              betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,

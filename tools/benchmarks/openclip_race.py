@@ -4,8 +4,8 @@ Both sides train ONE architecture (``RACE_MODEL``, or any ``arch: clip`` model c
 weights (ours are copied into OpenCLIP's module through ``openclip_name``), on the SAME seeded synthetic batches, in
 fp32 with the same number of threads:
 
-  ours      ``alignclip.training.loop._train_step`` over the engine that ``alignclip.train`` builds: the fast path
-            resolved for CPU (``alignclip.perf.fast_path``), DeepSpeed (ZeRO stage 1, world size 1, gloo), the
+  ours      ``alignclip.training.trainer.Trainer.train_step`` over the components that ``alignclip.train`` builds
+            (``alignclip.training.components.build_components``): the fast path resolved for CPU, DeepSpeed (ZeRO stage 1, world size 1, gloo), the
             objective with ``clip_weight=1`` (the mean of the two cross-entropies), ``engine.backward``,
             ``engine.step`` (AdamW of ``training.optim``, gradient clipping inside DeepSpeed), the lr of
             ``schedule.lr_at`` -- exactly what the trainer runs per step.
@@ -210,65 +210,34 @@ def race_config(model: Optional[str] = None, batch_size: int = 64, total_steps: 
     return config
 
 
-def _ensure_process_group() -> None:
-    """A one-rank gloo group for DeepSpeed, unless a launcher (or a test) has already made one."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    import deepspeed
-
-    from alignclip.distributed.env import setup_distributed_env
-
-    setup_distributed_env()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-
-
 class OursTrainer:
-    """Our per-step path, as ``alignclip.train`` builds and runs it on one rank: the fast path resolved for CPU,
-    the engine over ``build_optimizer``'s AdamW, and the loop's own ``_train_step``."""
+    """Our per-step path, as ``alignclip.train`` builds and runs it on one rank: ``build_components`` (the fast
+    path resolved for CPU, the engine over ``build_optimizer``'s AdamW, the objective) and ``Trainer.train_step``."""
 
     name = "ours"
 
     def __init__(self, config: Config, model: nn.Module, total_steps: int, pooled_last_block: Optional[bool] = None):
-        import os
+        from alignclip.distributed.env import setup_distributed_env
+        from alignclip.training.components import build_components
+        from alignclip.training.trainer import Trainer
 
-        from alignclip.distributed.env import detect
-        from alignclip.losses import build_objective
-        from alignclip.perf.fast_path import compile_engine, prepare_model, resolve_fast_path
-        from alignclip.training.checkpoint import TrainerState
-        from alignclip.training.deepspeed_config import build_deepspeed_config
-        from alignclip.training.engine import initialize_engine
-        from alignclip.training.loop import _Run
-        from alignclip.training.optim import build_optimizer
-
-        _ensure_process_group()
-        fast = resolve_fast_path(config, "cpu")
-        model = prepare_model(model, fast)
         if pooled_last_block is not None:  # else as the config says (model.pooled_last_block, on by default)
             model.set_pooled_last_block(pooled_last_block)
-        engine = compile_engine(initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
-                                                  build_deepspeed_config(config, world_size=1, device="cpu")), fast)
-        self.fast = fast
-        self.run = _Run(config=config, env=detect(os.environ), run_dir=None, engine=engine,
-                        objective=build_objective(config.loss), state=TrainerState(), monitor=None, preemption=None,
-                        device=torch.device("cpu"), input_dtype=torch.float32, accumulation=1,
-                        steps_per_epoch=total_steps, total_steps=total_steps, eval_batch=None, fast=fast)
+        self.trainer = Trainer.over(build_components(config, setup_distributed_env(), model=model), total_steps)
 
     @property
     def model(self) -> nn.Module:
-        return self.run.engine.module
+        return self.trainer.components.model
 
     def describe(self) -> str:
-        cfg = self.run.config
+        cfg = self.trainer.config
         pooled = self.model.image_trunk.pooled_last_block
         return (f"DeepSpeed ZeRO stage {cfg.deepspeed.zero_stage}, world size 1 (gloo), fp32, "
-                f"grad clip {cfg.train.grad_clip:g}; {self.fast.describe()}; pooled_last_block={pooled}")
+                f"grad clip {cfg.train.grad_clip:g}; {self.trainer.components.fast.describe()}; "
+                f"pooled_last_block={pooled}")
 
     def step(self, batch: dict) -> float:
-        from alignclip.training.loop import _train_step, _Window
-
-        return _train_step(self.run, iter([batch]), _Window())["loss/total"]
+        return self.trainer.train_step(batch).local_loss()  # one rank: the global-batch loss
 
 
 class OpenCLIPTrainer:
