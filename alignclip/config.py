@@ -10,6 +10,7 @@ exits with code 2 on such an error.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -128,11 +129,23 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
+    """How long, on what batch, on which device, and what a non-finite step does."""
+
     seed: int = 0
     epochs: int = 30
     max_steps: int = 0  # > 0 stops early (tests, smoke runs); 0 = epochs x steps per epoch
     global_batch_size: int = 512
     micro_batch_size: int = 0  # per device; 0 = global / world size (no gradient accumulation)
+    device: str = "auto"  # auto | cuda | cpu
+    # stop | skip: what a non-finite loss, or an optimizer step DeepSpeed skips on an overflowing gradient, does
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (alignclip.training.optim) and its schedule (alignclip.training.schedule)."""
+
     lr: float = 1e-3
     warmup_steps: int = 10_000
     min_lr: float = 0.0
@@ -141,24 +154,41 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # 0 disables clipping
+    adamw_impl: str = "auto"  # auto (= fused: one kernel over ZeRO's flat partition, CUDA and CPU) | foreach | loop
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0: only at the end and on preemption
+    keep: int = 3  # the newest complete checkpoints kept
+
+
+@dataclass
+class FastPathConfig:
+    """The speed switches (docs/performance.md measures each on CPU and argues its H100 effect). null / auto:
+    resolved per device by alignclip.training.fast_path.resolve_fast_path."""
+
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"  # auto | cuda | cpu
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 3
-    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
-    max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
-    # The fast path (docs/performance.md measures each switch on CPU and argues its H100 effect). null = auto:
-    # resolved per device by alignclip.training.fast_path.resolve_fast_path.
     # torch.compile through engine.compile(); auto: on CUDA, off on CPU (no gain at the tiny sizes CPUs train here,
     # and tens of seconds to minutes of compiling at start)
     compile: Optional[bool] = None
     compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
-    adamw_impl: str = "auto"  # auto (= fused: one kernel over ZeRO's flat partition, CUDA and CPU) | foreach | loop
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (flash kernels); false = explicit math
     channels_last: Optional[bool] = None  # NHWC images into the patch conv; auto: on CUDA (cuDNN's native layout)
     # Peak TFLOP/s of one device for MFU; 0 = the table of alignclip/training/peaks.py (H100, H200, A100 by name and
     # precision). CPUs have no entry: there perf/mfu is not logged unless this is set.
     peak_tflops: float = 0.0
+
+
+# Keys that lived in ``train`` until the config was split by concern: still accepted (YAML files, command-line
+# overrides, an older run directory's config.yaml), mapped onto their new place with one deprecation warning.
+MOVED_KEYS: dict[str, str] = {
+    **{f"train.{key}": f"optim.{key}" for key in ("lr", "warmup_steps", "min_lr", "weight_decay", "beta1", "beta2",
+                                                   "eps", "grad_clip", "adamw_impl")},
+    "train.checkpoint_every_steps": "checkpoint.every_steps", "train.keep_checkpoints": "checkpoint.keep",
+    **{f"train.{key}": f"fast_path.{key}" for key in ("precision", "compile", "compile_mode", "sdpa",
+                                                       "channels_last", "peak_tflops")},
+}
 
 
 @dataclass
@@ -207,6 +237,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fast_path: FastPathConfig = field(default_factory=FastPathConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -216,10 +249,10 @@ CHOICES = {
     "model.arch": ("clip", "sharedclip"),
     "loss.impl": ("dense", "chunked", "triton", "auto"),
     "loss.imsep_sides": ("image", "text", "both"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "fast_path.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.nonfinite": ("stop", "skip"),
-    "train.adamw_impl": ("auto", "fused", "foreach", "loop"),
+    "optim.adamw_impl": ("auto", "fused", "foreach", "loop"),
     "deepspeed.zero_stage": (0, 1, 2),
     "launch.executor": ("slurm", "local"),
 }
@@ -230,6 +263,34 @@ def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = getattr(err, "msg", None) or str(err).splitlines()[0]
     return f"key '{key}': {msg}" if key else msg
+
+
+def move_old_keys(raw: DictConfig, source: str, moved: list[str]) -> DictConfig:
+    """Move the ``train.*`` keys of MOVED_KEYS in one YAML mapping onto their new section (in place); ``moved``
+    collects ``old -> new``. Old and new spelling of one key in the same mapping is an error naming both."""
+    train = raw.get("train") if isinstance(raw, DictConfig) else None
+    if not isinstance(train, DictConfig):
+        return raw
+    for old, new in MOVED_KEYS.items():
+        key, (section, name) = old.split(".", 1)[1], new.split(".")
+        if key not in train:
+            continue
+        value = train.pop(key)
+        if raw.get(section) is None:
+            raw[section] = {}
+        if name in raw[section]:
+            raise ConfigError(f"{source}: both '{old}' (the old name) and '{new}' are set; keep '{new}'")
+        raw[section][name] = value
+        moved.append(f"{old} -> {new}")
+    return raw
+
+
+def warn_moved_keys(moved: list[str], source: str) -> None:
+    """One deprecation warning per load, naming every old key used and its new name."""
+    if moved:
+        logging.getLogger("alignclip.config").warning(
+            "deprecated config keys in %s (the train section was split into train / optim / checkpoint / "
+            "fast_path): %s; accepted for now, please rename", source, ", ".join(moved))
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -246,6 +307,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictC
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     parents = raw.pop("defaults", [])
+    moved: list[str] = []
+    move_old_keys(raw, str(path), moved)
+    warn_moved_keys(moved, str(path))
     layers: list[tuple[str, DictConfig]] = []
     for parent in parents if isinstance(parents, (list, tuple)) or OmegaConf.is_list(parents) else [parents]:
         parent_path = (path.parent / str(parent)).with_suffix(".yaml") if not str(parent).endswith(".yaml") \
@@ -274,13 +338,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{source}: {_describe(err)}") from err
+    moved: list[str] = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in MOVED_KEYS:
+            moved.append(f"{key} -> {MOVED_KEYS[key]}")
+            item = f"{MOVED_KEYS[key]}={value}"
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as err:
             raise ConfigError(f"command-line override '{item}': {_describe(err)}") from err
+    warn_moved_keys(moved, "the command-line overrides")
     try:
         OmegaConf.resolve(cfg)
         config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -345,11 +415,12 @@ RANGES: dict[str, Range] = {
     "train.seed": NON_NEGATIVE,  # numpy seeds are unsigned
     "train.epochs": POSITIVE, "train.max_steps": NON_NEGATIVE,
     "train.global_batch_size": POSITIVE, "train.micro_batch_size": NON_NEGATIVE,
-    "train.lr": POSITIVE, "train.warmup_steps": NON_NEGATIVE, "train.min_lr": NON_NEGATIVE,
-    "train.weight_decay": NON_NEGATIVE, "train.beta1": UNIT_OPEN, "train.beta2": UNIT_OPEN, "train.eps": POSITIVE,
-    "train.grad_clip": NON_NEGATIVE,
-    "train.checkpoint_every_steps": NON_NEGATIVE, "train.keep_checkpoints": AT_LEAST_ONE,
-    "train.max_skipped_steps": NON_NEGATIVE, "train.peak_tflops": NON_NEGATIVE,
+    "train.max_skipped_steps": NON_NEGATIVE,
+    "optim.lr": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE, "optim.beta1": UNIT_OPEN, "optim.beta2": UNIT_OPEN, "optim.eps": POSITIVE,
+    "optim.grad_clip": NON_NEGATIVE,
+    "checkpoint.every_steps": NON_NEGATIVE, "checkpoint.keep": AT_LEAST_ONE,
+    "fast_path.peak_tflops": NON_NEGATIVE,
     "deepspeed.allgather_bucket_size": POSITIVE, "deepspeed.reduce_bucket_size": POSITIVE,
     "logging.log_every_steps": NON_NEGATIVE, "logging.gap_every_steps": NON_NEGATIVE,
     "logging.gap_batch_size": POSITIVE,
@@ -384,9 +455,9 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
                           f"of 'model.vision.patch_size' ({m.vision.patch_size})")
-    if config.train.min_lr > config.train.lr:
-        raise ConfigError(f"{source}: key 'train.min_lr' ({config.train.min_lr:g}) must not exceed 'train.lr' "
-                          f"({config.train.lr:g}): the schedule decays from lr to min_lr")
+    if config.optim.min_lr > config.optim.lr:
+        raise ConfigError(f"{source}: key 'optim.min_lr' ({config.optim.min_lr:g}) must not exceed 'optim.lr' "
+                          f"({config.optim.lr:g}): the schedule decays from lr to min_lr")
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -396,7 +467,10 @@ def to_yaml(config: Config) -> str:
 
 def from_yaml_text(text: str) -> Config:
     """Rebuild a Config from a resolved YAML dump (a run directory's config.yaml, an export's metadata)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    moved: list[str] = []
+    saved = move_old_keys(OmegaConf.create(text), "a saved config", moved)
+    warn_moved_keys(moved, "a saved config (written before the train section was split)")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

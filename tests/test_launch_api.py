@@ -37,7 +37,7 @@ def test_sweep_points_get_distinct_stable_run_dirs_named_by_their_overrides(tmp_
     assert [r.run_dir for r in runs] == [root / "lr=1e-3,imsep_weight=0.5", root / "lr=5e-4,imsep_weight=0.5"]
     again = make_sweep(base_config(tmp_path), points, base)[1]
     assert [r.overrides for r in again] == [r.overrides for r in runs]  # a resubmission lands in the same dirs
-    assert runs[1].config.train.lr == 5e-4 and runs[1].config.run_dir == str(root / "lr=5e-4,imsep_weight=0.5")
+    assert runs[1].config.optim.lr == 5e-4 and runs[1].config.run_dir == str(root / "lr=5e-4,imsep_weight=0.5")
     assert point_name(["data.train=/a/{0..9}.tar"]) == "train=_a__0..9_.tar"
 
 

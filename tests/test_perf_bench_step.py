@@ -39,7 +39,7 @@ def test_bench_step_prints_one_consistent_table_for_the_tiny_alignclip():
     batch, peak = 8, 2.0
     cmd = [sys.executable, "tools/bench_step.py", "--config", "configs/model/alignclip_tiny.yaml", "--batch",
            str(batch), "--steps", "3", "--warmup", "1", "--peak-tflops", str(peak), "--base-label", "base",
-           "--variant", "adamw loop: train.adamw_impl=loop"]
+           "--variant", "adamw loop: optim.adamw_impl=loop"]
     out = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _rows(out.stdout)
@@ -76,7 +76,7 @@ def test_adamw_implementations_take_the_same_step():
     for impl in ("fused", "foreach", "loop"):
         torch.manual_seed(0)
         model = build_model(config.model)
-        opt = build_optimizer(model, config.train, impl)
+        opt = build_optimizer(model, config.optim, impl)
         images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 32))
         out = model(images, tokens)
         (out["image_embeds"] @ out["text_embeds"].T).sum().backward()
@@ -86,7 +86,7 @@ def test_adamw_implementations_take_the_same_step():
     # would not compare: Adam's first update is ~lr sign(g), and rounding noise flips the sign of near-zero
     # gradients, moving such entries by up to 2 lr between implementations.)
     assert torch.equal(weights["foreach"], weights["loop"])
-    assert torch.allclose(weights["fused"], weights["loop"], rtol=0, atol=1e-4 * config.train.lr)
+    assert torch.allclose(weights["fused"], weights["loop"], rtol=0, atol=1e-4 * config.optim.lr)
 
 
 def test_auto_switches_resolve_per_device():
@@ -99,7 +99,7 @@ def test_auto_switches_resolve_per_device():
         ("bf16", True, "fused", True, True, True)
     assert (cpu.precision, cpu.compile, cpu.adamw_impl, cpu.sdpa, cpu.non_blocking) == \
         ("fp32", False, "fused", True, False)
-    forced = resolve_fast_path(load_config("configs/model/alignclip_vit_b16.yaml", ["train.compile=false"]), "cuda")
+    forced = resolve_fast_path(load_config("configs/model/alignclip_vit_b16.yaml", ["fast_path.compile=false"]), "cuda")
     assert forced.compile is False
 
 
@@ -111,12 +111,12 @@ def _compiled_engine_keys(rank: int, world_size: int):
     from alignclip.training.engine import initialize_engine
     from alignclip.training.optim import build_optimizer
 
-    config = load_config("configs/model/clip_tiny.yaml", ["train.compile=true", "train.global_batch_size=2",
-                                                          "train.precision=fp32"])
+    config = load_config("configs/model/clip_tiny.yaml", ["fast_path.compile=true", "train.global_batch_size=2",
+                                                          "fast_path.precision=fp32"])
     fast = resolve_fast_path(config, "cpu")
     model = build_model(config.model)
     plain_keys = list(model.state_dict())
-    engine = initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
+    engine = initialize_engine(model, build_optimizer(model, config.optim, fast.adamw_impl),
                                build_deepspeed_config(config, 1, "cpu"))
     compile_engine(engine, fast, backend="eager")  # dynamo's graph capture without inductor's C++ build
     out = engine(torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 32)))
@@ -145,7 +145,7 @@ def test_trainer_logs_model_tflops_and_mfu_to_tensorboard(tmp_path):
 
     data = {"train": write_toy_shards(tmp_path / "train", num_shards=2, per_shard=16),
             "val": write_toy_shards(tmp_path / "val", num_shards=1, per_shard=16, seed=1)}
-    overrides = tiny_overrides(data, tmp_path / "run", **{"train.max_steps": 2, "train.peak_tflops": 0.5})
+    overrides = tiny_overrides(data, tmp_path / "run", **{"train.max_steps": 2, "fast_path.peak_tflops": 0.5})
     assert run_on_ranks(_train_with_peak, 1, overrides) == [0]
     events = scalar_events(tmp_path / "run")
     tflops, mfu, rate = (dict(events[t]) for t in ("perf/tflops_per_device", "perf/mfu", "perf/samples_per_s"))

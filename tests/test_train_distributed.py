@@ -75,9 +75,9 @@ def tiny_overrides(data: dict[str, str], run_dir: Path, **extra) -> list[str]:
         "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
         "model.vision.layers": 1, "model.vision.heads": 2,
         "model.text.context_length": 16, "model.text.width": 32, "model.text.layers": 1, "model.text.heads": 2,
-        "loss.impl": "dense", "train.global_batch_size": 16, "train.epochs": 4, "train.lr": 2e-3,
-        "train.warmup_steps": 3, "train.precision": "fp32", "train.device": "cpu",
-        "train.checkpoint_every_steps": 1000, "logging.log_every_steps": 1, "logging.gap_every_steps": 1000,
+        "loss.impl": "dense", "train.global_batch_size": 16, "train.epochs": 4, "optim.lr": 2e-3,
+        "optim.warmup_steps": 3, "fast_path.precision": "fp32", "train.device": "cpu",
+        "checkpoint.every_steps": 1000, "logging.log_every_steps": 1, "logging.gap_every_steps": 1000,
         "logging.gap_batch_size": 32, "logging.progress_bar": False,
     }
     base.update(extra)
@@ -190,7 +190,7 @@ def _fixed_batch_steps(rank: int, world_size: int, overrides: list[str], steps: 
 
 @pytest.mark.heavy
 def test_two_rank_zero1_matches_one_process_on_the_same_global_batch(toy_data, tmp_path):
-    steps, lr = 16, {"train.lr": 5e-3}
+    steps, lr = 16, {"optim.lr": 5e-3}
     two = run_on_ranks(_fixed_batch_steps, 2, tiny_overrides(toy_data, tmp_path / "two", **lr), steps)
     one = run_on_ranks(_fixed_batch_steps, 1, tiny_overrides(toy_data, tmp_path / "one", **lr), steps)
     (losses0, weights0), (losses1, weights1) = two
@@ -288,7 +288,7 @@ def _stored_scale_after_steps(rank: int, world_size: int, overrides: list[str]):
 def test_trainer_keeps_the_stored_logit_scale_and_its_master_copy_under_the_clamp(toy_data, tmp_path):
     """The scale starts at ln(1/0.07) = 2.66 above a clamp of 2.0: the forward clamp passes no gradient there,
     so only the trainer's clamp after each step brings the stored value (ZeRO-1 bf16: the fp32 master) down."""
-    overrides = tiny_overrides(toy_data, tmp_path, **{"model.max_logit_scale": 2.0, "train.precision": "bf16",
+    overrides = tiny_overrides(toy_data, tmp_path, **{"model.max_logit_scale": 2.0, "fast_path.precision": "bf16",
                                                         "deepspeed.zero_stage": 1})
     (before, after, module), = run_on_ranks(_stored_scale_after_steps, 1, overrides)
     assert before == pytest.approx(2.659, abs=5e-3)  # bf16-rounded: the master copy starts from the bf16 module
@@ -304,7 +304,7 @@ def straight_run(toy_data, tmp_path_factory) -> Path:
     """An uninterrupted single-process run, the reference for the resume tests."""
     run_dir = tmp_path_factory.mktemp("straight")
     overrides = tiny_overrides(toy_data, run_dir, **{"train.max_steps": RESUME_STEPS,
-                                                     "train.checkpoint_every_steps": 4,
+                                                     "checkpoint.every_steps": 4,
                                                      "logging.gap_every_steps": 4})
     assert wait_all(launch(overrides, log_dir=run_dir)) == [0], (run_dir / "rank0.out").read_text()[-3000:]
     return run_dir
@@ -313,7 +313,7 @@ def straight_run(toy_data, tmp_path_factory) -> Path:
 @pytest.mark.heavy
 def test_resume_after_sigkill_matches_uninterrupted_run(toy_data, straight_run, tmp_path):
     overrides = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": RESUME_STEPS,
-                                                      "train.checkpoint_every_steps": 4,
+                                                      "checkpoint.every_steps": 4,
                                                       "logging.gap_every_steps": 4})
     procs = launch(overrides, log_dir=tmp_path)
     wait_for(lambda: latest_step(tmp_path) >= 4, procs)
@@ -480,7 +480,7 @@ def test_run_default_generates_data_trains_and_reports_where_things_are(tmp_path
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'data'}", "data.workers=0",
                  "data.generated.num_shards=2", "data.generated.samples_per_shard=64",
                  "data.generated.val_samples=64", "train.global_batch_size=32", "train.max_steps=4",
-                 "train.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
+                 "optim.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
                  "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
                  "model.embed_dim=32"]
     proc = subprocess.run([sys.executable, "-m", "alignclip.run_default", *overrides], env=_env(), cwd=REPO_ROOT,

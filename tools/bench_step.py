@@ -5,7 +5,7 @@
     python tools/bench_step.py --config configs/model/alignclip_vit_b16.yaml --batch 256     # on a GPU: bf16,
                                                                                           # fused AdamW, compile
     python tools/bench_step.py --config configs/model/alignclip_tiny.yaml --batch 64 \\
-        --variant "no compile: train.compile=false" --variant "bf16: train.precision=bf16" --rounds 3
+        --variant "no compile: fast_path.compile=false" --variant "bf16: fast_path.precision=bf16" --rounds 3
 
 Positional ``key=value`` overrides apply to every case; each ``--variant "LABEL: key=value ..."`` adds a row with
 its own overrides on top (the first row is the base). ``--data`` includes the data path (the real loader of

@@ -103,7 +103,7 @@ def build_components(config: Config, env: DistEnv, model: Optional[nn.Module] = 
         model = build_model(config.model)
     model = prepare_model(model, fast)
     ds_config = build_deepspeed_config(config, env.world_size, device.type)
-    engine = compile_engine(initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
+    engine = compile_engine(initialize_engine(model, build_optimizer(model, config.optim, fast.adamw_impl),
                                               ds_config), fast)
     seed_everything(config.train.seed + 1_000_003 * env.rank)
     objective = build_objective(config.loss).to(device)

@@ -199,7 +199,7 @@ def step_flops(config: Config, global_batch: int | None = None, semantic_dim: in
     batch = global_batch if global_batch is not None else config.train.global_batch_size
     parts = model_parts(config.model) + loss_parts(config.loss, batch, config.model.embed_dim, semantic_dim,
                                                    loss_impl)
-    return StepFlops(tuple(parts), recompute_flops(config.model, config.train.sdpa), {"global_batch": batch})
+    return StepFlops(tuple(parts), recompute_flops(config.model, config.fast_path.sdpa), {"global_batch": batch})
 
 
 def counted_flops(fn, *args, **kwargs) -> tuple[float, object]:

@@ -169,9 +169,9 @@ class Trainer:
                      f"{steps_per_epoch} steps/epoch, {total_steps} steps, zero stage {config.deepspeed.zero_stage}")
         flops = step_flops(config)
         self.flops_per_sample = flops.total
-        self.peak_tflops = peak_tflops(device, components.fast.precision, config.train.peak_tflops)
+        self.peak_tflops = peak_tflops(device, components.fast.precision, config.fast_path.peak_tflops)
         peak_text = (f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops
-                     else "unknown (perf/mfu not logged; set train.peak_tflops)")
+                     else "unknown (perf/mfu not logged; set fast_path.peak_tflops)")
         monitor.info(f"fast path: {components.fast.describe()}; {flops.total / 1e9:.4g} GFLOP per sample per step "
                      f"(model FLOPs), device peak {peak_text}")
         self.eval_batch = build_eval_batch(config, config.logging.gap_batch_size) if env.is_main else None
@@ -222,9 +222,9 @@ class Trainer:
                     if every(state.step, cfg.logging.gap_every_steps) or last:
                         result.gap = self.log_gap_metrics()
                     mon.advance(state.step, shown)
-                    if preempted or every(state.step, cfg.train.checkpoint_every_steps) or last:
+                    if preempted or every(state.step, cfg.checkpoint.every_steps) or last:
                         result.checkpoint = ckpt.save_checkpoint(self.engine, self.run_dir, state,
-                                                                 cfg.train.keep_checkpoints)
+                                                                 cfg.checkpoint.keep)
                         mon.flush()
                     if preempted:
                         mon.info(f"preempted ({self.preemption.describe()}): saved {result.checkpoint} at step "
@@ -256,7 +256,8 @@ class Trainer:
         there is no accumulation) through forward, objective, ``engine.backward`` and ``engine.step``."""
         batches: Iterator[dict] = iter([micro_batches]) if isinstance(micro_batches, dict) else iter(micro_batches)
         c, state, engine, cfg = self.components, self.state, self.engine, self.config.train
-        lr = lr_at(state.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr)
+        opt = self.config.optim
+        lr = lr_at(state.step, opt.lr, opt.warmup_steps, self.total_steps, opt.min_lr)
         set_lr(engine.optimizer, lr)
         started, waited, skipped = time.perf_counter(), 0.0, False
         skipped_by_deepspeed = engine.skipped_steps

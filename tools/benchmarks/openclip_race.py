@@ -192,13 +192,13 @@ def race_config(model: Optional[str] = None, batch_size: int = 64, total_steps: 
     """The project config both sides train with: ``model`` (a config name such as ``model/clip_tiny``, or None for
     ``RACE_MODEL``), CLIP's loss alone, fp32 on CPU, AdamW (0.9, 0.98, 1e-6, weight decay 0.1), cosine lr over
     ``total_steps`` after a linear warmup; ``overrides`` (``key=value``) come last and act on OUR side (e.g.
-    ``deepspeed.zero_stage=0``, ``train.adamw_impl=fused``); a change to the model or the loss is refused."""
+    ``deepspeed.zero_stage=0``, ``optim.adamw_impl=fused``); a change to the model or the loss is refused."""
     model = _model_config_path(model)
     config = load_config(model, [*(() if model else RACE_MODEL), *CLIP_LOSS_ONLY,
                                  f"train.global_batch_size={batch_size}", "train.micro_batch_size=0",
-                                 f"train.max_steps={total_steps}", f"train.lr={lr}",
-                                 f"train.warmup_steps={lr_warmup_steps}", f"train.grad_clip={grad_clip}",
-                                 "train.precision=fp32", "train.device=cpu", *overrides])
+                                 f"train.max_steps={total_steps}", f"optim.lr={lr}",
+                                 f"optim.warmup_steps={lr_warmup_steps}", f"optim.grad_clip={grad_clip}",
+                                 "fast_path.precision=fp32", "train.device=cpu", *overrides])
     reference = load_config(model, [*(() if model else RACE_MODEL), *CLIP_LOSS_ONLY])
     for section in ("model", "loss"):
         if getattr(config, section) != getattr(reference, section):
@@ -233,7 +233,7 @@ class OursTrainer:
         cfg = self.trainer.config
         pooled = self.model.image_trunk.pooled_last_block
         return (f"DeepSpeed ZeRO stage {cfg.deepspeed.zero_stage}, world size 1 (gloo), fp32, "
-                f"grad clip {cfg.train.grad_clip:g}; {self.trainer.components.fast.describe()}; "
+                f"grad clip {cfg.optim.grad_clip:g}; {self.trainer.components.fast.describe()}; "
                 f"pooled_last_block={pooled}")
 
     def step(self, batch: dict) -> float:
@@ -249,17 +249,17 @@ class OpenCLIPTrainer:
         from open_clip.loss import ClipLoss
         from open_clip_train.scheduler import cosine_lr
 
-        train = config.train
-        self.model, self.grad_clip = model, train.grad_clip
+        optim = config.optim
+        self.model, self.grad_clip = model, optim.grad_clip
         # open_clip_train.main: no weight decay on gains, biases and the logit scale
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
         named = list(model.named_parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
              {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad],
-              "weight_decay": train.weight_decay}],
-            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
-        self.scheduler = cosine_lr(self.optimizer, train.lr, train.warmup_steps, total_steps)
+              "weight_decay": optim.weight_decay}],
+            lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        self.scheduler = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, total_steps)
         self.loss = ClipLoss()
         self.step_index = 0
         model.train()
@@ -403,9 +403,9 @@ def describe_model(model_cfg: ModelConfig) -> str:
 def format_header(config: Config, threads: int, steps: int, warmup_steps: int, repeats: int) -> str:
     return "\n".join([
         f"model: {describe_model(config.model)}",
-        f"batch {config.train.global_batch_size}, fp32, {threads} threads, CLIP loss, AdamW lr {config.train.lr:g} "
-        f"(cosine, {config.train.warmup_steps} warmup steps) wd {config.train.weight_decay:g}, grad clip "
-        f"{config.train.grad_clip:g}",
+        f"batch {config.train.global_batch_size}, fp32, {threads} threads, CLIP loss, AdamW lr {config.optim.lr:g} "
+        f"(cosine, {config.optim.warmup_steps} warmup steps) wd {config.optim.weight_decay:g}, grad clip "
+        f"{config.optim.grad_clip:g}",
         f"{repeats} repeats x {steps} timed steps per side, the sides alternating step by step, after "
         f"{warmup_steps} untimed steps per side; one process"])
 
@@ -428,7 +428,7 @@ def format_summary(result: RaceResult) -> str:
         f"{'median':>6} {ours:>15.2f} {theirs:>19.2f} {result.median_ratio:>6.3f}",
         f"median ratio ours / OpenCLIP (of the per-repeat ratios): {result.median_ratio:.3f}",
         f"same math: first-step loss ours {result.first_losses[0]:.6f}, OpenCLIP {result.first_losses[1]:.6f}; "
-        f"after {steps} steps the largest parameter difference is {diff:.1e} = {diff / result.config.train.lr:.1e} "
+        f"after {steps} steps the largest parameter difference is {diff:.1e} = {diff / result.config.optim.lr:.1e} "
         f"lr ({where})",
         f"ours ran: {result.ours_path}"])
 

@@ -52,7 +52,7 @@ class BenchCase:
     warmup: int = 2
     device: str = "auto"
     with_data: bool = False
-    peak_tflops: float = 0.0  # > 0 overrides the table (train.peak_tflops)
+    peak_tflops: float = 0.0  # > 0 overrides the table (fast_path.peak_tflops)
     threads: int = 0  # CPU threads; 0 = torch's default
 
 
@@ -198,7 +198,7 @@ def run_case(case: BenchCase) -> BenchResult:
     flops = step_flops(config, global_batch=case.batch, semantic_dim=semantic_dim)
     samples_per_s = case.batch / step_s
     tflops = flops.total * samples_per_s / 1e12
-    peak = peak_tflops(device, fast.precision, case.peak_tflops or config.train.peak_tflops)
+    peak = peak_tflops(device, fast.precision, case.peak_tflops or config.fast_path.peak_tflops)
     model_name = os.path.basename(str(case.config)).removesuffix(".yaml")
     return BenchResult(label=case.label or model_name, model=model_name, batch=case.batch,
                        device=f"{device.type}:{torch.get_num_threads()}t" if device.type == "cpu" else str(device),
