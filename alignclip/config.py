@@ -67,12 +67,15 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------- loss
 @dataclass
 class LossConfig:
-    """Weights of each term of DESIGN.md section 5; a zero weight switches a term off.
+    """Weights of each loss term (docs/losses.md); a zero weight switches a term off. AlignCLIP = Eslami & de Melo,
+    "Mitigate the Gap: Investigating Approaches for Improving Cross-Modal
+    Alignment in CLIP", ICLR 2025, arXiv:2406.17639.
 
-    clip:      L_clip = 1/2 [CE(sP, y) + CE(sP^T, y)]                  (seeds/001 eq. 4)
+    clip:      L_clip = 1/2 [CE(sP, y) + CE(sP^T, y)]                  (AlignCLIP eq. 4; Radford et al. 2021)
     crsep:     L_CRsep = CE(sP, y) + CE(sP^T, y), a sum                  (eq. 12, AlignCLIP's alpha)
     imsep:     L_IMsep = CE(s [diag(P) + X X^T (1 - S)], y)              (eq. 7-11, AlignCLIP's beta)
-    uniform / xuniform / align: the contrastive-gap terms               (seeds/002 eq. 2-5)
+    uniform / xuniform / align: the contrastive-gap terms               (Fahim, Murphy & Fyshe 2024,
+                                                                         arXiv:2405.18570, eq. 2-5)
     """
 
     impl: str = "auto"  # dense | chunked | triton | auto

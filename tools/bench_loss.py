@@ -66,7 +66,7 @@ def _case(impl: str, batch: int, dim: int, semantic_dim: int, chunk_size: int, d
     return step
 
 
-# term label -> the LossConfig weights that turn on that term alone (DESIGN.md section 5)
+# term label -> the LossConfig weights that turn on that term alone (the terms of docs/losses.md)
 TERMS = {
     "clip": {"clip_weight": 1.0},
     "crsep": {"crsep_weight": 1.0},
