@@ -6,5 +6,6 @@ __version__ = "0.1.0"
 
 def load(path, device="cpu"):
     """(model, tokenizer, image transform) of an exported safetensors file; see alignclip.export (lazy import)."""
-    from alignclip.export import load as _load
-    return _load(path, device)
+    from alignclip import export
+
+    return export.load(path, device)

@@ -10,6 +10,7 @@ exits with code 2 on such an error.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class ModelConfig:
     max_logit_scale: float = math.log(100.0)  # clamp s = exp(logit_scale) <= 100, as CLIP
     grad_checkpointing: bool = False
     # Run each trunk's last block at the pooled position only (the one row the embedding reads): the same values
-    # and gradients, ~1/layers of the linear work less (alignclip.models.layers.pooled_block; perf.flops counts it)
+    # and gradients, ~1/layers of the linear work less (alignclip.models.layers.pooled_block; training.flops counts it)
     pooled_last_block: bool = True
     # eps of every LayerNorm (stem, blocks, final), one value as in OpenCLIP and HF CLIP so exports are exact.
     # null = checkpoints saved before this key: 1e-6 in the blocks, 1e-5 elsewhere (from_yaml_text sets it).
@@ -68,14 +69,15 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------- loss
 @dataclass
 class LossConfig:
-    """Weights of each loss term (docs/losses.md); a zero weight switches a term off. Equation numbers: AlignCLIP
-    (Eslami & de Melo, ICLR 2025, arXiv 2406.17639) and the contrastive gap (Fahim, Murphy & Fyshe, 2024, "It's Not
-    a Modality Gap", arXiv 2405.18570).
+    """Weights of each loss term (docs/losses.md); a zero weight switches a term off. AlignCLIP = Eslami & de Melo,
+    "Mitigate the Gap: Investigating Approaches for Improving Cross-Modal
+    Alignment in CLIP", ICLR 2025, arXiv:2406.17639.
 
-    clip:      L_clip = 1/2 [CE(sP, y) + CE(sP^T, y)]                  (AlignCLIP eq. 4)
+    clip:      L_clip = 1/2 [CE(sP, y) + CE(sP^T, y)]                  (AlignCLIP eq. 4; Radford et al. 2021)
     crsep:     L_CRsep = CE(sP, y) + CE(sP^T, y), a sum                  (eq. 12, AlignCLIP's alpha)
     imsep:     L_IMsep = CE(s [diag(P) + X X^T (1 - S)], y)              (eq. 7-11, AlignCLIP's beta)
-    uniform / xuniform / align: the contrastive-gap terms               (contrastive gap eq. 2-5)
+    uniform / xuniform / align: the contrastive-gap terms               (Fahim, Murphy & Fyshe 2024,
+                                                                         arXiv:2405.18570, eq. 2-5)
     """
 
     impl: str = "auto"  # dense | chunked | triton | auto
@@ -147,11 +149,23 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
+    """How long, on what batch, on which device, and what a non-finite step does."""
+
     seed: int = 0
     epochs: int = 30
     max_steps: int = 0  # > 0 stops early (tests, smoke runs); 0 = epochs x steps per epoch
     global_batch_size: int = 512
     micro_batch_size: int = 0  # per device; 0 = global / world size (no gradient accumulation)
+    device: str = "auto"  # auto | cuda | cpu
+    # stop | skip: what a non-finite loss, or an optimizer step DeepSpeed skips on an overflowing gradient, does
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (alignclip.training.optim) and its schedule (alignclip.training.schedule)."""
+
     lr: float = 1e-3
     warmup_steps: int = 10_000
     min_lr: float = 0.0
@@ -160,24 +174,41 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # 0 disables clipping
+    adamw_impl: str = "auto"  # auto (= fused: one kernel over ZeRO's flat partition, CUDA and CPU) | foreach | loop
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0: only at the end and on preemption
+    keep: int = 3  # the newest complete checkpoints kept
+
+
+@dataclass
+class FastPathConfig:
+    """The speed switches (docs/performance.md measures each on CPU and argues its H100 effect). null / auto:
+    resolved per device by alignclip.training.fast_path.resolve_fast_path."""
+
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"  # auto | cuda | cpu
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 3
-    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
-    max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
-    # The fast path (docs/performance.md measures each switch on CPU and argues its H100 effect). null = auto:
-    # resolved per device by alignclip.perf.fast_path.resolve_fast_path.
     # torch.compile through engine.compile(); auto: on CUDA, off on CPU (no gain at the tiny sizes CPUs train here,
     # and tens of seconds to minutes of compiling at start)
     compile: Optional[bool] = None
     compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
-    adamw_impl: str = "auto"  # auto (= fused: one kernel over ZeRO's flat partition, CUDA and CPU) | foreach | loop
     sdpa: bool = True  # attention through F.scaled_dot_product_attention (flash kernels); false = explicit math
     channels_last: Optional[bool] = None  # NHWC images into the patch conv; auto: on CUDA (cuDNN's native layout)
-    # Peak TFLOP/s of one device for MFU; 0 = the table of alignclip/perf/peaks.py (H100, H200, A100 by name and
+    # Peak TFLOP/s of one device for MFU; 0 = the table of alignclip/training/peaks.py (H100, H200, A100 by name and
     # precision). CPUs have no entry: there perf/mfu is not logged unless this is set.
     peak_tflops: float = 0.0
+
+
+# Keys that lived in ``train`` until the config was split by concern: still accepted (YAML files, command-line
+# overrides, an older run directory's config.yaml), mapped onto their new place with one deprecation warning.
+MOVED_KEYS: dict[str, str] = {
+    **{f"train.{key}": f"optim.{key}" for key in ("lr", "warmup_steps", "min_lr", "weight_decay", "beta1", "beta2",
+                                                   "eps", "grad_clip", "adamw_impl")},
+    "train.checkpoint_every_steps": "checkpoint.every_steps", "train.keep_checkpoints": "checkpoint.keep",
+    **{f"train.{key}": f"fast_path.{key}" for key in ("precision", "compile", "compile_mode", "sdpa",
+                                                       "channels_last", "peak_tflops")},
+}
 
 
 @dataclass
@@ -239,20 +270,23 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fast_path: FastPathConfig = field(default_factory=FastPathConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
-_CHOICES = {
+CHOICES = {
     "model.arch": ("clip", "sharedclip"),
     "loss.impl": ("dense", "chunked", "triton", "auto"),
     "loss.imsep_sides": ("image", "text", "both"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "fast_path.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.nonfinite": ("stop", "skip"),
-    "train.adamw_impl": ("auto", "fused", "foreach", "loop"),
+    "optim.adamw_impl": ("auto", "fused", "foreach", "loop"),
     "deepspeed.zero_stage": (0, 1, 2),
     "launch.executor": ("slurm", "local"),
 }
@@ -263,6 +297,34 @@ def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = getattr(err, "msg", None) or str(err).splitlines()[0]
     return f"key '{key}': {msg}" if key else msg
+
+
+def move_old_keys(raw: DictConfig, source: str, moved: list[str]) -> DictConfig:
+    """Move the ``train.*`` keys of MOVED_KEYS in one YAML mapping onto their new section (in place); ``moved``
+    collects ``old -> new``. Old and new spelling of one key in the same mapping is an error naming both."""
+    train = raw.get("train") if isinstance(raw, DictConfig) else None
+    if not isinstance(train, DictConfig):
+        return raw
+    for old, new in MOVED_KEYS.items():
+        key, (section, name) = old.split(".", 1)[1], new.split(".")
+        if key not in train:
+            continue
+        value = train.pop(key)
+        if raw.get(section) is None:
+            raw[section] = {}
+        if name in raw[section]:
+            raise ConfigError(f"{source}: both '{old}' (the old name) and '{new}' are set; keep '{new}'")
+        raw[section][name] = value
+        moved.append(f"{old} -> {new}")
+    return raw
+
+
+def warn_moved_keys(moved: list[str], source: str) -> None:
+    """One deprecation warning per load, naming every old key used and its new name."""
+    if moved:
+        logging.getLogger("alignclip.config").warning(
+            "deprecated config keys in %s (the train section was split into train / optim / checkpoint / "
+            "fast_path): %s; accepted for now, please rename", source, ", ".join(moved))
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -279,6 +341,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictC
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     parents = raw.pop("defaults", [])
+    moved: list[str] = []
+    move_old_keys(raw, str(path), moved)
+    warn_moved_keys(moved, str(path))
     layers: list[tuple[str, DictConfig]] = []
     for parent in parents if isinstance(parents, (list, tuple)) or OmegaConf.is_list(parents) else [parents]:
         parent_path = (path.parent / str(parent)).with_suffix(".yaml") if not str(parent).endswith(".yaml") \
@@ -311,13 +376,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{source}: {_describe(err)}") from err
+    moved: list[str] = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in MOVED_KEYS:
+            moved.append(f"{key} -> {MOVED_KEYS[key]}")
+            item = f"{MOVED_KEYS[key]}={value}"
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as err:
             raise ConfigError(f"command-line override '{item}': {_describe(err)}") from err
+    warn_moved_keys(moved, "the command-line overrides")
     try:
         OmegaConf.resolve(cfg)
         config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -356,9 +427,80 @@ def _get(config: Config, dotted: str) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: finite, above ``low`` (or at it when ``low_inclusive``), below
+    ``high`` (or at it when ``high_inclusive``); None = unbounded."""
+
+    low: Optional[float] = None
+    low_inclusive: bool = True
+    high: Optional[float] = None
+    high_inclusive: bool = True
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.high_inclusive)
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>=' if self.low_inclusive else '>'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<=' if self.high_inclusive else '<'} {self.high:g}")
+        return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, False), Range(0), Range(1)
+UNIT_OPEN = Range(0, True, 1, False)  # Adam's betas: [0, 1)
+
+# Every numeric key of the schema (a test checks that none is missing), checked at load time before anything is
+# built: a zero head count or patch size would otherwise fail deep inside the model (or divide by zero here).
+RANGES: dict[str, Range] = {
+    **{f"model.{tower}.{key}": POSITIVE for tower in ("vision", "text")
+       for key in ("width", "layers", "heads", "mlp_ratio")},
+    "model.vision.image_size": POSITIVE, "model.vision.patch_size": POSITIVE,
+    "model.text.context_length": Range(2),  # <start> and <end> at least
+    "model.text.vocab_size": Range(3),  # the two special tokens and one more
+    "model.embed_dim": POSITIVE, "model.init_temperature": POSITIVE, "model.max_logit_scale": POSITIVE,
+    **{f"loss.{term}_weight": NON_NEGATIVE for term in ("clip", "crsep", "imsep", "uniform", "xuniform", "align")},
+    "loss.chunk_size": POSITIVE, "loss.semantic_batch_size": POSITIVE,
+    "data.samples_per_epoch": NON_NEGATIVE, "data.workers": NON_NEGATIVE, "data.shuffle_buffer": NON_NEGATIVE,
+    "data.prefetch_factor": POSITIVE, "data.io_timeout_s": POSITIVE, "data.io_retries": NON_NEGATIVE,
+    "data.max_image_pixels": NON_NEGATIVE,
+    "data.generated.num_shards": POSITIVE, "data.generated.samples_per_shard": POSITIVE,
+    "data.generated.image_size": POSITIVE, "data.generated.val_samples": NON_NEGATIVE,
+    "data.generated.seed": NON_NEGATIVE, "data.generated.version": Range(1, True, 2, True),
+    "data.generated.caption_coverage": Range(0, True, 1, True), "data.generated.captions_per_image": AT_LEAST_ONE,
+    "data.generated.max_objects": AT_LEAST_ONE,
+    "train.seed": NON_NEGATIVE,  # numpy seeds are unsigned
+    "train.epochs": POSITIVE, "train.max_steps": NON_NEGATIVE,
+    "train.global_batch_size": POSITIVE, "train.micro_batch_size": NON_NEGATIVE,
+    "train.max_skipped_steps": NON_NEGATIVE,
+    "optim.lr": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE, "optim.beta1": UNIT_OPEN, "optim.beta2": UNIT_OPEN, "optim.eps": POSITIVE,
+    "optim.grad_clip": NON_NEGATIVE,
+    "checkpoint.every_steps": NON_NEGATIVE, "checkpoint.keep": AT_LEAST_ONE,
+    "fast_path.peak_tflops": NON_NEGATIVE,
+    "deepspeed.allgather_bucket_size": POSITIVE, "deepspeed.reduce_bucket_size": POSITIVE,
+    "logging.log_every_steps": NON_NEGATIVE, "logging.gap_every_steps": NON_NEGATIVE,
+    "logging.gap_batch_size": POSITIVE,
+    "eval.every_steps": NON_NEGATIVE, "eval.batch_size": POSITIVE, "eval.workers": NON_NEGATIVE,
+    "launch.nodes": POSITIVE, "launch.gpus_per_node": NON_NEGATIVE, "launch.tasks_per_node": NON_NEGATIVE,
+    "launch.cpus_per_task": POSITIVE, "launch.mem_gb": NON_NEGATIVE, "launch.timeout_min": POSITIVE,
+    "launch.signal_lead_s": NON_NEGATIVE, "launch.array_parallelism": POSITIVE, "launch.max_requeues": NON_NEGATIVE,
+}
+
+
 def validate(config: Config, source: str = "config") -> None:
-    """Checks that types alone cannot express; each error names the key."""
-    for key, choices in _CHOICES.items():
+    """Checks that types alone cannot express; each error names the key and what is allowed."""
+    for key, allowed in RANGES.items():
+        value = _get(config, key)
+        if not allowed.admits(value):
+            raise ConfigError(f"{source}: key '{key}' is {value!r}; expected {allowed.describe()}")
+    for key, choices in CHOICES.items():
         value = _get(config, key)
         if value not in choices:
             raise ConfigError(f"{source}: key '{key}' is {value!r}; expected one of {list(choices)}")
@@ -382,18 +524,9 @@ def validate(config: Config, source: str = "config") -> None:
                           f"'eval.root' are not both set")
     if m.norm_eps is not None and not m.norm_eps > 0:
         raise ConfigError(f"{source}: key 'model.norm_eps' must be > 0 (or null), got {m.norm_eps}")
-    positive = ["model.embed_dim", "model.init_temperature", "train.global_batch_size", "loss.chunk_size",
-                "data.prefetch_factor"]
-    for key in positive:
-        if _get(config, key) <= 0:
-            raise ConfigError(f"{source}: key '{key}' must be > 0, got {_get(config, key)}")
-    nonneg = ["loss.clip_weight", "loss.crsep_weight", "loss.imsep_weight", "loss.uniform_weight",
-              "loss.xuniform_weight", "loss.align_weight", "train.warmup_steps", "train.max_steps",
-              "train.micro_batch_size", "train.weight_decay", "train.grad_clip", "data.workers",
-              "train.peak_tflops", "eval.every_steps", "eval.workers"]
-    for key in nonneg:
-        if _get(config, key) < 0:
-            raise ConfigError(f"{source}: key '{key}' must be >= 0, got {_get(config, key)}")
+    if config.optim.min_lr > config.optim.lr:
+        raise ConfigError(f"{source}: key 'optim.min_lr' ({config.optim.min_lr:g}) must not exceed 'optim.lr' "
+                          f"({config.optim.lr:g}): the schedule decays from lr to min_lr")
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -403,9 +536,11 @@ def to_yaml(config: Config) -> str:
 
 def from_yaml_text(text: str) -> Config:
     """Rebuild a Config from a resolved YAML dump (a run directory's config.yaml, an export's metadata)."""
-    saved = OmegaConf.create(text)
+    moved: list[str] = []
+    saved = move_old_keys(OmegaConf.create(text), "a saved config", moved)
     if "model" in saved and "norm_eps" not in saved.model:  # saved before model.norm_eps: the old mixed eps
         saved.model.norm_eps = None
+    warn_moved_keys(moved, "a saved config (written before the train section was split)")
     cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 

@@ -211,7 +211,7 @@ class ModelCard:
                      if loss.imsep_weight else ""),
                   f"- data: `{self.config.data.train or 'unknown'}`",
                   f"- steps: {self.step if self.step is not None else 'unknown'} (global batch "
-                  f"{self.config.train.global_batch_size}, lr {self.config.train.lr:g})"]
+                  f"{self.config.train.global_batch_size}, lr {self.config.optim.lr:g})"]
         if self.figures:
             lines += ["", "## Figures at the end of training", "", "| figure | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"

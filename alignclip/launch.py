@@ -99,7 +99,7 @@ def grid(axes: Mapping[str, Sequence[object]]) -> list[list[str]]:
 
 
 def parse_axis(text: str) -> tuple[str, list[str]]:
-    """``train.lr=1e-3,5e-4`` -> ("train.lr", ["1e-3", "5e-4"]) (one sweep axis from the command line)."""
+    """``optim.lr=1e-3,5e-4`` -> ("optim.lr", ["1e-3", "5e-4"]) (one sweep axis from the command line)."""
     key, sep, values = text.partition("=")
     if not sep or not key or not values:
         raise ConfigError(f"sweep axis '{text}' is not of the form key=value1,value2,...")
@@ -111,7 +111,7 @@ def _format(value: object) -> str:
 
 
 def point_name(overrides: Sequence[str]) -> str:
-    """A directory name that identifies a sweep point by its overrides: ``train.lr=0.001`` -> ``lr=0.001``."""
+    """A directory name that identifies a sweep point by its overrides: ``optim.lr=0.001`` -> ``lr=0.001``."""
     parts = []
     for item in overrides:
         key, _, value = item.partition("=")

@@ -18,7 +18,7 @@ from alignclip.config import ConfigError, parse_cli
 
 def main(argv: Optional[list[str]] = None) -> None:
     config, _ = parse_cli(argv, prog="python -m alignclip.train")
-    from alignclip.training.loop import train  # after the config check: a typo fails before torch loads
+    from alignclip.training.trainer import train  # after the config check: a typo fails before torch loads
 
     try:
         result = train(config)

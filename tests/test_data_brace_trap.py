@@ -45,15 +45,15 @@ def test_submitit_submission_refuses_before_submitting(tmp_path, capsys):
 
 def test_sweeps_check_the_base_and_each_point():
     with pytest.raises(ConfigError, match="quote it"):
-        launch.make_sweep("experiment/embedded_default", [["train.lr=0.1"]], expand_braces(f"data.train={PATTERN}"))
-    with pytest.raises(ConfigError, match="'train.lr' is given 2 times"):
-        launch.make_sweep("experiment/embedded_default", [["train.lr=0.1", "train.lr=0.2"]])
+        launch.make_sweep("experiment/embedded_default", [["optim.lr=0.1"]], expand_braces(f"data.train={PATTERN}"))
+    with pytest.raises(ConfigError, match="'optim.lr' is given 2 times"):
+        launch.make_sweep("experiment/embedded_default", [["optim.lr=0.1", "optim.lr=0.2"]])
 
 
 def test_any_repeated_key_is_an_error_but_the_launchers_run_dir_is_not():
     with pytest.raises(ConfigError, match=r"'train.max_steps' is given 2 times .*give it once"):
         check_repeated_overrides(["train.max_steps=1", "train.max_steps=2"])
-    check_repeated_overrides(["run_dir=runs/a", "train.lr=0.1", "run_dir=/abs/runs/a"])  # appended by launchers
+    check_repeated_overrides(["run_dir=runs/a", "optim.lr=0.1", "run_dir=/abs/runs/a"])  # appended by launchers
 
 
 @pytest.mark.parametrize("pattern", [PATTERN, "s3://b/cc/{000..011}.tar", "x/{8..12}.tar", "/d/{a,b,c}/shard.tar"])

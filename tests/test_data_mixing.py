@@ -77,7 +77,8 @@ def test_weights_need_resampling_and_one_per_source(two_sources):
 
 @pytest.mark.heavy
 def test_the_trainer_logs_each_sources_samples_to_tensorboard(tmp_path):
-    from test_train_distributed import launch, scalar_events, tiny_overrides, wait_all, write_toy_shards
+    from tests.helpers.processes import launch, wait_all
+    from tests.helpers.tiny import scalar_events, tiny_overrides, write_toy_shards
 
     data = {"train": write_toy_shards(tmp_path / "a", num_shards=2, per_shard=16, seed=0) + "::"
             + write_toy_shards(tmp_path / "b", num_shards=2, per_shard=16, seed=1),

@@ -123,7 +123,7 @@ def test_training_over_http_runs_to_the_end_and_a_killed_run_resumes_with_the_sa
     base, _, _ = server
     data = {"train": f"{base}/shards/{{00000..00003}}.tar", "val": f"{base}/shards/00003.tar"}
     steps = 16  # two epochs of 8 steps
-    extra = {"train.max_steps": steps, "train.checkpoint_every_steps": 4, "data.io_timeout_s": 30}
+    extra = {"train.max_steps": steps, "checkpoint.every_steps": 4, "data.io_timeout_s": 30}
     straight = tmp_path / "straight"
     assert wait_all(launch(tiny_overrides(data, straight, **extra), log_dir=tmp_path), timeout=600) == [0]
     reference = scalar_events(straight)

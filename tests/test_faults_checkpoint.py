@@ -28,8 +28,8 @@ STEPS = 6
 
 
 def _train(run_dir: Path, cache: Path, timeout: float = 300, **extra) -> subprocess.CompletedProcess:
-    overrides = job_overrides(cache, run_dir, **{"train.max_steps": STEPS, "train.checkpoint_every_steps": 2,
-                                                  "train.keep_checkpoints": 3, "loss.imsep_weight": 0.0, **extra})
+    overrides = job_overrides(cache, run_dir, **{"train.max_steps": STEPS, "checkpoint.every_steps": 2,
+                                                  "checkpoint.keep": 3, "loss.imsep_weight": 0.0, **extra})
     env = {**os.environ, **job_env()}
     return subprocess.run([sys.executable, "-m", "alignclip.train", *overrides], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)

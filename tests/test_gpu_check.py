@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "tools" / "gpu_check.py"
-sys.path.insert(0, str(SCRIPT.parent))  # tools/ is a folder of scripts, not a package
+import gpu_check  # tools/ is on the tests' path (pyproject: pythonpath)
+import gpu_check_rows as rows_lib
+from gpu_check_rows import ERROR, FAIL, INFO, NOT_APPLICABLE, PASS, SKIP, WARN, Row
+from tests.helpers import REPO_ROOT
 
-import gpu_check  # noqa: E402
-import gpu_check_rows as rows_lib  # noqa: E402
-from gpu_check_rows import ERROR, FAIL, INFO, NOT_APPLICABLE, PASS, SKIP, WARN, Row  # noqa: E402
+SCRIPT = REPO_ROOT / "tools" / "gpu_check.py"
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
@@ -163,7 +162,7 @@ def test_cpu_smoke_runs_every_cpu_capable_row(tmp_path):
 
     step = rows["step alignclip_tiny bf16 compile off"]["figures"]
     from alignclip.config import load_config
-    from alignclip.perf.flops import semantic_dim_of, step_flops
+    from alignclip.training.flops import semantic_dim_of, step_flops
 
     config = load_config("model/alignclip_tiny", ["train.global_batch_size=8"])
     flops = step_flops(config, global_batch=8, semantic_dim=semantic_dim_of(config.loss))

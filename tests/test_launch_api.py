@@ -17,29 +17,29 @@ from tests.helpers.tools import command
 
 
 def test_grid_is_the_cartesian_product_in_a_stable_order():
-    points = grid({"train.lr": [1e-3, 5e-4], "loss.imsep_sides": ["image", "both"], "model.grad_checkpointing": [True]})
+    points = grid({"optim.lr": [1e-3, 5e-4], "loss.imsep_sides": ["image", "both"], "model.grad_checkpointing": [True]})
     assert points == [
-        ["train.lr=0.001", "loss.imsep_sides=image", "model.grad_checkpointing=true"],
-        ["train.lr=0.001", "loss.imsep_sides=both", "model.grad_checkpointing=true"],
-        ["train.lr=0.0005", "loss.imsep_sides=image", "model.grad_checkpointing=true"],
-        ["train.lr=0.0005", "loss.imsep_sides=both", "model.grad_checkpointing=true"],
+        ["optim.lr=0.001", "loss.imsep_sides=image", "model.grad_checkpointing=true"],
+        ["optim.lr=0.001", "loss.imsep_sides=both", "model.grad_checkpointing=true"],
+        ["optim.lr=0.0005", "loss.imsep_sides=image", "model.grad_checkpointing=true"],
+        ["optim.lr=0.0005", "loss.imsep_sides=both", "model.grad_checkpointing=true"],
     ]
-    assert parse_axis("train.lr=1e-3,5e-4") == ("train.lr", ["1e-3", "5e-4"])
+    assert parse_axis("optim.lr=1e-3,5e-4") == ("optim.lr", ["1e-3", "5e-4"])
     with pytest.raises(ConfigError, match="key=value1,value2"):
-        parse_axis("train.lr")
-    with pytest.raises(ConfigError, match="'train.lr' has no values"):
-        grid({"train.lr": []})
+        parse_axis("optim.lr")
+    with pytest.raises(ConfigError, match="'optim.lr' has no values"):
+        grid({"optim.lr": []})
 
 
 def test_sweep_points_get_distinct_stable_run_dirs_named_by_their_overrides(tmp_path):
     base = ["output_dir=" + str(tmp_path), "name=sw"]
-    points = grid({"train.lr": ["1e-3", "5e-4"], "loss.imsep_weight": ["0.5"]})
+    points = grid({"optim.lr": ["1e-3", "5e-4"], "loss.imsep_weight": ["0.5"]})
     root, runs = make_sweep(base_config(tmp_path), points, base)
     assert root == tmp_path / "sw"
     assert [r.run_dir for r in runs] == [root / "lr=1e-3,imsep_weight=0.5", root / "lr=5e-4,imsep_weight=0.5"]
     again = make_sweep(base_config(tmp_path), points, base)[1]
     assert [r.overrides for r in again] == [r.overrides for r in runs]  # a resubmission lands in the same dirs
-    assert runs[1].config.train.lr == 5e-4 and runs[1].config.run_dir == str(root / "lr=5e-4,imsep_weight=0.5")
+    assert runs[1].config.optim.lr == 5e-4 and runs[1].config.run_dir == str(root / "lr=5e-4,imsep_weight=0.5")
     assert point_name(["data.train=/a/{0..9}.tar"]) == "train=_a__0..9_.tar"
 
 
@@ -47,7 +47,7 @@ def test_sweep_rejects_points_that_cannot_differ_inside_one_array_and_bad_keys_b
     with pytest.raises(ConfigError, match="launch.nodes=2"):
         make_sweep(base_config(tmp_path), [["launch.nodes=2"]], [f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="same run directory"):
-        make_sweep(base_config(tmp_path), [["train.lr=1"], ["train.lr=1"]], [f"output_dir={tmp_path}"])
+        make_sweep(base_config(tmp_path), [["optim.lr=1"], ["optim.lr=1"]], [f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="train.lrr"):
         make_sweep(base_config(tmp_path), [["train.lrr=1"]], [f"output_dir={tmp_path}"])
 
@@ -95,7 +95,7 @@ def test_shell_env_gives_the_script_its_run_dir_requeue_code_and_a_port_seeded_b
 def test_train_job_survives_pickling_with_its_run(tmp_path):
     import cloudpickle
 
-    job = TrainJob("/abs/config.yaml", ["train.lr=1", "run_dir=/x"], max_requeues=3)
+    job = TrainJob("/abs/config.yaml", ["optim.lr=1", "run_dir=/x"], max_requeues=3)
     clone = cloudpickle.loads(cloudpickle.dumps(job))
     assert (clone.config_path, clone.overrides, clone.max_requeues) == (job.config_path, job.overrides, 3)
 
@@ -120,7 +120,7 @@ def test_local_executor_runs_a_two_point_sweep_of_two_task_runs_through_tools_sw
     overrides = job_overrides(tmp_path / "data", **{"train.max_steps": steps, "output_dir": str(tmp_path / "runs"),
                                                      "name": "local", "launch.tasks_per_node": 2})
     code = sweep_main(["--config", base_config(tmp_path), "--executor", "local", "--wait",
-                       "--grid", "train.lr=1e-3,2e-3", *overrides])
+                       "--grid", "optim.lr=1e-3,2e-3", *overrides])
     assert code == 0
     for point, lr in (("lr=1e-3", "0.001"), ("lr=2e-3", "0.002")):
         run_dir = tmp_path / "runs" / "local" / point
@@ -154,7 +154,7 @@ def test_a_time_limit_or_any_launch_key_does_not_change_the_run_hash():
     base = load_config("experiment/cc12m_alignclip")
     for override in ("launch.timeout_min=5", "launch.nodes=16", "launch.partition=other", "launch.max_requeues=1"):
         assert config_hash(load_config("experiment/cc12m_alignclip", [override])) == config_hash(base), override
-    assert config_hash(load_config("experiment/cc12m_alignclip", ["train.lr=1e-5"])) != config_hash(base)
+    assert config_hash(load_config("experiment/cc12m_alignclip", ["optim.lr=1e-5"])) != config_hash(base)
 
 
 def test_node_lists_with_suffixes_and_several_ranges_follow_slurm_semantics(monkeypatch):
@@ -186,6 +186,6 @@ def test_pretrain_script_refuses_a_bad_override_before_submitting_and_needs_a_co
     done = subprocess.run(["bash", str(SCRIPT), "train.lrr=1"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "train.lrr" in done.stderr, done.stderr
-    done = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "pretrain.sh"), "train.lr=1"], env=env, cwd=tmp_path,
+    done = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "pretrain.sh"), "optim.lr=1"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--config FILE is required" in done.stderr

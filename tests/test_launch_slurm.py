@@ -197,7 +197,7 @@ def test_submitit_sweep_is_one_array_each_point_in_its_own_run_dir_and_a_preempt
     monkeypatch.chdir(work)
     overrides = job_overrides(work / "data", **{"train.max_steps": STEPS, "launch.tasks_per_node": 1, **WORKERS,
                                                  "output_dir": str(work / "sweeps"), "name": "lr"})
-    submitted = submit_sweep(base_config(work), grid({"train.lr": ["1e-3", "2e-3"]}), overrides, executor="slurm")
+    submitted = submit_sweep(base_config(work), grid({"optim.lr": ["1e-3", "2e-3"]}), overrides, executor="slurm")
     array_ids = {s.job_id.split("_")[0] for s in submitted}
     assert len(array_ids) == 1 and [s.job_id.split("_")[1] for s in submitted] == ["0", "1"]  # one job array
     run_dirs = [s.run.run_dir for s in submitted]

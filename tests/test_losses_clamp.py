@@ -51,13 +51,13 @@ def push_the_scale_up(rank, world, model_kind, clamp_mode):
     from alignclip.models import build_model
     from alignclip.training.optim import build_optimizer
 
-    config = load_config("model/clip_tiny", ["train.lr=0.5"])
+    config = load_config("model/clip_tiny", ["optim.lr=0.5"])
     torch.manual_seed(0)
     model = build_model(config.model) if model_kind == "real" else TinyContrastive()
     ds_config = {"train_batch_size": 2 * world, "train_micro_batch_size_per_gpu": 2,
                  "gradient_accumulation_steps": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
                  "steps_per_print": 2**31 - 1}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.train), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.optim), config=ds_config)
     objective = build_objective(config.loss)
     images, tokens = _inputs(model_kind)
     effective, stored, module_values, module_after_step = [], [], [], []

@@ -172,7 +172,7 @@ def test_wheel_trains_the_embedded_default_outside_the_checkout(tmp_path):
     run_dir = elsewhere / "run"
     overrides = [f"run_dir={run_dir}", "data.workers=0", "data.generated.num_shards=2",
                  "data.generated.samples_per_shard=64", "data.generated.val_samples=64", "train.global_batch_size=32",
-                 "train.max_steps=3", "train.warmup_steps=1", "logging.gap_batch_size=32", "logging.progress_bar=false",
+                 "train.max_steps=3", "optim.warmup_steps=1", "logging.gap_batch_size=32", "logging.progress_bar=false",
                  "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
                  "model.embed_dim=32"]
     out = _run([bin_dir / "alignclip-run-default", *overrides], cwd=elsewhere, env=env, timeout=900).stdout

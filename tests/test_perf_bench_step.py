@@ -41,13 +41,13 @@ def test_bench_step_prints_one_consistent_table_for_the_tiny_alignclip():
     batch, peak = 8, 2.0
     cmd = [sys.executable, "tools/bench_step.py", "--config", "configs/model/alignclip_tiny.yaml", "--batch",
            str(batch), "--steps", "3", "--warmup", "1", "--peak-tflops", str(peak), "--base-label", "base",
-           "--variant", "adamw loop: train.adamw_impl=loop"]
+           "--variant", "adamw loop: optim.adamw_impl=loop"]
     out = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _rows(out.stdout)
     assert set(rows) == {"base", "adamw loop"}, out.stdout
     from alignclip.config import load_config
-    from alignclip.perf.flops import step_flops
+    from alignclip.training.flops import step_flops
 
     gflop = step_flops(load_config("configs/model/alignclip_tiny.yaml"), global_batch=batch).total / 1e9
     for label, cells in rows.items():
@@ -56,12 +56,15 @@ def test_bench_step_prints_one_consistent_table_for_the_tiny_alignclip():
         assert warmup_s > 0
         assert n == batch and all(v > 0 for v in (samples_per_s, step_ms, fwd, loss, bwd, optim, tflops, mem))
         assert data >= 0
-        assert samples_per_s == pytest.approx(batch / (step_ms / 1e3), rel=0.01)
-        # each phase column is a median over the steps: together within a few % of the median step
-        assert data + fwd + loss + bwd + optim == pytest.approx(step_ms, rel=0.15)
+        # The columns are derived from one another; each check allows exactly the rounding of the printed
+        # figures (samples/s 2 decimals, ms 1, TFLOP/s 4, MFU 1), so it holds whatever the machine's speed.
+        slow, fast = batch / ((step_ms + 0.05) / 1e3), batch / ((step_ms - 0.05) / 1e3)
+        assert slow - 0.005 <= samples_per_s <= fast + 0.005
+        # a phase's median never exceeds the median step (each step's phase is part of that step)
+        assert max(data, fwd, loss, bwd, optim) <= step_ms + 0.1
         assert gflop_row == pytest.approx(gflop, rel=1e-3)
-        assert tflops == pytest.approx(gflop * samples_per_s / 1e3, rel=0.01)
-        assert mfu == pytest.approx(100 * tflops / peak, rel=0.02, abs=0.06)
+        assert abs(tflops - gflop * samples_per_s / 1e3) <= 0.5e-4 + gflop * 0.005 / 1e3 + 1e-9
+        assert abs(mfu - 100 * tflops / peak) <= 0.05 + 100 * 0.5e-4 / peak + 1e-9
     assert "adamw=loop" in out.stdout and "adamw=fused" in out.stdout  # each row says its switches
 
 
@@ -75,7 +78,7 @@ def test_adamw_implementations_take_the_same_step():
     for impl in ("fused", "foreach", "loop"):
         torch.manual_seed(0)
         model = build_model(config.model)
-        opt = build_optimizer(model, config.train, impl)
+        opt = build_optimizer(model, config.optim, impl)
         images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 32))
         out = model(images, tokens)
         (out["image_embeds"] @ out["text_embeds"].T).sum().backward()
@@ -85,12 +88,12 @@ def test_adamw_implementations_take_the_same_step():
     # would not compare: Adam's first update is ~lr sign(g), and rounding noise flips the sign of near-zero
     # gradients, moving such entries by up to 2 lr between implementations.)
     assert torch.equal(weights["foreach"], weights["loop"])
-    assert torch.allclose(weights["fused"], weights["loop"], rtol=0, atol=1e-4 * config.train.lr)
+    assert torch.allclose(weights["fused"], weights["loop"], rtol=0, atol=1e-4 * config.optim.lr)
 
 
 def test_auto_switches_resolve_per_device():
     from alignclip.config import load_config
-    from alignclip.perf.fast_path import resolve_fast_path
+    from alignclip.training.fast_path import resolve_fast_path
 
     config = load_config("configs/model/alignclip_vit_b16.yaml")
     gpu, cpu = resolve_fast_path(config, "cuda"), resolve_fast_path(config, "cpu")
@@ -98,24 +101,24 @@ def test_auto_switches_resolve_per_device():
         ("bf16", True, "fused", True, True, True)
     assert (cpu.precision, cpu.compile, cpu.adamw_impl, cpu.sdpa, cpu.non_blocking) == \
         ("fp32", False, "fused", True, False)
-    forced = resolve_fast_path(load_config("configs/model/alignclip_vit_b16.yaml", ["train.compile=false"]), "cuda")
+    forced = resolve_fast_path(load_config("configs/model/alignclip_vit_b16.yaml", ["fast_path.compile=false"]), "cuda")
     assert forced.compile is False
 
 
 def _compiled_engine_keys(rank: int, world_size: int):
     from alignclip.config import load_config
     from alignclip.models import build_model
-    from alignclip.perf.fast_path import compile_engine, resolve_fast_path
+    from alignclip.training.fast_path import compile_engine, resolve_fast_path
     from alignclip.training.deepspeed_config import build_deepspeed_config
     from alignclip.training.engine import initialize_engine
     from alignclip.training.optim import build_optimizer
 
-    config = load_config("configs/model/clip_tiny.yaml", ["train.compile=true", "train.global_batch_size=2",
-                                                          "train.precision=fp32"])
+    config = load_config("configs/model/clip_tiny.yaml", ["fast_path.compile=true", "train.global_batch_size=2",
+                                                          "fast_path.precision=fp32"])
     fast = resolve_fast_path(config, "cpu")
     model = build_model(config.model)
     plain_keys = list(model.state_dict())
-    engine = initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
+    engine = initialize_engine(model, build_optimizer(model, config.optim, fast.adamw_impl),
                                build_deepspeed_config(config, 1, "cpu"))
     compile_engine(engine, fast, backend="eager")  # dynamo's graph capture without inductor's C++ build
     out = engine(torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 32)))
@@ -132,7 +135,7 @@ def test_compiled_engine_keeps_clean_checkpoint_keys():
 
 def _train_with_peak(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
-    from alignclip.training.loop import train
+    from alignclip.training.trainer import train
 
     result = train(load_config(None, overrides))
     return result.exit_code
@@ -144,14 +147,14 @@ def test_trainer_logs_model_tflops_and_mfu_to_tensorboard(tmp_path):
 
     data = {"train": write_toy_shards(tmp_path / "train", num_shards=2, per_shard=16),
             "val": write_toy_shards(tmp_path / "val", num_shards=1, per_shard=16, seed=1)}
-    overrides = tiny_overrides(data, tmp_path / "run", **{"train.max_steps": 2, "train.peak_tflops": 0.5})
+    overrides = tiny_overrides(data, tmp_path / "run", **{"train.max_steps": 2, "fast_path.peak_tflops": 0.5})
     assert run_on_ranks(_train_with_peak, 1, overrides) == [0]
     events = scalar_events(tmp_path / "run")
     tflops, mfu, rate = (dict(events[t]) for t in ("perf/tflops_per_device", "perf/mfu", "perf/samples_per_s"))
     assert sorted(tflops) == sorted(mfu) == [1, 2]
 
     from alignclip.config import load_config
-    from alignclip.perf.flops import step_flops
+    from alignclip.training.flops import step_flops
 
     per_sample = step_flops(load_config(None, overrides)).total
     for step in (1, 2):

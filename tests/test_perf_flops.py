@@ -1,4 +1,4 @@
-"""The FLOP model (alignclip.perf.flops) against torch's FlopCounterMode and a hand count; the MFU peak table."""
+"""The FLOP model (alignclip.training.flops) against torch's FlopCounterMode and a hand count; the MFU peak table."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from alignclip.config import load_config
 from alignclip.losses import build_objective
 from alignclip.models import build_model
-from alignclip.perf.flops import (activation_bytes_per_sample, counted_flops, loss_parts, model_parts,
+from alignclip.training.flops import (activation_bytes_per_sample, counted_flops, loss_parts, model_parts,
                                   step_flops)
-from alignclip.perf.peaks import lookup_peak_tflops, peak_tflops
+from alignclip.training.peaks import lookup_peak_tflops, peak_tflops
 
 BATCH = 4
 

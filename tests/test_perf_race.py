@@ -1,4 +1,4 @@
-"""The OpenCLIP race (alignclip.perf.openclip_race, tools/bench_openclip_race.py) races the same math on both sides:
+"""The OpenCLIP race (tools/benchmarks/openclip_race.py, tools/bench_openclip_race.py) races the same math on both sides:
 the two models match parameter for parameter, compute the same embeddings from the same weights, and the two
 trainers (ours through DeepSpeed and the trainer's step, OpenCLIP's plain loop) take the same steps."""
 
@@ -14,7 +14,7 @@ import torch
 
 from alignclip.config import ConfigError
 from alignclip.models import build_model
-from alignclip.perf import openclip_race as race
+from benchmarks import openclip_race as race
 from tests.helpers.ranks import run_on_ranks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,9 @@ def test_bench_prints_one_row_per_repeat_a_median_ratio_and_equal_first_losses()
     assert [r[0] for r in rows] == ["1", "2"]
     for cells in rows:
         ours, theirs, ratio = float(cells[1]), float(cells[2]), float(cells[3])
-        assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, rel=0.01)
+        assert ours > 0 and theirs > 0
+        # within the rounding of the printed figures (samples/s 2 decimals, ratio 3), at any machine speed
+        assert (ours - 0.005) / (theirs + 0.005) - 0.0005 <= ratio <= (ours + 0.005) / max(theirs - 0.005, 1e-9) + 0.0005
     median = next(line.split() for line in lines if line.startswith("median"))
     assert float(median[3]) > 0
     first = next(line for line in lines if line.startswith("same math"))

@@ -19,7 +19,7 @@ def test_run_default_trains_both_and_prints_them_side_by_side(tmp_path):
     overrides = [f"data.cache_dir={tmp_path / 'data'}", "data.workers=0",
                  "data.generated.num_shards=2", "data.generated.samples_per_shard=64",
                  "data.generated.val_samples=64", "train.global_batch_size=32", "train.max_steps=4",
-                 "train.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
+                 "optim.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
                  "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
                  "model.embed_dim=32"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")

@@ -25,7 +25,7 @@ def _study_file(tmp: Path, data_dir: Path, name: str) -> Path:
             "data.cache_dir": str(data_dir), "data.workers": 0, "data.shuffle_buffer": 16,
             "data.generated.num_shards": 2, "data.generated.samples_per_shard": 32, "data.generated.image_size": 32,
             "data.generated.val_samples": 32, "train.global_batch_size": 16, "train.epochs": 4, "train.max_steps": 0,
-            "train.warmup_steps": 1, "train.checkpoint_every_steps": 2, "train.keep_checkpoints": 5,
+            "optim.warmup_steps": 1, "checkpoint.every_steps": 2, "checkpoint.keep": 5,
             "logging.log_every_steps": 1, "logging.gap_every_steps": 2, "logging.gap_batch_size": 16,
             "logging.progress_bar": False, "launch.executor": "local", "launch.gpus_per_node": 0,
             "launch.tasks_per_node": 1, "launch.timeout_min": 60}

@@ -25,7 +25,7 @@ def _train_tiny(rank, world_size, root: str):
                                    f"data.cache_dir={root}/data", "data.generated.num_shards=2",
                                    "data.generated.samples_per_shard=48", "data.generated.val_samples=96",
                                    "data.workers=1", "train.global_batch_size=16", "train.max_steps=3",
-                                   "train.warmup_steps=1", "logging.progress_bar=false", "logging.tensorboard=false",
+                                   "optim.warmup_steps=1", "logging.progress_bar=false", "logging.tensorboard=false",
                                    "logging.gap_batch_size=16"])
         steps[name] = train(config).step
     return steps

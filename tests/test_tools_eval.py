@@ -340,7 +340,7 @@ def _train_with_tensorboard(rank, world_size, root: str):
     config = load_config("model/alignclip_tiny", [
         "name=tb", f"output_dir={root}/runs", "data.train=generated", f"data.cache_dir={root}/data",
         "data.generated.num_shards=2", "data.generated.samples_per_shard=32", "data.generated.val_samples=32",
-        "data.workers=0", "train.global_batch_size=8", "train.max_steps=4", "train.warmup_steps=1",
+        "data.workers=0", "train.global_batch_size=8", "train.max_steps=4", "optim.warmup_steps=1",
         "logging.progress_bar=false", "logging.gap_every_steps=2", "logging.gap_batch_size=16",
         "eval.every_steps=2", "eval.dataset=wds", f"eval.root={root}/wds_cls", "eval.batch_size=8"])
     result = train(config)

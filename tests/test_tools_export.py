@@ -24,7 +24,7 @@ def _train_and_checkpoint(rank, world_size, run_root: str):
     results = {}
     for run, stage, precision in (("zero0", 0, "fp32"), ("zero1", 1, "fp32"), ("zero1_bf16", 1, "bf16")):
         config = load_config("model/clip_tiny", [f"deepspeed.zero_stage={stage}", "train.global_batch_size=4",
-                                                 f"run_dir={run_root}/{run}", f"train.precision={precision}"])
+                                                 f"run_dir={run_root}/{run}", f"fast_path.precision={precision}"])
         torch.manual_seed(stage)
         model = build_model(config.model)
         objective = build_objective(config.loss)

@@ -39,10 +39,10 @@ def _fixed_batch_steps(rank: int, world_size: int, overrides: list[str], steps: 
     from alignclip.config import load_config
     from alignclip.data.pipeline import iter_eval_batches
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
     config = load_config(None, overrides)
-    run = loop._setup(config, setup_distributed_env())
+    run = trainer.Trainer(config, setup_distributed_env())
     global_batches = list(iter_eval_batches(config, config.train.global_batch_size, spec=config.data.train,
                                             limit=config.train.global_batch_size * 4))
     per_rank = config.train.global_batch_size // world_size
@@ -54,16 +54,15 @@ def _fixed_batch_steps(rank: int, world_size: int, overrides: list[str], steps: 
 
     batches, losses = local_batches(), []
     for _ in range(steps):
-        losses.append(loop._train_step(run, batches, loop._Window())["loss/total"])
+        losses.append(run.read_stats([run.train_step(batches)])[0]["loss/total"])
     weights = {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
-    run.monitor.close()
-    run.preemption.restore()
+    run.close()
     return losses, weights
 
 
 @pytest.mark.heavy
 def test_two_rank_zero1_matches_one_process_on_the_same_global_batch(toy_data, tmp_path):
-    steps, lr = 16, {"train.lr": 5e-3}
+    steps, lr = 16, {"optim.lr": 5e-3}
     two = run_on_ranks(_fixed_batch_steps, 2, tiny_overrides(toy_data, tmp_path / "two", **lr), steps)
     one = run_on_ranks(_fixed_batch_steps, 1, tiny_overrides(toy_data, tmp_path / "one", **lr), steps)
     (losses0, weights0), (losses1, weights1) = two
@@ -83,26 +82,25 @@ def _nonfinite_steps(rank: int, world_size: int, override_sets: list[list[str]])
     from alignclip.config import load_config
     from alignclip.data.pipeline import iter_eval_batches
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
     outcomes = []
     for overrides in override_sets:
         config = load_config(None, overrides)
-        run = loop._setup(config, setup_distributed_env())
+        run = trainer.Trainer(config, setup_distributed_env())
         good = next(iter_eval_batches(config, config.train.global_batch_size, spec=config.data.train))
         bad = {**good, "image": good["image"].clone()}
         bad["image"][0, 0, 0, 0] = float("nan")
         batches = iter([good, good, bad, good])
         for _ in range(2):
-            loop._train_step(run, batches, loop._Window())
+            run.train_step(batches)
         try:
-            stats = loop._train_step(run, batches, loop._Window())
+            stats = run.read_stats([run.train_step(batches)])[0]
             outcome = ("skipped", run.state.skipped_steps, stats["train/skipped_steps"])
-        except loop.NonFiniteLossError as err:
+        except trainer.NonFiniteLossError as err:
             outcome = ("stopped", str(err), None)
         finite = all(bool(torch.isfinite(v).all()) for v in run.engine.module.state_dict().values())
-        run.monitor.close()
-        run.preemption.restore()
+        run.close()
         outcomes.append((outcome, finite))
     return outcomes
 
@@ -119,14 +117,13 @@ def test_nonfinite_loss_stops_naming_step_and_term_or_is_skipped_and_counted(toy
 def _online_semantic_steps(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
-    run = loop._setup(load_config(None, overrides), setup_distributed_env())
-    batches = loop._epoch_batches(run)
-    stats = [loop._train_step(run, batches, loop._Window()) for _ in range(3)]
-    encoder = type(run.semantic_encoder).__name__
-    run.monitor.close()
-    run.preemption.restore()
+    run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
+    batches = run.epoch_batches()
+    stats = run.read_stats([run.train_step(batches) for _ in range(3)])
+    encoder = type(run.components.semantic_encoder).__name__
+    run.close()
     return stats, encoder
 
 
@@ -146,17 +143,16 @@ def _stored_scale_after_steps(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
     from alignclip.distributed.env import setup_distributed_env
     from alignclip.losses.temperature import stored_logit_scale
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
-    run = loop._setup(load_config(None, overrides), setup_distributed_env())
+    run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
     before = stored_logit_scale(run.engine)
-    batches = loop._epoch_batches(run)
+    batches = run.epoch_batches()
     for _ in range(2):
-        loop._train_step(run, batches, loop._Window())
+        run.train_step(batches)
     module = float(run.engine.module.logit_scale.detach().float().max())
     after = stored_logit_scale(run.engine)
-    run.monitor.close()
-    run.preemption.restore()
+    run.close()
     return before, after, module
 
 
@@ -164,7 +160,7 @@ def _stored_scale_after_steps(rank: int, world_size: int, overrides: list[str]):
 def test_trainer_keeps_the_stored_logit_scale_and_its_master_copy_under_the_clamp(toy_data, tmp_path):
     """The scale starts at ln(1/0.07) = 2.66 above a clamp of 2.0: the forward clamp passes no gradient there,
     so only the trainer's clamp after each step brings the stored value (ZeRO-1 bf16: the fp32 master) down."""
-    overrides = tiny_overrides(toy_data, tmp_path, **{"model.max_logit_scale": 2.0, "train.precision": "bf16",
+    overrides = tiny_overrides(toy_data, tmp_path, **{"model.max_logit_scale": 2.0, "fast_path.precision": "bf16",
                                                         "deepspeed.zero_stage": 1})
     (before, after, module), = run_on_ranks(_stored_scale_after_steps, 1, overrides)
     assert before == pytest.approx(2.659, abs=5e-3)  # bf16-rounded: the master copy starts from the bf16 module
@@ -180,7 +176,7 @@ def straight_run(toy_data, tmp_path_factory) -> Path:
     """An uninterrupted single-process run, the reference for the resume tests."""
     run_dir = tmp_path_factory.mktemp("straight")
     overrides = tiny_overrides(toy_data, run_dir, **{"train.max_steps": RESUME_STEPS,
-                                                     "train.checkpoint_every_steps": 4,
+                                                     "checkpoint.every_steps": 4,
                                                      "logging.gap_every_steps": 4})
     assert wait_all(launch(overrides, log_dir=run_dir)) == [0], (run_dir / "rank0.out").read_text()[-3000:]
     return run_dir
@@ -189,7 +185,7 @@ def straight_run(toy_data, tmp_path_factory) -> Path:
 @pytest.mark.heavy
 def test_resume_after_sigkill_matches_uninterrupted_run(toy_data, straight_run, tmp_path):
     overrides = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": RESUME_STEPS,
-                                                      "train.checkpoint_every_steps": 4,
+                                                      "checkpoint.every_steps": 4,
                                                       "logging.gap_every_steps": 4})
     procs = launch(overrides, log_dir=tmp_path)
     wait_for(lambda: latest_step(tmp_path) >= 4, procs)
@@ -275,9 +271,9 @@ _KILL_DURING_SAVE = """
 import os, signal, sys, torch
 from alignclip.config import load_config
 from alignclip.distributed.env import setup_distributed_env
-from alignclip.training import checkpoint as ckpt, loop
+from alignclip.training import checkpoint as ckpt, trainer
 config = load_config(None, sys.argv[1:])
-run = loop._setup(config, setup_distributed_env())
+run = trainer.Trainer(config, setup_distributed_env())
 ckpt.save_checkpoint(run.engine, run.run_dir, run.state, keep=3)  # step 0: complete
 run.state.step = 1
 real_save = torch.save
@@ -320,14 +316,13 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
 def _weights_after_setup(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
     from alignclip.distributed.env import setup_distributed_env
-    from alignclip.training import loop
+    from alignclip.training import trainer
 
-    run = loop._setup(load_config(None, overrides), setup_distributed_env())
+    run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
     weights = {k: v.detach().clone() for k, v in run.engine.module.state_dict().items()}
     optimizer_steps = {int(s["step"]) for s in run.engine.optimizer.optimizer.state.values() if "step" in s}
     state = (run.state.step, run.state.batch_in_epoch, run.state.world_size)
-    run.monitor.close()
-    run.preemption.restore()
+    run.close()
     return weights, optimizer_steps, state
 
 

@@ -71,7 +71,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_optimizer_is_adamw_with_the_configured_betas_and_eps():
-    cfg = load_config(None, ["train.beta2=0.98", "train.eps=1e-6", "train.weight_decay=0.2"]).train
+    cfg = load_config(None, ["optim.beta2=0.98", "optim.eps=1e-6", "optim.weight_decay=0.2"]).optim
     opt = build_optimizer(_Toy(), cfg)
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
@@ -109,14 +109,14 @@ def test_inconsistent_batch_sizes_name_the_keys():
 
 
 def test_precision_zero_stage_and_clipping_come_from_the_config(tmp_path):
-    cfg = load_config(None, ["deepspeed.zero_stage=2", "train.grad_clip=0.5"])
+    cfg = load_config(None, ["deepspeed.zero_stage=2", "optim.grad_clip=0.5"])
     gpu = build_deepspeed_config(cfg, 1, device="cuda")
     cpu = build_deepspeed_config(cfg, 1, device="cpu")
     assert gpu["bf16"]["enabled"] and not cpu["bf16"]["enabled"]  # auto: bf16 on GPU, fp32 on CPU
     assert not gpu["fp16"]["enabled"]
     assert gpu["zero_optimization"]["stage"] == 2 and gpu["gradient_clipping"] == 0.5
     assert gpu["zero_optimization"]["overlap_comm"] and not cpu["zero_optimization"]["overlap_comm"]
-    bf16_cpu = build_deepspeed_config(load_config(None, ["train.precision=bf16"]), 1, device="cpu")
+    bf16_cpu = build_deepspeed_config(load_config(None, ["fast_path.precision=bf16"]), 1, device="cpu")
     assert bf16_cpu["bf16"]["enabled"]
     assert "optimizer" not in gpu and "scheduler" not in gpu  # ours: param groups and a pure schedule
     import json
@@ -129,8 +129,8 @@ def test_paper_recipes_derive_a_consistent_deepspeed_config():
 
     for name in ("cc12m_clip", "cc12m_sharedclip", "cc12m_alignclip"):
         cfg = load_config(CONFIG_DIR / "experiment" / f"{name}.yaml")
-        t = cfg.train
-        assert (t.lr, t.warmup_steps, t.weight_decay, t.global_batch_size, t.epochs) == (1e-3, 10_000, 0.1, 512, 30)
+        o, t = cfg.optim, cfg.train
+        assert (o.lr, o.warmup_steps, o.weight_decay, t.global_batch_size, t.epochs) == (1e-3, 10_000, 0.1, 512, 30)
         assert cfg.model.init_temperature == 0.07
         for world in (1, 8, 16):
             ds = build_deepspeed_config(cfg, world, device="cuda")

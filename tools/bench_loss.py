@@ -36,10 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 
 def _case(impl: str, batch: int, dim: int, semantic_dim: int, chunk_size: int, device: str, seed: int):
@@ -69,7 +66,7 @@ def _case(impl: str, batch: int, dim: int, semantic_dim: int, chunk_size: int, d
     return step
 
 
-# term label -> the LossConfig weights that turn on that term alone (DESIGN.md section 5)
+# term label -> the LossConfig weights that turn on that term alone (the terms of docs/losses.md)
 TERMS = {
     "clip": {"clip_weight": 1.0},
     "crsep": {"crsep_weight": 1.0},
@@ -138,7 +135,7 @@ def _child(args) -> dict:
             before = torch.cuda.memory_allocated()
             step()
             return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
-        from alignclip.perf.host_memory import reset_peak_rss, status_kib
+        from benchmarks.host_memory import reset_peak_rss, status_kib
 
         reset_peak_rss()
         before = status_kib("VmRSS")

@@ -6,7 +6,7 @@
     python tools/bench_openclip_race.py --full-last-block    # our trunks' last blocks at every row, as OpenCLIP
     python tools/bench_openclip_race.py --profile              # per-op tables of both sides instead of the race
 
-Both sides start from the same weights and train on the same inputs with the same math (alignclip.perf.openclip_race
+Both sides start from the same weights and train on the same inputs with the same math (tools/benchmarks/openclip_race.py
 says how); they alternate step by step in one process, so changing machine load falls on both alike. The table
 prints each repeat's samples/s, the ratio ours / OpenCLIP (above 1: we are faster) and both losses, then the
 medians.
@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,7 +26,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
                         help="an arch=clip model config (clip_tiny, model/clip_vit_b16_openclip, a path); "
-                             "default: the race model of alignclip.perf.openclip_race")
+                             "default: the race model of tools/benchmarks/openclip_race.py")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side and repeat")
     parser.add_argument("--repeats", type=int, default=5)
@@ -45,7 +43,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from alignclip.config import ConfigError
-    from alignclip.perf import openclip_race as race
+    from benchmarks import openclip_race as race
 
     try:
         if args.profile:

@@ -1,11 +1,11 @@
-"""Benchmark steady-state training steps: samples/s, MFU, peak memory, time split (alignclip.perf.step_bench).
+"""Benchmark steady-state training steps: samples/s, MFU, peak memory, time split (tools/benchmarks/step_bench.py).
 
     python tools/bench_step.py --config configs/model/alignclip_tiny.yaml --batch 64
     python tools/bench_step.py --config configs/model/alignclip_vit_b16.yaml --batch 4 --steps 3
     python tools/bench_step.py --config configs/model/alignclip_vit_b16.yaml --batch 256     # on a GPU: bf16,
                                                                                           # fused AdamW, compile
     python tools/bench_step.py --config configs/model/alignclip_tiny.yaml --batch 64 \\
-        --variant "no compile: train.compile=false" --variant "bf16: train.precision=bf16" --rounds 3
+        --variant "no compile: fast_path.compile=false" --variant "bf16: fast_path.precision=bf16" --rounds 3
 
 Positional ``key=value`` overrides apply to every case; each ``--variant "LABEL: key=value ..."`` adds a row with
 its own overrides on top (the first row is the base). ``--data`` includes the data path (the real loader of
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> None:
-    from alignclip.perf.step_bench import BenchCase, format_table, run_isolated
+    from benchmarks.step_bench import BenchCase, format_table, run_isolated
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/model/alignclip_tiny.yaml", help="YAML or a name under configs/")
@@ -54,7 +52,7 @@ def main(argv=None) -> None:
           f"{'with the data path' if args.data else 'synthetic inputs on the device'}")
     for r in results:
         print(f"  {r.label}: {r.fast_path}")
-    print("GFLOP/sample: model FLOPs of a training step (alignclip.perf.flops); MFU blank without a known peak")
+    print("GFLOP/sample: model FLOPs of a training step (alignclip.training.flops); MFU blank without a known peak")
     print(format_table(results))
 
 

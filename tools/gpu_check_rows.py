@@ -4,10 +4,8 @@ verdict logic and the table / JSON rendering. The test suite runs the CPU-capabl
 
 Nothing here imports torch (or anything heavy) at module level: the script must answer "no GPU" in about a second.
 
-Imports from modules other engineers are moving (repoint these lines when they move):
-    alignclip.perf.peaks          peak_tflops, device_name             (environment_row)
-    alignclip.perf.step_bench     BenchCase, run_case                  (step_row; the step bench -> tools/)
-    bench_data (tools/)           write_bench_shards, loader_throughput (data_row)
+What the rows reuse: alignclip.training.peaks (the MFU peak table), tools/benchmarks/step_bench.py (the step
+benchmark over the real trainer) and tools/bench_data.py (the data-path measurement).
 """
 
 from __future__ import annotations
@@ -145,7 +143,7 @@ def environment_row(device: str = "cuda", peak_override: float = 0.0) -> Row:
     MFU figures divide by. CUDA: PASS when bf16 is supported (the GPU default path trains in bf16)."""
     import torch
 
-    from alignclip.perf.peaks import device_name, peak_tflops
+    from alignclip.training.peaks import device_name, peak_tflops
 
     dev = torch.device(device)
     figures = {"device": str(dev), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -417,8 +415,8 @@ def distributed_row(rank_results: list[dict], backend: str, batch: int,
 # ---------------------------------------------------------------------------------- 3. the training step
 def step_overrides(compile: bool, precision: str = "bf16", zero_stage: int = 1) -> list[str]:
     """The fast path the step rows measure, as config overrides: every switch explicit, none left to auto."""
-    return [f"train.precision={precision}", f"deepspeed.zero_stage={zero_stage}",
-            f"train.compile={'true' if compile else 'false'}", "train.adamw_impl=fused", "train.sdpa=true"]
+    return [f"fast_path.precision={precision}", f"deepspeed.zero_stage={zero_stage}",
+            f"fast_path.compile={'true' if compile else 'false'}", "optim.adamw_impl=fused", "fast_path.sdpa=true"]
 
 
 def step_row(config: str, batch: int, *, compile: bool, precision: str = "bf16", zero_stage: int = 1,
@@ -427,7 +425,7 @@ def step_row(config: str, batch: int, *, compile: bool, precision: str = "bf16",
     """Training steps of ``config`` through the trainer's engine, fast path and objective (the step benchmark) on
     synthetic inputs: samples/s, MFU, peak memory, the FLOP model's GFLOP per sample. PASS: the steps ran and the
     loss is finite."""
-    from alignclip.perf.step_bench import BenchCase, run_case
+    from benchmarks.step_bench import BenchCase, run_case
 
     overrides = step_overrides(compile, precision, zero_stage)
     label = f"step {Path(str(config)).stem} {precision} compile {'on' if compile else 'off'}"
@@ -457,8 +455,8 @@ def data_row(step_samples_per_s: Optional[float], *, gpus: int = 1, samples: int
     with tempfile.TemporaryDirectory(prefix="gpu_check_data_") as tmp:
         bench_data.write_bench_shards(Path(tmp), shards, per_shard, source_size)
         spec = str(Path(tmp) / f"{{00000..{shards - 1:05d}}}.tar")
-        rate, first_batch_s, cpu_ms = bench_data.loader_throughput(spec, workers, per_shard * shards, batch,
-                                                                   image_size)
+        measured = bench_data.run_case("ours", spec, workers, per_shard * shards, batch, image_size)
+    rate, first_batch_s, cpu_ms = measured["rate"], measured["startup"], measured["cpu_ms"]
     per_worker = rate / max(workers, 1)
     needed = math.ceil(step_samples_per_s / per_worker) if step_samples_per_s else None
     figures = {"workers": workers, "samples_per_s": rate, "samples_per_s_per_worker": per_worker,

@@ -1,9 +1,9 @@
 """Submit a hyper-parameter sweep (a grid or an explicit list of points) as one Slurm job array via submitit.
 
     alignclip-sweep --config configs/experiment/cc12m_alignclip.yaml \\
-        --grid train.lr=1e-3,5e-4 --grid loss.imsep_weight=0.5,1.0  data.train=/data/cc12m/{00000..01242}.tar
-    alignclip-sweep --config ... --point "train.lr=1e-3 train.warmup_steps=2000" --point "train.lr=5e-4"
-    alignclip-sweep --config ... --grid train.lr=1e-3,5e-4 --executor local --wait   # no Slurm needed
+        --grid optim.lr=1e-3,5e-4 --grid loss.imsep_weight=0.5,1.0  data.train=/data/cc12m/{00000..01242}.tar
+    alignclip-sweep --config ... --point "optim.lr=1e-3 optim.warmup_steps=2000" --point "optim.lr=5e-4"
+    alignclip-sweep --config ... --grid optim.lr=1e-3,5e-4 --executor local --wait   # no Slurm needed
 
 Trailing ``key=value`` arguments apply to every point. Each point trains in ``<run dir>/<point name>`` (stable, so
 re-running the same command resumes every point from its checkpoints); ``<run dir>/sweep.json`` lists the points,

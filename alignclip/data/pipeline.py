@@ -545,7 +545,7 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
     if weights:
         settings.shard_sources = tuple(i for i, source in enumerate(sources) for _ in source)
         settings.source_weights = tuple(weights)
-    # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (perf.fast_path)
+    # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (training.fast_path)
     pin_memory = config.data.pin_memory if config.data.pin_memory is not None else torch.cuda.is_available()
     return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=pin_memory,
                        prefetch_factor=config.data.prefetch_factor)

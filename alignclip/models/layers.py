@@ -142,7 +142,7 @@ def pooled_block(block: Block, x: torch.Tensor, index: torch.Tensor, causal: boo
         mask = (torch.arange(n, device=x.device) <= index[:, None])[:, None, None, :]
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:  # timm's explicit path (train.sdpa=false)
+    else:  # timm's explicit path (fast_path.sdpa=false)
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))

@@ -325,6 +325,7 @@ def find_latest(run_dir: str | Path) -> Optional[Path]:
 def candidates(root: Path) -> list[Path]:
     """Complete checkpoints, newest first, the one ``latest`` names leading."""
     ordered = complete_checkpoints(root)[::-1]
+    pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if named in ordered:

@@ -1,7 +1,7 @@
 """The DeepSpeed config, derived from the project config (never a hand-kept JSON that can disagree with it).
 
 Batch sizes: micro-batch (per device) x gradient accumulation x world size = global batch. ``train.micro_batch_size``
-0 means no accumulation (micro = global / world). Precision: ``auto`` is bf16 on CUDA and fp32 on CPU (DeepSpeed
+0 means no accumulation (micro = global / world). Precision (``fast_path.precision``): ``auto`` is bf16 on CUDA and fp32 on CPU (DeepSpeed
 refuses fp16 on CPU; bf16 works there but is slow). The optimizer and the lr are ours (``optim``, ``schedule``),
 so the dict has no "optimizer" or "scheduler" section.
 """
@@ -59,7 +59,7 @@ def batch_layout(config: Config, world_size: int) -> BatchLayout:
 
 def build_deepspeed_config(config: Config, world_size: int, device: str = "cpu") -> dict:
     layout = batch_layout(config, world_size)
-    precision = resolve_precision(config.train.precision, device)
+    precision = resolve_precision(config.fast_path.precision, device)
     ds = config.deepspeed
     zero = {"stage": ds.zero_stage, "contiguous_gradients": True,
             "allgather_bucket_size": ds.allgather_bucket_size, "reduce_bucket_size": ds.reduce_bucket_size,
@@ -69,7 +69,7 @@ def build_deepspeed_config(config: Config, world_size: int, device: str = "cpu")
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.accumulation,
-        "gradient_clipping": config.train.grad_clip,
+        "gradient_clipping": config.optim.grad_clip,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
         "zero_optimization": zero,

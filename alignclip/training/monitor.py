@@ -6,8 +6,8 @@ TensorBoard tags (docs/training.md lists them with units):
   train/lr, train/logit_scale (s = exp of the clamped log-scale), train/temperature (1 / s), train/grad_norm,
   train/epoch, train/skipped_steps
   perf/samples_per_s (global), perf/samples_per_s_per_device, perf/data_wait_share, perf/step_time_s,
-  perf/tflops_per_device (model FLOPs of alignclip.perf.flops per second and device) and perf/mfu (that over the
-  device's peak; only when the peak is known: a table for H100 / H200 / A100, or train.peak_tflops),
+  perf/tflops_per_device (model FLOPs of alignclip.training.flops per second and device) and perf/mfu (that over the
+  device's peak; only when the peak is known: a table for H100 / H200 / A100, or fast_path.peak_tflops),
   memory/rss_gb (host) and, on CUDA, memory/max_allocated_gb
   gap/alignment_score, gap/centroid_distance (scalars) and gap/paired_cosine (histogram), every
   ``logging.gap_every_steps`` on the fixed held-out batch, with the images gap/cosine_cdf and gap/pca_projection

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignclip.config import TrainConfig
+from alignclip.config import OptimConfig
 
 
 def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
@@ -27,13 +27,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             dict(params=no_decay, weight_decay=0.0, name="no_decay")]
 
 
-def build_optimizer(model: nn.Module, train_cfg: TrainConfig, impl: str | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimConfig, impl: str | None = None) -> torch.optim.AdamW:
     """AdamW(beta1, beta2, eps) over the two groups; the lr is set each step from ``schedule.lr_at``.
 
-    ``impl`` is the resolved ``train.adamw_impl`` (alignclip.perf.fast_path): fused | foreach | loop, or None for
+    ``impl`` is the resolved ``optim.adamw_impl`` (alignclip.training.fast_path): fused | foreach | loop, or None for
     torch's default; the arithmetic is the same (the tests compare them), only the number of kernels differs."""
-    from alignclip.perf.fast_path import adamw_kwargs
+    from alignclip.training.fast_path import adamw_kwargs
 
-    return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
-                             betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                             betas=(optim.beta1, optim.beta2), eps=optim.eps,
                              **(adamw_kwargs(impl) if impl else {}))

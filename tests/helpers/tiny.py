@@ -28,9 +28,9 @@ def tiny_overrides(data: Mapping[str, str] | Path | str, run_dir: Path | str | N
         "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
         "model.vision.layers": 1, "model.vision.heads": 2,
         "model.text.context_length": 16, "model.text.width": 32, "model.text.layers": 1, "model.text.heads": 2,
-        "loss.impl": "dense", "train.global_batch_size": 16, "train.epochs": 4, "train.lr": 2e-3,
-        "train.warmup_steps": 3, "train.precision": "fp32", "train.device": "cpu",
-        "train.checkpoint_every_steps": 1000, "logging.log_every_steps": 1, "logging.gap_every_steps": 1000,
+        "loss.impl": "dense", "train.global_batch_size": 16, "train.epochs": 4, "optim.lr": 2e-3,
+        "optim.warmup_steps": 3, "fast_path.precision": "fp32", "train.device": "cpu",
+        "checkpoint.every_steps": 1000, "logging.log_every_steps": 1, "logging.gap_every_steps": 1000,
         "logging.gap_batch_size": 32, "logging.progress_bar": False,
     }
     if isinstance(data, Mapping):

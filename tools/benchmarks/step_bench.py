@@ -1,6 +1,6 @@
 """Steady-state training steps of a model config on whatever device exists: samples/s, MFU, memory, time split.
 
-One step here is the trainer's step (``alignclip.training.loop._train_step``) cut at its phase boundaries:
+One step here is the trainer's step (``alignclip.training.trainer.Trainer.train_step``) cut at its phase boundaries:
 
     data       the batch to the device (synthetic: made on the device once, so this is ~0; with ``with_data``: the
                real loader of ``data.train`` plus the host-to-device copy, plus SBERT when embeddings are online)
@@ -9,16 +9,17 @@ One step here is the trainer's step (``alignclip.training.loop._train_step``) cu
     backward   ``engine.backward(total)`` (DeepSpeed's gradient reduction included)
     optimizer  ``engine.step()``: clipping, AdamW, ZeRO's partitioned update
 
-through the same DeepSpeed engine, fast-path switches (``alignclip.perf.fast_path``) and objective the trainer
-builds, on one device (world size 1). On CUDA each phase ends in a ``synchronize``, so its time is its own. The
+through the same DeepSpeed engine, fast-path switches and objective the trainer builds
+(``alignclip.training.components.build_components``), on one device (world size 1). On CUDA each phase ends in a ``synchronize``, so its time is its own. The
 figures are medians over the timed steps, after ``warmup`` untimed steps (which absorb torch.compile's compilation
-and allocator growth). Model FLOPs per sample come from ``alignclip.perf.flops`` and the peak from
-``alignclip.perf.peaks``; MFU is left blank when the device has no known peak (CPUs) unless one is given.
+and allocator growth). Model FLOPs per sample come from ``alignclip.training.flops`` and the peak from
+``alignclip.training.peaks``; MFU is left blank when the device has no known peak (CPUs) unless one is given.
 
 Peak memory: CUDA ``max_memory_allocated`` over the timed steps; CPU the resident-set high-water mark (VmHWM, reset
 after the warm-up), which includes the libraries (~0.5 GiB of torch + DeepSpeed).
 
-``run_isolated`` runs each case in a fresh child process (``python -m alignclip.perf.step_bench CASE_JSON``), so
+``run_isolated`` runs each case in a fresh child process (``python -m benchmarks.step_bench CASE_JSON``,
+with ``tools/`` on the path), so
 one case's compiled graphs, allocator and thread pools cannot leak into the next; ``rounds`` > 1 interleaves the
 cases and reports each case's median over rounds, for a fair side-by-side under a drifting machine load.
 """
@@ -32,10 +33,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from alignclip.perf.host_memory import reset_peak_rss, status_kib
+from benchmarks.host_memory import reset_peak_rss, status_kib
 
+TOOLS_DIR = str(Path(__file__).resolve().parent.parent)  # holds this package (benchmarks)
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
@@ -49,7 +52,7 @@ class BenchCase:
     warmup: int = 2
     device: str = "auto"
     with_data: bool = False
-    peak_tflops: float = 0.0  # > 0 overrides the table (train.peak_tflops)
+    peak_tflops: float = 0.0  # > 0 overrides the table (fast_path.peak_tflops)
     threads: int = 0  # CPU threads; 0 = torch's default
 
 
@@ -95,26 +98,6 @@ def _peak_memory_gib(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _ensure_process_group(device_type: str) -> None:
-    """DeepSpeed needs a process group: a one-rank group on a free local port unless a launcher made one."""
-    import socket
-
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False,
-                               verbose=False)
-
-
 def _synthetic_batch(config, batch: int, device, input_dtype, semantic_dim: int, needs_semantic: bool) -> dict:
     """Inputs made on the device: normalised-image-like noise, token rows ending in the end-of-text id (the
     largest id, where the text is pooled), unit sentence embeddings (the precomputed path)."""
@@ -137,14 +120,10 @@ def run_case(case: BenchCase) -> BenchResult:
     import torch
 
     from alignclip.config import load_config
-    from alignclip.losses import build_objective
-    from alignclip.models import build_model
-    from alignclip.perf import fast_path as fp
-    from alignclip.perf.flops import semantic_dim_of, step_flops
-    from alignclip.perf.peaks import peak_tflops
-    from alignclip.training.deepspeed_config import build_deepspeed_config, resolve_device
-    from alignclip.training.engine import initialize_engine
-    from alignclip.training.optim import build_optimizer
+    from alignclip.distributed.env import setup_distributed_env
+    from alignclip.training.components import build_components
+    from alignclip.training.flops import semantic_dim_of, step_flops
+    from alignclip.training.peaks import peak_tflops
 
     if case.threads:
         torch.set_num_threads(case.threads)
@@ -154,18 +133,12 @@ def run_case(case: BenchCase) -> BenchResult:
     if case.with_data and not any(o.startswith("data.train=") for o in overrides):
         overrides.append("data.train=generated")
     config = load_config(case.config, overrides)
-    device_type = resolve_device(config.train.device)
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    _ensure_process_group(device_type)
-    fast = fp.resolve_fast_path(config, device_type)
-
-    torch.manual_seed(config.train.seed)
-    model = fp.prepare_model(build_model(config.model), fast)
-    engine = initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
-                               build_deepspeed_config(config, 1, device_type))
-    fp.compile_engine(engine, fast)
-    objective = build_objective(config.loss).to(device)
-    input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    env = setup_distributed_env()
+    if env.world_size != 1:
+        raise ValueError(f"the step benchmark runs one device; this process is rank {env.rank} of {env.world_size}")
+    parts = build_components(config, env)  # the trainer's engine, fast path and objective
+    engine, objective, device, fast = parts.engine, parts.objective, parts.device, parts.fast
+    input_dtype = parts.input_dtype
     semantic_dim = semantic_dim_of(config.loss)
 
     def sync():
@@ -181,27 +154,18 @@ def run_case(case: BenchCase) -> BenchResult:
                 yield from build_train_loader(config, 0, 1, epoch)
                 epoch += 1
 
-        source, encoder = endless(), None
+        source = endless()
     else:
         fixed = _synthetic_batch(config, case.batch, device, input_dtype, semantic_dim, objective.needs_semantic)
 
     def one_step() -> tuple[dict[str, float], float]:
-        nonlocal encoder
         marks = [time.perf_counter()]
         if case.with_data:
             host = next(source)
-            batch = {"image": fp.images_to_device(host["image"], device, input_dtype, fast),
-                     "text": fp.tokens_to_device(host["text"], device, fast)}
-            if objective.needs_semantic:
-                if host.get("semantic") is not None:
-                    batch["semantic"] = host["semantic"].to(device, non_blocking=fast.non_blocking).float()
-                else:  # online SBERT, as the trainer does when the shards carry no embedding
-                    if encoder is None:
-                        from alignclip.semantic import SemanticEncoder
-
-                        encoder = SemanticEncoder(config.loss.semantic_model, device.type,
-                                                  batch_size=config.loss.semantic_batch_size)
-                    batch["semantic"] = encoder.encode(list(host["caption"])).to(device).float()
+            images, tokens = parts.to_device(host)
+            batch = {"image": images, "text": tokens}
+            if objective.needs_semantic:  # precomputed, or online SBERT as the trainer does without them
+                batch["semantic"] = parts.semantic_embeddings(host)
         else:
             batch = fixed
         sync()
@@ -234,7 +198,7 @@ def run_case(case: BenchCase) -> BenchResult:
     flops = step_flops(config, global_batch=case.batch, semantic_dim=semantic_dim)
     samples_per_s = case.batch / step_s
     tflops = flops.total * samples_per_s / 1e12
-    peak = peak_tflops(device, fast.precision, case.peak_tflops or config.train.peak_tflops)
+    peak = peak_tflops(device, fast.precision, case.peak_tflops or config.fast_path.peak_tflops)
     model_name = os.path.basename(str(case.config)).removesuffix(".yaml")
     return BenchResult(label=case.label or model_name, model=model_name, batch=case.batch,
                        device=f"{device.type}:{torch.get_num_threads()}t" if device.type == "cpu" else str(device),
@@ -246,8 +210,9 @@ def run_case(case: BenchCase) -> BenchResult:
 
 # ------------------------------------------------------------------------------------------ child processes
 def _run_child(case: BenchCase) -> BenchResult:
-    cmd = [sys.executable, "-m", "alignclip.perf.step_bench", json.dumps(asdict(case))]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.step_bench", json.dumps(asdict(case))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TOOLS_DIR, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"case {case.label or case.config} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     payload = json.loads(out.stdout.strip().splitlines()[-1])

@@ -4,8 +4,8 @@ Both sides train ONE architecture (``RACE_MODEL``, or any ``arch: clip`` model c
 weights (ours are copied into OpenCLIP's module through ``openclip_name``), on the SAME seeded synthetic batches, in
 fp32 with the same number of threads:
 
-  ours      ``alignclip.training.loop._train_step`` over the engine that ``alignclip.train`` builds: the fast path
-            resolved for CPU (``alignclip.perf.fast_path``), DeepSpeed (ZeRO stage 1, world size 1, gloo), the
+  ours      ``alignclip.training.trainer.Trainer.train_step`` over the components that ``alignclip.train`` builds
+            (``alignclip.training.components.build_components``): the fast path resolved for CPU, DeepSpeed (ZeRO stage 1, world size 1, gloo), the
             objective with ``clip_weight=1`` (the mean of the two cross-entropies), ``engine.backward``,
             ``engine.step`` (AdamW of ``training.optim``, gradient clipping inside DeepSpeed), the lr of
             ``schedule.lr_at`` -- exactly what the trainer runs per step.
@@ -195,13 +195,13 @@ def race_config(model: Optional[str] = None, batch_size: int = 64, total_steps: 
     """The project config both sides train with: ``model`` (a config name such as ``model/clip_tiny``, or None for
     ``RACE_MODEL``), CLIP's loss alone, fp32 on CPU, AdamW (0.9, 0.98, 1e-6, weight decay 0.1), cosine lr over
     ``total_steps`` after a linear warmup; ``overrides`` (``key=value``) come last and act on OUR side (e.g.
-    ``deepspeed.zero_stage=0``, ``train.adamw_impl=fused``); a change to the model or the loss is refused."""
+    ``deepspeed.zero_stage=0``, ``optim.adamw_impl=fused``); a change to the model or the loss is refused."""
     model = _model_config_path(model)
     config = load_config(model, [*(() if model else RACE_MODEL), *CLIP_LOSS_ONLY,
                                  f"train.global_batch_size={batch_size}", "train.micro_batch_size=0",
-                                 f"train.max_steps={total_steps}", f"train.lr={lr}",
-                                 f"train.warmup_steps={lr_warmup_steps}", f"train.grad_clip={grad_clip}",
-                                 "train.precision=fp32", "train.device=cpu", *overrides])
+                                 f"train.max_steps={total_steps}", f"optim.lr={lr}",
+                                 f"optim.warmup_steps={lr_warmup_steps}", f"optim.grad_clip={grad_clip}",
+                                 "fast_path.precision=fp32", "train.device=cpu", *overrides])
     reference = load_config(model, [*(() if model else RACE_MODEL), *CLIP_LOSS_ONLY])
     for section in ("model", "loss"):
         if getattr(config, section) != getattr(reference, section):
@@ -213,65 +213,34 @@ def race_config(model: Optional[str] = None, batch_size: int = 64, total_steps: 
     return config
 
 
-def _ensure_process_group() -> None:
-    """A one-rank gloo group for DeepSpeed, unless a launcher (or a test) has already made one."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    import deepspeed
-
-    from alignclip.distributed.env import setup_distributed_env
-
-    setup_distributed_env()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-
-
 class OursTrainer:
-    """Our per-step path, as ``alignclip.train`` builds and runs it on one rank: the fast path resolved for CPU,
-    the engine over ``build_optimizer``'s AdamW, and the loop's own ``_train_step``."""
+    """Our per-step path, as ``alignclip.train`` builds and runs it on one rank: ``build_components`` (the fast
+    path resolved for CPU, the engine over ``build_optimizer``'s AdamW, the objective) and ``Trainer.train_step``."""
 
     name = "ours"
 
     def __init__(self, config: Config, model: nn.Module, total_steps: int, pooled_last_block: Optional[bool] = None):
-        import os
+        from alignclip.distributed.env import setup_distributed_env
+        from alignclip.training.components import build_components
+        from alignclip.training.trainer import Trainer
 
-        from alignclip.distributed.env import detect
-        from alignclip.losses import build_objective
-        from alignclip.perf.fast_path import compile_engine, prepare_model, resolve_fast_path
-        from alignclip.training.checkpoint import TrainerState
-        from alignclip.training.deepspeed_config import build_deepspeed_config
-        from alignclip.training.engine import initialize_engine
-        from alignclip.training.loop import _Run
-        from alignclip.training.optim import build_optimizer
-
-        _ensure_process_group()
-        fast = resolve_fast_path(config, "cpu")
-        model = prepare_model(model, fast)
         if pooled_last_block is not None:  # else as the config says (model.pooled_last_block, on by default)
             model.set_pooled_last_block(pooled_last_block)
-        engine = compile_engine(initialize_engine(model, build_optimizer(model, config.train, fast.adamw_impl),
-                                                  build_deepspeed_config(config, world_size=1, device="cpu")), fast)
-        self.fast = fast
-        self.run = _Run(config=config, env=detect(os.environ), run_dir=None, engine=engine,
-                        objective=build_objective(config.loss), state=TrainerState(), monitor=None, preemption=None,
-                        device=torch.device("cpu"), input_dtype=torch.float32, accumulation=1,
-                        steps_per_epoch=total_steps, total_steps=total_steps, eval_batch=None, fast=fast)
+        self.trainer = Trainer.over(build_components(config, setup_distributed_env(), model=model), total_steps)
 
     @property
     def model(self) -> nn.Module:
-        return self.run.engine.module
+        return self.trainer.components.model
 
     def describe(self) -> str:
-        cfg = self.run.config
+        cfg = self.trainer.config
         pooled = self.model.image_trunk.pooled_last_block
         return (f"DeepSpeed ZeRO stage {cfg.deepspeed.zero_stage}, world size 1 (gloo), fp32, "
-                f"grad clip {cfg.train.grad_clip:g}; {self.fast.describe()}; pooled_last_block={pooled}")
+                f"grad clip {cfg.optim.grad_clip:g}; {self.trainer.components.fast.describe()}; "
+                f"pooled_last_block={pooled}")
 
     def step(self, batch: dict) -> float:
-        from alignclip.training.loop import _train_step, _Window
-
-        return _train_step(self.run, iter([batch]), _Window())["loss/total"]
+        return self.trainer.train_step(batch).local_loss()  # one rank: the global-batch loss
 
 
 class OpenCLIPTrainer:
@@ -283,17 +252,17 @@ class OpenCLIPTrainer:
         from open_clip.loss import ClipLoss
         from open_clip_train.scheduler import cosine_lr
 
-        train = config.train
-        self.model, self.grad_clip = model, train.grad_clip
+        optim = config.optim
+        self.model, self.grad_clip = model, optim.grad_clip
         # open_clip_train.main: no weight decay on gains, biases and the logit scale
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
         named = list(model.named_parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
              {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad],
-              "weight_decay": train.weight_decay}],
-            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
-        self.scheduler = cosine_lr(self.optimizer, train.lr, train.warmup_steps, total_steps)
+              "weight_decay": optim.weight_decay}],
+            lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        self.scheduler = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, total_steps)
         self.loss = ClipLoss()
         self.step_index = 0
         model.train()
@@ -437,9 +406,9 @@ def describe_model(model_cfg: ModelConfig) -> str:
 def format_header(config: Config, threads: int, steps: int, warmup_steps: int, repeats: int) -> str:
     return "\n".join([
         f"model: {describe_model(config.model)}",
-        f"batch {config.train.global_batch_size}, fp32, {threads} threads, CLIP loss, AdamW lr {config.train.lr:g} "
-        f"(cosine, {config.train.warmup_steps} warmup steps) wd {config.train.weight_decay:g}, grad clip "
-        f"{config.train.grad_clip:g}",
+        f"batch {config.train.global_batch_size}, fp32, {threads} threads, CLIP loss, AdamW lr {config.optim.lr:g} "
+        f"(cosine, {config.optim.warmup_steps} warmup steps) wd {config.optim.weight_decay:g}, grad clip "
+        f"{config.optim.grad_clip:g}",
         f"{repeats} repeats x {steps} timed steps per side, the sides alternating step by step, after "
         f"{warmup_steps} untimed steps per side; one process"])
 
@@ -462,7 +431,7 @@ def format_summary(result: RaceResult) -> str:
         f"{'median':>6} {ours:>15.2f} {theirs:>19.2f} {result.median_ratio:>6.3f}",
         f"median ratio ours / OpenCLIP (of the per-repeat ratios): {result.median_ratio:.3f}",
         f"same math: first-step loss ours {result.first_losses[0]:.6f}, OpenCLIP {result.first_losses[1]:.6f}; "
-        f"after {steps} steps the largest parameter difference is {diff:.1e} = {diff / result.config.train.lr:.1e} "
+        f"after {steps} steps the largest parameter difference is {diff:.1e} = {diff / result.config.optim.lr:.1e} "
         f"lr ({where})",
         f"ours ran: {result.ours_path}"])
 

@@ -3,7 +3,7 @@
 Figures from NVIDIA's datasheets, dense (the datasheets' headline tensor-core figures are "with sparsity", twice
 these). ``fp32`` is the plain FP32 rate: PyTorch runs fp32 matmuls without TF32 unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set. A device that is not in the table (a CPU, a GPU we have no figure
-for) has no peak: MFU is then not reported unless ``train.peak_tflops`` (or ``--peak-tflops``) names one.
+for) has no peak: MFU is then not reported unless ``fast_path.peak_tflops`` (or ``--peak-tflops``) names one.
 """
 
 from __future__ import annotations

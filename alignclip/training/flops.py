@@ -199,7 +199,7 @@ def step_flops(config: Config, global_batch: int | None = None, semantic_dim: in
     batch = global_batch if global_batch is not None else config.train.global_batch_size
     parts = model_parts(config.model) + loss_parts(config.loss, batch, config.model.embed_dim, semantic_dim,
                                                    loss_impl)
-    return StepFlops(tuple(parts), recompute_flops(config.model, config.train.sdpa), {"global_batch": batch})
+    return StepFlops(tuple(parts), recompute_flops(config.model, config.fast_path.sdpa), {"global_batch": batch})
 
 
 def counted_flops(fn, *args, **kwargs) -> tuple[float, object]:
@@ -225,13 +225,13 @@ def counted_flops(fn, *args, **kwargs) -> tuple[float, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m alignclip.perf.flops CONFIG [key=value ...]``: the per-sample FLOP table of a config."""
+    """``python -m alignclip.training.flops CONFIG [key=value ...]``: the per-sample FLOP table of a config."""
     import sys
 
     from alignclip.config import parse_cli
 
     args = sys.argv[1:] if argv is None else argv
-    config, _ = parse_cli(["--config", *args], prog="python -m alignclip.perf.flops")
+    config, _ = parse_cli(["--config", *args], prog="python -m alignclip.training.flops")
     flops = step_flops(config)
     print(f"{config.model.arch}, global batch {flops.notes['global_batch']}: FLOPs per sample of one training step")
     print(flops.table())

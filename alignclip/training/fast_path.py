@@ -1,6 +1,6 @@
 """The fast path's switches, resolved per device, and where each one acts on the model, the engine and a batch.
 
-Every switch is a config key (``train.*``, ``data.pin_memory``, ``data.prefetch_factor``, ``model.grad_checkpointing``)
+Every switch is a config key (``fast_path.*``, ``optim.adamw_impl``, ``data.pin_memory``, ``data.prefetch_factor``, ``model.grad_checkpointing``)
 whose ``null`` / ``auto`` value is resolved here, once, so the trainer and ``tools/bench_step.py`` run the same path.
 docs/performance.md records what each does to a CPU step (measured) and to an H100 step (argued).
 """
@@ -47,14 +47,14 @@ def resolve_fast_path(config: Config, device_type: str) -> FastPath:
     """Each ``null`` / ``auto`` switch to what pays on ``device_type`` (measured on CPU, argued for CUDA)."""
     from alignclip.training.deepspeed_config import resolve_precision
 
-    train = config.train
+    fp = config.fast_path
     # fused pays on both: one pass over ZeRO's flat fp32 partition instead of ~10 (measured on CPU, -25 % step at
     # the tiny model, docs/performance.md); under ZeRO-1/2 foreach and loop see the same one flat tensor per group
-    adamw = "fused" if train.adamw_impl == "auto" else train.adamw_impl
-    return FastPath(device_type=device_type, precision=resolve_precision(train.precision, device_type),
-                    compile=_auto(train.compile, True, device_type), compile_mode=train.compile_mode,
-                    adamw_impl=adamw, sdpa=train.sdpa,
-                    channels_last=_auto(train.channels_last, True, device_type),
+    adamw = "fused" if config.optim.adamw_impl == "auto" else config.optim.adamw_impl
+    return FastPath(device_type=device_type, precision=resolve_precision(fp.precision, device_type),
+                    compile=_auto(fp.compile, True, device_type), compile_mode=fp.compile_mode,
+                    adamw_impl=adamw, sdpa=fp.sdpa,
+                    channels_last=_auto(fp.channels_last, True, device_type),
                     pin_memory=_auto(config.data.pin_memory, True, device_type),
                     grad_checkpointing=config.model.grad_checkpointing)
 

@@ -1,1 +1,0 @@
-"""Performance measurement: benchmarks that print figures and ratios (DESIGN.md section 12), not timed tests."""

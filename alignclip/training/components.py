@@ -1,0 +1,112 @@
+"""What a training step runs on, built in one place for the trainer, ``tools/bench_step.py`` and the OpenCLIP race.
+
+``init_process_group`` is the one process-group set-up (idempotent: a launcher or a test may have made the group),
+``build_components`` the one engine assembly: the model with the fast path's switches, AdamW over its parameter
+groups, the DeepSpeed engine (compiled when the fast path says so) and the objective.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from alignclip.config import Config
+from alignclip.distributed.env import DistEnv
+from alignclip.training.deepspeed_config import BatchLayout, batch_layout, build_deepspeed_config, resolve_device
+from alignclip.training.fast_path import (FastPath, compile_engine, images_to_device, prepare_model,
+                                          resolve_fast_path, tokens_to_device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_process_group(config: Config, env: DistEnv) -> torch.device:
+    """This rank's device, with the process group DeepSpeed needs (nccl on CUDA, gloo on CPU) made unless it
+    exists. ``env`` comes from ``alignclip.distributed.env.setup_distributed_env`` (which exported the torchrun
+    variables that ``init_distributed`` reads)."""
+    import deepspeed
+
+    device_type = resolve_device(config.train.device)
+    if device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return torch.device(device_type, env.local_rank) if device_type == "cuda" else torch.device("cpu")
+
+
+@dataclass
+class Components:
+    """The engine (model + optimizer under DeepSpeed), the objective and how a host batch reaches the device."""
+
+    config: Config
+    env: DistEnv
+    device: torch.device
+    layout: BatchLayout
+    fast: FastPath
+    ds_config: dict
+    engine: object  # deepspeed.DeepSpeedEngine
+    objective: nn.Module
+    input_dtype: torch.dtype
+    semantic_encoder: object = field(default=None, repr=False)  # SBERT, built on first use (online E_s only)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.module
+
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (in the input dtype) and tokens on the device: asynchronous copies from pinned batches,
+        channels-last images when the fast path says so."""
+        return (images_to_device(batch["image"], self.device, self.input_dtype, self.fast),
+                tokens_to_device(batch["text"], self.device, self.fast))
+
+    def semantic_embeddings(self, batch: dict, log=None) -> Optional[torch.Tensor]:
+        """E_s for IMSep's rescaling: precomputed in the shards when present, else SBERT online (frozen)."""
+        if not getattr(self.objective, "needs_semantic", False):
+            return None
+        if batch.get("semantic") is not None:
+            return batch["semantic"].to(self.device, non_blocking=self.fast.non_blocking).float()
+        if self.semantic_encoder is None:
+            from alignclip.semantic import SemanticEncoder
+
+            loss = self.config.loss
+            self.semantic_encoder = SemanticEncoder(loss.semantic_model, self.device.type,
+                                                    batch_size=loss.semantic_batch_size)
+            if log is not None:
+                log(f"semantic embeddings: encoding captions online with {loss.semantic_model}")
+        return self.semantic_encoder.encode(list(batch["caption"])).to(self.device).float()
+
+
+def build_components(config: Config, env: DistEnv, model: Optional[nn.Module] = None) -> Components:
+    """The process group, then the model (``model`` if given, e.g. the race's, else built from ``config.model``
+    with the same initial weights on every rank), AdamW, the DeepSpeed engine, the objective. Afterwards the
+    random streams are per rank, for anything random in the step."""
+    from alignclip.losses import build_objective
+    from alignclip.models import build_model
+    from alignclip.training.engine import initialize_engine
+    from alignclip.training.optim import build_optimizer
+
+    layout = batch_layout(config, env.world_size)  # fails naming the keys before anything is built
+    device = init_process_group(config, env)
+    fast = resolve_fast_path(config, device.type)
+    if model is None:
+        seed_everything(config.train.seed)  # the same initial weights on every rank
+        model = build_model(config.model)
+    model = prepare_model(model, fast)
+    ds_config = build_deepspeed_config(config, env.world_size, device.type)
+    engine = compile_engine(initialize_engine(model, build_optimizer(model, config.optim, fast.adamw_impl),
+                                              ds_config), fast)
+    seed_everything(config.train.seed + 1_000_003 * env.rank)
+    objective = build_objective(config.loss).to(device)
+    input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    return Components(config=config, env=env, device=device, layout=layout, fast=fast, ds_config=ds_config,
+                      engine=engine, objective=objective, input_dtype=input_dtype)
