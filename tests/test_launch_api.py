@@ -158,7 +158,7 @@ def test_a_time_limit_or_any_launch_key_does_not_change_the_run_hash():
 
 
 def test_node_lists_with_suffixes_and_several_ranges_follow_slurm_semantics(monkeypatch):
-    """Without scontrol (outside a job), submitit's parser; with it, Slurm's (test_launch_slurm.py compares)."""
+    """Without scontrol (outside a job), our parser; with it, Slurm's (test_launch_slurm.py compares the two)."""
     from alignclip.distributed.env import expand_nodelist
 
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -167,6 +167,8 @@ def test_node_lists_with_suffixes_and_several_ranges_follow_slurm_semantics(monk
     assert expand_nodelist("rack[1-2]-n[01-02]") == ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]
     assert expand_nodelist("node-001-ib,node-002-ib") == ["node-001-ib", "node-002-ib"]  # Slurm 22.05's form
     assert expand_nodelist("node7") == ["node7"] and expand_nodelist("") == []
+    with pytest.raises(ValueError, match="bad range"):
+        expand_nodelist("node[a-b]")
 
 
 def test_requeue_outside_a_job_does_nothing_and_says_so(capsys):

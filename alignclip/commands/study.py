@@ -2,7 +2,7 @@
 bars (study_report.md, study_results.json, plots in the study folder). docs/study.md.
 
     alignclip-study configs/study/embedded.yaml                       # local executor, one run after another
-    alignclip-study configs/study/cc12m_paper.yaml data.train=/data/cc12m/{00000..01242}.tar   # Slurm array
+    alignclip-study configs/study/cc12m_paper.yaml 'data.train=/data/cc12m/{00000..01242}.tar'   # Slurm array (quoted: bash expands braces)
     alignclip-study STUDY --executor local --seeds 0,1 key=value ...  # override executor, seeds, run keys
 
 A rerun of the same command skips finished runs, resumes unfinished ones from their checkpoints and reuses

@@ -1,7 +1,7 @@
 """Submit a hyper-parameter sweep (a grid or an explicit list of points) as one Slurm job array via submitit.
 
     alignclip-sweep --config configs/experiment/cc12m_alignclip.yaml \\
-        --grid optim.lr=1e-3,5e-4 --grid loss.imsep_weight=0.5,1.0  data.train=/data/cc12m/{00000..01242}.tar
+        --grid optim.lr=1e-3,5e-4 --grid loss.imsep_weight=0.5,1.0  'data.train=/data/cc12m/{00000..01242}.tar'
     alignclip-sweep --config ... --point "optim.lr=1e-3 optim.warmup_steps=2000" --point "optim.lr=5e-4"
     alignclip-sweep --config ... --grid optim.lr=1e-3,5e-4 --executor local --wait   # no Slurm needed
 

@@ -50,7 +50,7 @@ class DistEnv:
 def expand_nodelist(nodelist: str) -> list[str]:
     """Slurm's compressed host list to host names, by Slurm itself (``scontrol show hostnames``; inside a job
     scontrol has its configuration) or, where scontrol is missing or refuses the list (Slurm 22.05 does not parse
-    suffixed ranges such as ``node-[001-002]-ib``, which newer Slurm writes), by submitit's parser."""
+    suffixed ranges such as ``node-[001-002]-ib``, which newer Slurm writes), by ``parse_hostlist``."""
     import shutil
     import subprocess
 
@@ -64,9 +64,28 @@ def expand_nodelist(nodelist: str) -> list[str]:
                 return out.stdout.split()
         except (OSError, subprocess.TimeoutExpired):
             pass
-    from submitit.slurm.slurm import _parse_node_list  # noqa: PLC2701 (submitit's tested hostlist parser)
+    return parse_hostlist(nodelist)
 
-    return _parse_node_list(nodelist)
+
+def parse_hostlist(hostlist: str) -> list[str]:
+    """Slurm's host-list syntax: names separated by top-level commas, each with any number of bracket groups of
+    numbers and zero-padded ranges (``a[1-2]-ib``, ``r[1,3]n[01-02]``); several groups expand as a product."""
+    names: list[str] = []
+    for entry in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", hostlist):
+        expanded = [""]
+        for literal, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", entry):
+            choices = [literal]
+            if group:
+                choices = []
+                for part in group.split(","):
+                    low, _, high = part.partition("-")
+                    if not low.isdigit() or (high and not high.isdigit()):
+                        raise ValueError(f"cannot parse the host list {hostlist!r}: bad range {part!r}")
+                    width = len(low)
+                    choices += [f"{literal}{i:0{width}d}" for i in range(int(low), int(high or low) + 1)]
+            expanded = [head + tail for head in expanded for tail in choices]
+        names += expanded
+    return names
 
 
 def tasks_on_node(tasks_per_node: str, node: int) -> int:
