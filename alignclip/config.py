@@ -474,7 +474,7 @@ RANGES: dict[str, Range] = {
     "data.generated.image_size": POSITIVE, "data.generated.val_samples": NON_NEGATIVE,
     "data.generated.seed": NON_NEGATIVE, "data.generated.version": Range(1, True, 2, True),
     "data.generated.caption_coverage": Range(0, True, 1, True), "data.generated.captions_per_image": AT_LEAST_ONE,
-    "data.generated.max_objects": AT_LEAST_ONE,
+    "data.generated.max_objects": Range(1, True, 3, True),  # the v2 scene layout places at most 3 apart
     "train.seed": NON_NEGATIVE,  # numpy seeds are unsigned
     "train.epochs": POSITIVE, "train.max_steps": NON_NEGATIVE,
     "train.global_batch_size": POSITIVE, "train.micro_batch_size": NON_NEGATIVE,

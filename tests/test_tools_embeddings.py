@@ -8,7 +8,11 @@ from alignclip.embeddings import ArithmeticTask, EmbeddingSet, ZeroShotTask, mer
 
 def test_cache_roundtrip_with_tasks(tmp_path):
     rng = np.random.default_rng(0)
-    es = EmbeddingSet.from_arrays(rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), keys=list("abcdef"),
+
+    def unit(x):  # a cache holds L2-normalised rows, and loading checks it
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    es = EmbeddingSet.from_arrays(unit(rng.normal(size=(6, 4))), unit(rng.normal(size=(6, 4))), keys=list("abcdef"),
                                   captions=[f"c{i}" for i in range(6)],
                                   zeroshot={"shape": ZeroShotTask(["x", "y"], rng.normal(size=(2, 4)),
                                                                   np.array([0, 1, -1, 0, 1, 1]))},
