@@ -109,6 +109,8 @@ def test_command_exits_2_with_one_line_on_bad_input(tmp_path, capsys):
     assert study_main([str(bad), "train.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.lrr" in err and str(bad) in err
+    assert study_main([str(bad), "--seeds", "0", "train.lrr=1"]) == 2  # overrides after the options too
+    assert "train.lrr" in capsys.readouterr().err
     assert study_main([str(bad), "--seeds", "1,x"]) == 2
     assert "--seeds '1,x'" in capsys.readouterr().err
     assert study_main([str(tmp_path / "missing.yaml")]) == 2

@@ -26,7 +26,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--executor", choices=["local", "slurm"], default=None, help="instead of the file's")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, instead of the file's")
     parser.add_argument("--output-dir", default=None, help="where the study folder goes, instead of the file's")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     from alignclip.study.spec import load_study
 
     try:
