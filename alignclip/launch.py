@@ -140,7 +140,11 @@ def make_sweep(config_path: str | Path, points: Sequence[Sequence[str]], base_ov
         if name in names:
             raise ConfigError(f"two sweep points map to the same run directory '{name}'")
         names.add(name)
-        runs.append(make_run(config_path, list(base_overrides) + list(point), run_dir=root / name))
+        # a point's value replaces the base's for the same key, so the job's own command line (which the trainer
+        # checks for repeated keys) names each key once
+        keys = {item.split("=", 1)[0] for item in point}
+        base_kept = [item for item in base_overrides if item.split("=", 1)[0] not in keys]
+        runs.append(make_run(config_path, base_kept + list(point), run_dir=root / name))
     return root, runs
 
 
