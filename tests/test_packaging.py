@@ -169,14 +169,16 @@ def test_wheel_trains_the_embedded_default_outside_the_checkout(tmp_path):
     for command in ("alignclip-train", "alignclip-sweep", "alignclip-embed-captions"):
         assert "usage:" in _run([bin_dir / command, "--help"], cwd=elsewhere, env=env, timeout=300).stdout
 
-    run_dir = elsewhere / "run"
-    overrides = [f"run_dir={run_dir}", "data.workers=0", "data.generated.num_shards=2",
+    out_dir = elsewhere / "embedded"
+    overrides = ["data.workers=0", "data.generated.num_shards=2",
                  "data.generated.samples_per_shard=64", "data.generated.val_samples=64", "train.global_batch_size=32",
                  "train.max_steps=3", "optim.warmup_steps=1", "logging.gap_batch_size=32", "logging.progress_bar=false",
                  "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
                  "model.embed_dim=32"]
-    out = _run([bin_dir / "alignclip-run-default", *overrides], cwd=elsewhere, env=env, timeout=900).stdout
-    assert f"checkpoints   : {run_dir / 'checkpoints' / 'step_00000003'}" in out
-    assert "alignment score" in out and "zero-shot colour" in out
+    out = _run([bin_dir / "alignclip-run-default", "--out", str(out_dir), *overrides], cwd=elsewhere, env=env,
+               timeout=900).stdout
+    for model in ("clip", "alignclip"):  # make run trains both and prints them side by side
+        assert (out_dir / model / "checkpoints" / "step_00000003" / "trainer_state.json").is_file()
+    assert "alignment (mean paired cosine" in out and "zero-shot colour" in out
     assert list((tmp_path / "cache" / "generated").glob("*/train-00000.tar"))  # the default data folder
     assert not list((purelib / "alignclip").rglob("*.tar"))  # nothing was written into the installed package
