@@ -307,7 +307,8 @@ def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path)
     # resuming with another world size fails at start and says how to convert
     state_file = checkpoints / "step_00000003" / "trainer_state.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
-    proc = subprocess.run([sys.executable, "-m", "alignclip.train", *overrides, "train.max_steps=5"], env=child_env(),
+    more = [o for o in overrides if not o.startswith("train.max_steps=")] + ["train.max_steps=5"]
+    proc = subprocess.run([sys.executable, "-m", "alignclip.train", *more], env=child_env(),
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1 and "written by 2 ranks, this run has 1" in proc.stderr
     assert "restart with 2 ranks" in proc.stderr and "ds_to_universal" in proc.stderr
