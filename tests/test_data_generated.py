@@ -243,3 +243,43 @@ def test_v2_dataset_ground_truth_and_versions(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(message)) as err:
             G.ensure_generated(load_config(None, base + [f"data.generated.{key}={value}"]).data)
         assert f"data.generated.{key}" in str(err.value)
+
+
+def _shard_records(paths) -> dict[str, dict]:
+    records = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    records[m.name.split(".", 1)[0]] = json.loads(tar.extractfile(m).read())
+    return records
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_train_split_tasks_are_the_labels_in_the_rendered_shards(tmp_path, version):
+    """split_tasks(train) samples scenes without rendering; its labels are those written in the real shards, its
+    probe keys each single-object image once (v2: at its first caption), and split_tasks(val) is tasks.json's."""
+    config = load_config(None, [f"data.cache_dir={tmp_path}", "data.generated.num_shards=2",
+                                "data.generated.samples_per_shard=12", "data.generated.val_samples=10",
+                                "data.generated.image_size=32", "data.train=generated",
+                                f"data.generated.version={version}"])
+    dataset = G.ensure_generated(config.data)
+    train = G.split_tasks(config.data, "train")
+    records = _shard_records(sorted(dataset.root.glob("train-*.tar")))
+    assert len(records) == 24 and set(train["val_labels"]) == set(records)
+    for key, record in records.items():
+        assert train["val_labels"][key] == record["labels"], key
+    first_of_image = {}
+    for key in sorted(records):  # shard order: an image's first caption comes first
+        first_of_image.setdefault(records[key].get("image_id", key), key)
+    single = sorted(k for k in first_of_image.values() if records[k]["labels"]["num_objects"] == 1)
+    assert single and len(single) < len(first_of_image)  # a mix of one- and several-object scenes
+    assert len(first_of_image) == (12 if version == 2 else 24)  # v2: two captions per image
+    for name in ("colour", "shape"):
+        assert train["zero_shot"][name]["keys"] == single
+        assert train["zero_shot"][name]["classnames"] == dataset.tasks()["zero_shot"][name]["classnames"]
+    assert train["arithmetic"] == []
+    stored = dataset.tasks()
+    assert G.split_tasks(config.data, "val") == {k: stored[k] for k in ("zero_shot", "val_labels", "arithmetic")}
+    with pytest.raises(ValueError, match="split must be one of"):
+        G.split_tasks(config.data, "test")

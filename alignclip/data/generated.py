@@ -15,6 +15,9 @@ comes with it (``tasks.json`` next to the shards, and ``zero_shot_tasks()`` here
   swapped (colour or shape) and everything else identical, so ``image(2k) + text(to) - text(from)`` has a known
   target image.
 
+The training split's labels come from ``split_tasks(data_cfg, "train")``, computed from the scenes without
+rendering: the fitting set of a linear probe (CLIP_benchmark fits it on the train split, scores it on the test split).
+
 Version 2 (``data.generated.version: 2``) puts an information imbalance between the modalities, the trigger of
 the modality gap according to Schrodi et al. (2025, "Two effects, one trigger", arXiv:2404.07983): a scene holds
 1..``max_objects`` objects on a patterned background (plain, striped, dotted, checked), and each caption names only
@@ -30,10 +33,12 @@ from __future__ import annotations
 
 import fcntl
 import io
+import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -349,34 +354,70 @@ def _train_sample(seed: int, index: int, total: int, image_size: int, recipe: Re
     return scene, recipe.caption(scene, seed, "train", image, which), image
 
 
+@dataclass
+class SplitSample:
+    """One sample of a split as ``write_split`` writes it, before rendering."""
+
+    shard: int
+    index: int  # position in the split (shard-major)
+    key: str
+    scene: Scene
+    caption: str
+    image_id: int  # train: the image it shows (v2 repeats an image per caption); val: ``index``
+    arithmetic: dict | None  # val 2k + 1: the arithmetic query it is the target of
+
+    @property
+    def first_of_image(self) -> bool:
+        return self.image_id == self.index
+
+
+def split_samples(split: str, num_shards: int, samples_per_shard: int, image_size: int, seed: int,
+                  recipe: Recipe = V1) -> Iterator[SplitSample]:
+    """Every sample of a split in shard order, with the key ``write_split`` gives it; scenes are sampled, not
+    rendered (cheap: the ground truth of a split needs no pixels)."""
+    total = num_shards * samples_per_shard
+    for shard in range(num_shards):
+        for i in range(samples_per_shard):
+            index = shard * samples_per_shard + i
+            key = sample_key(shard, i, samples_per_shard)
+            image_id, query = index, None
+            if split == "val":
+                scene, caption, swap = _val_scene(seed, index, image_size, recipe)
+                if swap is not None:
+                    source = sample_key(*divmod(index - 1, samples_per_shard), samples_per_shard)
+                    query = dict(swap, source=source, target=key)
+            else:
+                scene, caption, image_id = _train_sample(seed, index, total, image_size, recipe)
+            yield SplitSample(shard, index, key, scene, caption, image_id, query)
+
+
+def _recorded(samples: Iterable[SplitSample], truth: dict) -> Iterator[SplitSample]:
+    """Pass the samples through, noting each one's labels and arithmetic query in ``truth``."""
+    for sample in samples:
+        truth["labels"][sample.key] = sample.scene.labels()
+        if sample.arithmetic is not None:
+            truth["arithmetic"].append(sample.arithmetic)
+        yield sample
+
+
 def write_split(out_dir: str | Path, split: str, num_shards: int, samples_per_shard: int, image_size: int,
                 seed: int, prefix: str | None = None, recipe: Recipe = V1) -> dict:
     """Render a split into ``<prefix>NNNNN.tar`` shards (skipping complete ones); returns its ground truth."""
     out_dir = Path(out_dir)
     prefix = f"{split}-" if prefix is None else prefix
     truth: dict = {"labels": {}, "arithmetic": []}
-    total = num_shards * samples_per_shard
-    for shard in range(num_shards):
+    samples = _recorded(split_samples(split, num_shards, samples_per_shard, image_size, seed, recipe), truth)
+    for shard, in_shard in itertools.groupby(samples, key=lambda s: s.shard):
         path = out_dir / f"{prefix}{shard:05d}.tar"
         writer = None if path.exists() else ShardWriter(path)
         try:
-            for i in range(samples_per_shard):
-                index = shard * samples_per_shard + i
-                key = sample_key(shard, i, samples_per_shard)
-                image_id = index
-                if split == "val":
-                    scene, caption, swap = _val_scene(seed, index, image_size, recipe)
-                    if swap is not None:
-                        source = sample_key(*divmod(index - 1, samples_per_shard), samples_per_shard)
-                        truth["arithmetic"].append(dict(swap, source=source, target=key))
-                else:
-                    scene, caption, image_id = _train_sample(seed, index, total, image_size, recipe)
-                truth["labels"][key] = scene.labels()
+            for sample in in_shard:  # the truth is noted for kept shards too
                 if writer is not None:
-                    record = dict(scene.to_json(caption), key=key, status="success")
+                    record = dict(sample.scene.to_json(sample.caption), key=sample.key, status="success")
                     if recipe.version >= 2:
-                        record["image_id"] = image_id
-                    writer.write(key, {"jpg": jpeg_bytes(render(scene)), "txt": caption, "json": record})
+                        record["image_id"] = sample.image_id
+                    writer.write(sample.key, {"jpg": jpeg_bytes(render(sample.scene)), "txt": sample.caption,
+                                              "json": record})
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -384,6 +425,36 @@ def write_split(out_dir: str | Path, split: str, num_shards: int, samples_per_sh
         if writer is not None:
             writer.close()
     return truth
+
+
+def _split_size(g, split: str) -> tuple[int, int]:
+    """(shards, samples per shard) of a split of ``data.generated``."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"split must be one of {list(SPLIT_IDS)}, got {split!r}")
+    return (g.num_shards, g.samples_per_shard) if split == "train" else (1, g.val_samples)
+
+
+def _task_layout(truth: dict, image_keys: list[str], version: int) -> dict:
+    """A split's ground truth in the tasks-JSON layout: zero-shot colour / shape over the single-object images
+    among ``image_keys``, the labels (under "val_labels", the key alignclip.embeddings reads) and arithmetic."""
+    single = [k for k in image_keys if truth["labels"][k]["num_objects"] == 1]
+    return {"zero_shot": {name: dict(task, keys=single) for name, task in zero_shot_tasks(version).items()},
+            "val_labels": truth["labels"], "arithmetic": truth["arithmetic"]}
+
+
+def split_tasks(data_cfg, split: str) -> dict:
+    """The ground truth of a split of the generated dataset of ``data_cfg`` in the tasks-JSON layout, from the
+    scenes alone (no rendering, no shards needed), so datasets cached before this existed get it too.
+
+    For "val" it equals the tasks.json entries. For "train" (a linear probe's fitting set, as CLIP_benchmark fits
+    on the train split) the zero-shot keys hold each single-object image once, at its first caption's sample: v2
+    writes an image once per caption, and the probe should weigh every image alike. Train has no arithmetic."""
+    g = data_cfg.generated
+    check_generated_config(g)
+    truth: dict = {"labels": {}, "arithmetic": []}
+    samples = split_samples(split, *_split_size(g, split), g.image_size, g.seed, Recipe.of(g))
+    image_keys = [s.key for s in _recorded(samples, truth) if s.first_of_image]
+    return _task_layout(truth, image_keys, g.version)
 
 
 @dataclass
@@ -447,17 +518,14 @@ def ensure_generated(data_cfg) -> GeneratedDataset:
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not dataset.tasks_path.exists():
-            write_split(root, "train", g.num_shards, g.samples_per_shard, g.image_size, g.seed, recipe=recipe)
-            val = write_split(root, "val", 1, g.val_samples, g.image_size, g.seed, recipe=recipe)
-            single = [k for k, lab in val["labels"].items() if lab["num_objects"] == 1]
+            write_split(root, "train", *_split_size(g, "train"), g.image_size, g.seed, recipe=recipe)
+            val = write_split(root, "val", *_split_size(g, "val"), g.image_size, g.seed, recipe=recipe)
             tasks = {
                 "generator_version": g.version,
                 "config": asdict(g) if hasattr(g, "__dataclass_fields__") else dict(g),
                 "train": dataset.spec("train"),
                 "val": dataset.spec("val"),
-                "zero_shot": {name: dict(task, keys=single) for name, task in zero_shot_tasks(g.version).items()},
-                "val_labels": val["labels"],
-                "arithmetic": val["arithmetic"],
+                **_task_layout(val, list(val["labels"]), g.version),  # every validation sample is its own image
                 "classes": {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES),
                             **({"pattern": list(PATTERNS)} if g.version >= 2 else {})},
             }
