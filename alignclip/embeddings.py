@@ -289,8 +289,9 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
                       extra_tasks: dict | None = None) -> EmbeddingSet:
     """Encode an image-text set with an exported model (alignclip.export).
 
-    data="generated": the built-in dataset of the model's own config (``split`` val or train), with its
-    tasks.json; data=<shard spec>: those shards; or folder + captions file. ``tasks_path`` adds ground truth."""
+    data="generated": the built-in dataset of the model's own config (``split`` val or train), with its ground
+    truth (val: tasks.json; train: the labels a linear probe fits on, no arithmetic); data=<shard spec>: those
+    shards; or folder + captions file. ``tasks_path`` adds ground truth."""
     from dataclasses import replace as dc_replace
 
     from alignclip.data import iter_eval_batches
@@ -308,13 +309,13 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
         source = f"{folder} ({captions})"
     else:
         if data == "generated":
-            from alignclip.data.generated import ensure_generated
+            from alignclip.data.generated import ensure_generated, split_tasks
 
             config = dc_replace(config, data=dc_replace(config.data, train="generated", val=""))
             dataset = ensure_generated(config.data)
             spec = dataset.spec(split)
-            if tasks is None and split == "val":  # its ground truth describes the validation split only
-                tasks = dataset.tasks()
+            if tasks is None:  # train: labels for a linear probe, each image once (v2 repeats it per caption)
+                tasks = dataset.tasks() if split == "val" else split_tasks(config.data, split)
         else:
             spec = data
         batches = iter_eval_batches(config, batch_size, spec=spec, limit=limit)

@@ -75,3 +75,51 @@ def test_zero_shot_task_from_plain_files(tmp_path):
     (tmp_path / "bad.tsv").write_text("k0\tgreen\n")
     with pytest.raises(ValueError, match="green"):
         tasks_from_files(tmp_path / "classes.txt", tmp_path / "templates.txt", tmp_path / "bad.tsv")
+
+
+def _train_records(root) -> dict[str, dict]:
+    import json
+    import tarfile
+
+    records = {}
+    for path in sorted(root.glob("train-*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    records[m.name.split(".", 1)[0]] = json.loads(tar.extractfile(m).read())
+    return records
+
+
+def test_generated_train_split_carries_the_probe_labels(tmp_path):
+    """The generated train split, encoded with a real (untrained) model, labels exactly its single-object images,
+    each once (v2 writes every image twice, once per caption), and evaluate_set fits the linear probes on it."""
+    from alignclip.data.generated import dataset_dir
+    from alignclip.config import load_config
+    from alignclip.embeddings import encode_with_model
+    from alignclip.eval.linear_probe import linear_probe
+    from alignclip.eval.suite import evaluate_set
+    from tests.helpers.tiny import export_untrained, tiny_overrides
+
+    overrides = tiny_overrides(tmp_path / "data", **{"data.generated.version": 2})
+    model = export_untrained(tmp_path / "model.safetensors", overrides)
+    train = encode_with_model(model, split="train")
+    val = encode_with_model(model, split="val")
+    records = _train_records(dataset_dir(load_config(None, overrides).data))
+    assert len(train.image) == len(records) == 64 and train.arithmetic is None
+    first = {}
+    for key in sorted(records):
+        first.setdefault(records[key]["image_id"], key)
+    expected = {k: records[k]["labels"] for k in first.values() if records[k]["labels"]["num_objects"] == 1}
+    assert 0 < len(expected) < 32
+    for name in ("colour", "shape"):
+        labels = train.zeroshot[name].labels
+        assert {train.keys[i]: int(labels[i]) for i in np.flatnonzero(labels >= 0)} == \
+            {k: lab[name] for k, lab in expected.items()}
+    results = evaluate_set(val, train=train)
+    assert not any(task.startswith("linear_probe_") for task in evaluate_set(val))  # no train set: no probe
+    for name in ("colour", "shape"):
+        fit, rows = np.flatnonzero(train.zeroshot[name].labels >= 0), np.flatnonzero(val.zeroshot[name].labels >= 0)
+        by_hand = linear_probe(train.image[fit], train.zeroshot[name].labels[fit], val.image[rows],
+                               val.zeroshot[name].labels[rows])
+        assert results[f"linear_probe_{name}"] == by_hand
+        assert 0.0 <= by_hand["acc1"] <= 1.0

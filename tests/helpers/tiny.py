@@ -49,6 +49,20 @@ def tiny_overrides(data: Mapping[str, str] | Path | str, run_dir: Path | str | N
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def export_untrained(out_path: Path, overrides: list[str], seed: int = 0) -> Path:
+    """An exported model (alignclip.export) with seeded random weights of the config ``overrides`` give: for
+    encoding tests that need a real model, not a trained one."""
+    import torch
+
+    from alignclip.config import load_config
+    from alignclip.export import save_exported
+    from alignclip.models import build_model
+
+    config = load_config(None, overrides)
+    torch.manual_seed(seed)
+    return save_exported(build_model(config.model), config, out_path)
+
+
 def draw_shape(colour: str, shape: str, rng: np.random.Generator, size: int = 40) -> bytes:
     from PIL import Image
 
