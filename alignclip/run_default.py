@@ -10,8 +10,9 @@ Steps: render the generated shards if absent (under ``$ALIGNCLIP_CACHE/generated
 modality gap opens as with real image-text pairs: Schrodi et al. 2025, arXiv:2404.07983); for AlignCLIP encode every
 caption once with the offline MiniLM into sidecar files next to the shards (the precomputed path, so the training
 step never runs SBERT); train each model (resuming if its run directory has a checkpoint); export it, encode the
-held-out split once, and print the gap metrics (Eslami & de Melo 2025, arXiv:2406.17639, Table 1), zero-shot per
-task, retrieval and linear probes side by side, with the paths of the plots.
+held-out split and the train split (the linear probes fit on it) once, and print the gap metrics (Eslami & de
+Melo 2025, arXiv:2406.17639, Table 1), zero-shot per task, retrieval and linear probes side by side, with the paths
+of the plots.
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ def _has_cuda() -> bool:
 
 
 def measure(result, config: Config) -> tuple[dict, object]:
-    """Export the final checkpoint, encode the generated validation split once, and measure it:
-    ({"gap": ..., "tasks": ...}, the EmbeddingSet). The same path as the study's."""
-    from alignclip.study.measure import EvalSet, encode_set, export_run, measure_set
+    """Export the final checkpoint, encode the generated validation split and train split (the linear probes'
+    fitting set) once each, and measure: ({"gap": ..., "tasks": ...}, the validation EmbeddingSet). The same path
+    as the study's."""
+    from alignclip.study.measure import EvalSet, encode_with_probe, export_run, measure_set
 
     step = result.checkpoint.name
     exported = export_run(result.checkpoint, result.run_dir / "export" / f"{step}.safetensors")
-    es = encode_set(exported, EvalSet("generated"), result.run_dir / "embeddings" / f"{step}-val")
-    return measure_set(es), es
+    es, train = encode_with_probe(exported, EvalSet("generated", probe_split="train"),
+                                  result.run_dir / "embeddings" / f"{step}-val")
+    return measure_set(es, train=train), es
 
 
 def _chance(es, task: str) -> float:

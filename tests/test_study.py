@@ -51,7 +51,7 @@ def test_paired_difference_by_hand():
 def _measurement(align: float, acc: float) -> dict:
     return {"gap": {"alignment_score": align, "centroid_distance": 1 - align, "rmg_l2": 0.3,
                     "linear_separability": 0.9, "uniformity": -2.0},
-            "tasks": {"zeroshot_colour": {"acc1": acc, "acc5": 1.0},
+            "tasks": {"zeroshot_colour": {"acc1": acc, "acc5": 1.0}, "linear_probe_colour": {"acc1": acc + 0.3},
                       "retrieval": {"text_retrieval_recall@1": 0.1, "image_retrieval_recall@1": 0.2,
                                     "text_retrieval_recall@5": 0.3, "image_retrieval_recall@5": 0.4}}}
 
@@ -73,6 +73,7 @@ def test_aggregate_and_report_layout():
     assert "| variant | alignment | L2M | RMG | lin. separability | uniformity |" in text
     assert "| CLIP | 0.450 ± 0.071 |" in text
     assert "zero-shot colour top-1" in text and "I→T R@1" in text and "T→I R@5" in text
+    assert "probe colour top-1" in text and "| 0.850 ± 0.071 |" in text  # CLIP's probe: 0.8, 0.9
     assert "| AlignCLIP | +0.400 [+0.400, +0.400] * |" in text
     assert "![CDF](plots/val/cosine_cdf.png)" in text
 
@@ -124,3 +125,46 @@ def test_shipped_study_files_resolve():
     assert [v.name for v in embedded.variants] == ["CLIP", "SharedCLIP", "AlignCLIP"] and embedded.seeds == (0, 1, 2)
     paper = load_study("configs/study/cc12m_paper.yaml")
     assert paper.executor == "slurm" and len(paper.variants) == 3 and len(paper.seeds) == 3
+
+
+def test_probe_split_of_an_eval_set():
+    spec = parse_study(_study(eval_sets=[{"name": "g", "probe_split": "train"}, {"name": "h"}]), "s.yaml")
+    probe = spec.eval_sets[0].probe_set()
+    assert (probe.name, probe.data, probe.split, probe.tasks, probe.probe_split) == ("g-probe", "generated", "train",
+                                                                                    "", "")
+    assert spec.eval_sets[1].probe_split == "" and spec.eval_sets[1].probe_set() is None  # default: no probe
+    for item in ({"name": "g", "probe_split": "val"}, {"name": "g", "split": "train", "probe_split": "train"},
+                 {"name": "s", "data": "/d/x-{0..1}.tar", "tasks": "/d/t.json", "probe_split": "train"}):
+        with pytest.raises(ConfigError, match=r"eval_sets\[0\]\.probe_split") as err:
+            parse_study(_study(eval_sets=[item]), "s.yaml")
+        assert "s.yaml" in str(err.value)
+
+
+def test_measured_generated_set_has_linear_probes(tmp_path):
+    """The study's path (encode_with_probe, measure_set) with a real exported model: the train split encoded once
+    beside the val set, probe figures equal evaluate_set's with that train set, and a second call reads the caches."""
+    from alignclip.eval.suite import evaluate_set
+    from alignclip.study.measure import EvalSet, encode_with_probe, measure_set
+    from tests.helpers.tiny import export_untrained, tiny_overrides
+
+    model = export_untrained(tmp_path / "m.safetensors",
+                             tiny_overrides(tmp_path / "data", **{"data.generated.version": 2}))
+    cache = tmp_path / "emb" / "step-g"
+    es, train = encode_with_probe(model, EvalSet("g", probe_split="train"), cache)
+    assert (tmp_path / "emb" / "step-g-probe" / "meta.json").is_file() and len(train.image) == 64
+    tasks = measure_set(es, train=train)["tasks"]
+    assert {"linear_probe_colour", "linear_probe_shape"} <= set(tasks)
+    for name in ("colour", "shape"):
+        assert tasks[f"linear_probe_{name}"] == evaluate_set(es, train=train)[f"linear_probe_{name}"]
+    plain, none = encode_with_probe(model, EvalSet("g"), tmp_path / "emb" / "plain")
+    assert none is None and not any(t.startswith("linear_probe_") for t in measure_set(plain)["tasks"])
+    model.unlink()  # both sets now come from their caches: encoding again would need the model
+    again, train_again = encode_with_probe(model, EvalSet("g", probe_split="train"), cache)
+    assert measure_set(again, train=train_again)["tasks"] == tasks
+
+
+def test_shipped_embedded_study_fits_probes_on_the_train_split():
+    from alignclip.study.spec import load_study
+
+    (generated,) = load_study("configs/study/embedded.yaml").eval_sets
+    assert generated.data == "generated" and generated.split == "val" and generated.probe_split == "train"

@@ -9,7 +9,7 @@ This module is the study's only caller of the export, embedding, gap-analysis an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -19,13 +19,23 @@ import numpy as np
 @dataclass(frozen=True)
 class EvalSet:
     """An image-text set to encode: the model's own generated data ("generated", split val) or shards with a
-    tasks JSON (zero-shot classes / templates / labels, as alignclip.embeddings documents)."""
+    tasks JSON (zero-shot classes / templates / labels, as alignclip.embeddings documents).
+
+    ``probe_split``: the split of the same generated data that linear probes fit on ("train"), scored on this
+    set as CLIP_benchmark does; "" runs no probe."""
 
     name: str
     data: str = "generated"
     split: str = "val"
     tasks: str = ""
     limit: int = 0
+    probe_split: str = ""
+
+    def probe_set(self) -> "EvalSet | None":
+        """The set the linear probes fit on: every sample of ``probe_split``, with that split's own labels."""
+        if not self.probe_split:
+            return None
+        return replace(self, name=f"{self.name}-probe", split=self.probe_split, tasks="", limit=0, probe_split="")
 
 
 def export_run(checkpoint: str | Path, out_path: str | Path) -> Path:
@@ -57,6 +67,16 @@ def encode_set(model_path: str | Path, eval_set: EvalSet, cache_dir: str | Path)
     return es
 
 
+def encode_with_probe(model_path: str | Path, eval_set: EvalSet, cache_dir: str | Path) -> tuple:
+    """(the EmbeddingSet of ``eval_set``, the one its linear probes fit on or None), each encoded once: the probe
+    set is cached beside it, in ``<cache_dir>-probe``."""
+    es = encode_set(model_path, eval_set, cache_dir)
+    probe = eval_set.probe_set()
+    if probe is None:
+        return es, None
+    return es, encode_set(model_path, probe, f"{cache_dir}-probe")
+
+
 def paired(es) -> tuple[np.ndarray, np.ndarray]:
     """(image of each caption, caption), L2-normalised: the rows every gap metric and plot compares."""
     from alignclip.analysis.metrics import l2_normalize
@@ -65,12 +85,13 @@ def paired(es) -> tuple[np.ndarray, np.ndarray]:
     return l2_normalize(img), l2_normalize(txt)
 
 
-def measure_set(es, seed: int = 0) -> dict:
-    """{"gap": every scalar gap metric, "tasks": task -> metrics (retrieval, zero-shot, linear probe, ...)}."""
+def measure_set(es, seed: int = 0, train=None) -> dict:
+    """{"gap": every scalar gap metric, "tasks": task -> metrics (retrieval, zero-shot, arithmetic, and a linear
+    probe per classification task when ``train``, a set of the train split with the same tasks, is given)}."""
     from alignclip.analysis.metrics import gap_metrics
     from alignclip.eval.suite import evaluate_set
 
-    return {"gap": gap_metrics(*paired(es), seed=seed), "tasks": evaluate_set(es, seed=seed)}
+    return {"gap": gap_metrics(*paired(es), seed=seed), "tasks": evaluate_set(es, seed=seed, train=train)}
 
 
 def gap_plots(sets: Mapping[str, object], out_dir: str | Path, seed: int = 0, title: str = "Modality gap") -> Path:

@@ -113,7 +113,7 @@ def _outcome(run, result: Optional[Callable]) -> RunState:
 
 def measure_run(spec: StudySpec, run_dir: Path, seed: int) -> dict:
     """eval set -> {"gap", "tasks"} for the run's final checkpoint (cached in ``<run>/study``)."""
-    from alignclip.study.measure import encode_set, export_run, measure_set
+    from alignclip.study.measure import encode_with_probe, export_run, measure_set
 
     checkpoint = final_checkpoint(run_dir)
     folder = run_dir / "study"
@@ -123,8 +123,9 @@ def measure_run(spec: StudySpec, run_dir: Path, seed: int) -> dict:
     model = export_run(checkpoint, folder / f"{checkpoint.name}.safetensors")
     out = {}
     for eval_set in spec.eval_sets:
-        es = encode_set(model, eval_set, folder / "embeddings" / f"{checkpoint.name}-{eval_set.name}")
-        out[eval_set.name] = measure_set(es, seed=0)  # the metric's own split seed: the same for every run
+        es, train = encode_with_probe(model, eval_set, folder / "embeddings" / f"{checkpoint.name}-{eval_set.name}")
+        # the metric's own split seed: the same for every run
+        out[eval_set.name] = measure_set(es, seed=0, train=train)
     folder.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -11,7 +11,7 @@
         configs: [experiment/embedded_default, model/clip_tiny, loss/clip]   # stacked in order
         overrides: []
     eval_sets:
-      - {name: generated-val, data: generated, split: val}
+      - {name: generated-val, data: generated, split: val, probe_split: train}  # linear probes fit on train
       - {name: imagenet, data: /data/imagenet/val-{00000..00049}.tar, tasks: /data/imagenet/tasks.json}
 
 Config files are names under configs/ or paths; later files override earlier ones (as a ``defaults:`` list).
@@ -34,7 +34,7 @@ from alignclip.study.measure import EvalSet
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _TOP_KEYS = {"name", "output_dir", "executor", "seeds", "baseline", "overrides", "variants", "eval_sets"}
 _VARIANT_KEYS = {"name", "configs", "overrides"}
-_EVAL_KEYS = {"name", "data", "split", "tasks", "limit"}
+_EVAL_KEYS = {"name", "data", "split", "tasks", "limit", "probe_split"}
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,16 @@ def parse_study(raw: dict, source: str = "<study>", overrides: Sequence[str] = (
         _check_keys(item, _EVAL_KEYS, f"eval_sets[{i}]", source)
         if item.get("split", "val") not in ("val", "train"):
             raise _fail(source, f"eval_sets[{i}].split must be 'val' or 'train', got {item['split']!r}")
-        eval_sets.append(EvalSet(str(item["name"]), str(item.get("data", "generated")), str(item.get("split", "val")),
-                                 str(item.get("tasks", "")), int(item.get("limit", 0))))
+        eval_set = EvalSet(str(item["name"]), str(item.get("data", "generated")), str(item.get("split", "val")),
+                           str(item.get("tasks", "")), int(item.get("limit", 0)), str(item.get("probe_split") or ""))
+        if eval_set.probe_split:
+            # only the generated data knows its train split's labels; a probe never fits on the set it scores
+            if eval_set.data != "generated" or eval_set.probe_split != "train" or eval_set.split == "train":
+                raise _fail(source, f"eval_sets[{i}].probe_split: 'train' fits linear probes on the generated "
+                                    f"train split and scores them on its val split (data: generated, split: val); "
+                                    f"got probe_split {eval_set.probe_split!r} for data {eval_set.data!r}, split "
+                                    f"{eval_set.split!r}")
+        eval_sets.append(eval_set)
     if len({e.name for e in eval_sets}) != len(eval_sets):
         raise _fail(source, "eval_sets names must be distinct")
     spec = StudySpec(name, Path(str(raw.get("output_dir", "runs/study"))), executor, tuple(seeds), baseline,
