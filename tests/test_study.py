@@ -143,15 +143,23 @@ def test_probe_split_of_an_eval_set():
 def test_measured_generated_set_has_linear_probes(tmp_path):
     """The study's path (encode_with_probe, measure_set) with a real exported model: the train split encoded once
     beside the val set, probe figures equal evaluate_set's with that train set, and a second call reads the caches."""
+    import numpy as np
+
+    from alignclip.config import load_config
+    from alignclip.data.generated import split_tasks
     from alignclip.eval.suite import evaluate_set
     from alignclip.study.measure import EvalSet, encode_with_probe, measure_set
     from tests.helpers.tiny import export_untrained, tiny_overrides
 
-    model = export_untrained(tmp_path / "m.safetensors",
-                             tiny_overrides(tmp_path / "data", **{"data.generated.version": 2}))
+    overrides = tiny_overrides(tmp_path / "data", **{"data.generated.version": 2})
+    model = export_untrained(tmp_path / "m.safetensors", overrides)
     cache = tmp_path / "emb" / "step-g"
     es, train = encode_with_probe(model, EvalSet("g", probe_split="train"), cache)
-    assert (tmp_path / "emb" / "step-g-probe" / "meta.json").is_file() and len(train.image) == 64
+    assert (tmp_path / "emb" / "step-g-probe" / "meta.json").is_file()
+    assert len(train.image) == 32 and len(set(train.keys)) == 32  # 64 samples, each image once (2 captions each)
+    labelled = {train.keys[i] for i in np.flatnonzero(train.zeroshot["colour"].labels >= 0)}
+    assert labelled and labelled == set(split_tasks(load_config(None, overrides).data, "train")["zero_shot"]["colour"]
+                                         ["keys"])  # the leading samples hold every labelled image
     tasks = measure_set(es, train=train)["tasks"]
     assert {"linear_probe_colour", "linear_probe_shape"} <= set(tasks)
     for name in ("colour", "shape"):

@@ -345,10 +345,14 @@ def _val_scene(seed: int, index: int, image_size: int, recipe: Recipe = V1) -> t
     return target, recipe.caption(target, seed, "val", source_index), {"attribute": attribute, "from": old, "to": new}
 
 
+def _image_count(total: int, recipe: Recipe) -> int:
+    return -(-total // recipe.captions_per_image)
+
+
 def _train_sample(seed: int, index: int, total: int, image_size: int, recipe: Recipe) -> tuple[Scene, str, int]:
     """Sample ``index`` of ``total``: image ``index mod n_images`` with its caption ``index div n_images``, so an
     image's captions are an epoch apart in the shard order (never neighbours in a shuffle buffer)."""
-    n_images = -(-total // recipe.captions_per_image)
+    n_images = _image_count(total, recipe)
     image, which = index % n_images, index // n_images
     scene = recipe.scene(scene_rng(seed, "train", image), image_size)
     return scene, recipe.caption(scene, seed, "train", image, which), image
@@ -440,6 +444,13 @@ def _task_layout(truth: dict, image_keys: list[str], version: int) -> dict:
     single = [k for k in image_keys if truth["labels"][k]["num_objects"] == 1]
     return {"zero_shot": {name: dict(task, keys=single) for name, task in zero_shot_tasks(version).items()},
             "val_labels": truth["labels"], "arithmetic": truth["arithmetic"]}
+
+
+def train_images(data_cfg) -> int:
+    """Images in the train split: its first this-many samples show each image once, with its first caption (v2
+    writes image i's captions at samples i, i + n, i + 2n, ...)."""
+    g = data_cfg.generated
+    return _image_count(g.num_shards * g.samples_per_shard, Recipe.of(g))
 
 
 def split_tasks(data_cfg, split: str) -> dict:
