@@ -31,7 +31,8 @@ def test_run_default_trains_both_and_prints_them_side_by_side(tmp_path):
     assert any(line.split() == ["CLIP", "AlignCLIP"] for line in text.splitlines())  # the table's header
     for row in ("alignment (mean paired cosine", "L2M (centroid distance", "linear separability",
                 "zero-shot colour top-1 (chance 0.167)", "zero-shot shape top-1 (chance 0.200)",
-                "retrieval image->text R@1", "retrieval text->image R@1", "wall time"):
+                "retrieval image->text R@1", "retrieval text->image R@1", "linear probe colour top-1",
+                "linear probe shape top-1", "wall time"):
         line = next((line for line in text.splitlines() if line.startswith(row)), None)
         assert line is not None, row
         assert len(line[len(row):].split()) >= 2  # a figure per model

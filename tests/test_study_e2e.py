@@ -33,7 +33,7 @@ def _study_file(tmp: Path, data_dir: Path, name: str) -> Path:
            "overrides": [f"{k}={v}" for k, v in tiny.items()],
            "variants": [{"name": "CLIP", "configs": ["experiment/embedded_clip"]},
                         {"name": "AlignCLIP", "configs": ["experiment/embedded_default"]}],
-           "eval_sets": [{"name": "gen-val", "data": "generated", "split": "val"}]}
+           "eval_sets": [{"name": "gen-val", "data": "generated", "split": "val", "probe_split": "train"}]}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -90,9 +90,9 @@ def test_tiny_study_trains_measures_and_reports(study):
     for metric in ("zeroshot_colour/acc1", "zeroshot_shape/acc1", "retrieval/text_retrieval_recall@1",
                    "gap/linear_separability", "gap/uniformity", "gap/rmg_l2"):
         assert set(agg["summary"][metric]) == {"CLIP", "AlignCLIP"}, metric
-    # a linear probe is fitted on a labelled train split only (CLIP_benchmark's protocol); the generated data
-    # labels its held-out split alone, so no probe figures, rather than a probe fitted on the test images
-    assert not any(metric.startswith("linear_probe_") for metric in agg["summary"])
+    # linear probes fit on the generated train split and score on val (CLIP_benchmark's protocol)
+    for metric in ("linear_probe_colour/acc1", "linear_probe_shape/acc1"):
+        assert set(agg["summary"][metric]) == {"CLIP", "AlignCLIP"}, metric
     curves = results["curves"]["AlignCLIP"]["1"]
     assert [s for s, _ in curves["loss/total"]] == list(range(1, 17))
     assert [s for s, _ in curves["gap/alignment_score"]][-1] == 16
@@ -100,8 +100,8 @@ def test_tiny_study_trains_measures_and_reports(study):
     assert "### Modality gap (Table 1 layout)" in report and "### Difference to CLIP" in report
     for png in ("plots/gen-val/cosine_cdf.png", "plots/gen-val/pca_projection.png", "plots/training_curves.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in report
-    # each eval set encoded once per model: one embedding folder per run
-    assert len(list((out / "runs").glob("*/*/study/embeddings/*"))) == 4
+    # each eval set (and its probe's train split) encoded once per model: two embedding folders per run
+    assert len(list((out / "runs").glob("*/*/study/embeddings/*"))) == 8
 
 
 def test_rerun_trains_nothing(study):
