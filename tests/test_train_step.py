@@ -193,6 +193,40 @@ def test_a_failed_resume_leaves_the_run_config_alone(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == saved
 
 
+# ------------------------------------------------------------------------- a set-up that fails late
+def _init_fails(rank: int, world_size: int, overrides: list[str]):
+    import signal
+
+    from alignclip.config import load_config
+    from alignclip.training.trainer import Trainer
+
+    default = signal.getsignal(signal.SIGTERM)
+    try:
+        Trainer(load_config(None, overrides))
+    except ValueError as err:
+        return str(err), signal.getsignal(signal.SIGTERM) == default
+    return None, False
+
+
+@pytest.mark.heavy
+def test_a_set_up_failing_after_the_monitor_exists_closes_it_and_restores_the_handlers(tmp_path):
+    """An empty validation shard fails the held-out batch, the last thing set-up builds: the TensorBoard events
+    written so far (the run's config) reach disk and SIGTERM is ours no longer."""
+    import tarfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "val").mkdir()
+    tarfile.open(tmp_path / "val" / "00000.tar", "w").close()
+    data = {"train": write_toy_shards(tmp_path / "train", num_shards=1, per_shard=32), "val": str(tmp_path / "val")}
+    (message, restored), = run_on_ranks(_init_fails, 1, tiny_overrides(data, tmp_path / "run"))
+    assert message is not None and "no usable sample in the validation shards" in message, message
+    assert restored
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert "config/text_summary" in events.Tags()["tensors"]  # flushed by close(): the writer was not left open
+
+
 # ------------------------------------------------------------------------ an old run directory resumes
 @pytest.mark.heavy
 def test_a_run_directory_from_before_the_config_split_resumes(tmp_path):

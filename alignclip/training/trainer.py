@@ -161,25 +161,30 @@ class Trainer:
         self._init_step(components, state, total_steps, steps_per_epoch)
         self.run_dir = run_dir
         self.monitor = monitor = Monitor(run_dir, config.logging, env.is_main, total_steps, state.step)
-        monitor.run_config(config, state.step)
-        self.latest = latest
-        if latest is not None:
-            monitor.info(f"resumed from {latest} at step {state.step} (epoch {state.epoch}, batch "
-                         f"{state.batch_in_epoch})")
-            if resumed_hash != state.config_hash:
-                monitor.info(f"warning: the config differs from the checkpoint's (hash {resumed_hash} -> "
-                             f"{state.config_hash}); see {run_dir / 'config.yaml'}")
-        monitor.info(f"run {run_dir}: world {env.world_size} ({env.source}), {device.type}, global batch "
-                     f"{layout.global_batch} = {layout.micro_batch} x {layout.accumulation} x {env.world_size}, "
-                     f"{steps_per_epoch} steps/epoch, {total_steps} steps, zero stage {config.deepspeed.zero_stage}")
-        flops = step_flops(config)
-        self.flops_per_sample = flops.total
-        self.peak_tflops = peak_tflops(device, components.fast.precision, config.fast_path.peak_tflops)
-        peak_text = (f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops
-                     else "unknown (perf/mfu not logged; set fast_path.peak_tflops)")
-        monitor.info(f"fast path: {components.fast.describe()}; {flops.total / 1e9:.4g} GFLOP per sample per step "
-                     f"(model FLOPs), device peak {peak_text}")
-        self.eval_batch = build_eval_batch(config, config.logging.gap_batch_size) if env.is_main else None
+        try:  # from here a failure closes the monitor (its events reach disk) and restores the handlers
+            monitor.run_config(config, state.step)
+            self.latest = latest
+            if latest is not None:
+                monitor.info(f"resumed from {latest} at step {state.step} (epoch {state.epoch}, batch "
+                             f"{state.batch_in_epoch})")
+                if resumed_hash != state.config_hash:
+                    monitor.info(f"warning: the config differs from the checkpoint's (hash {resumed_hash} -> "
+                                 f"{state.config_hash}); see {run_dir / 'config.yaml'}")
+            monitor.info(f"run {run_dir}: world {env.world_size} ({env.source}), {device.type}, global batch "
+                         f"{layout.global_batch} = {layout.micro_batch} x {layout.accumulation} x {env.world_size}, "
+                         f"{steps_per_epoch} steps/epoch, {total_steps} steps, "
+                         f"zero stage {config.deepspeed.zero_stage}")
+            flops = step_flops(config)
+            self.flops_per_sample = flops.total
+            self.peak_tflops = peak_tflops(device, components.fast.precision, config.fast_path.peak_tflops)
+            peak_text = (f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops
+                         else "unknown (perf/mfu not logged; set fast_path.peak_tflops)")
+            monitor.info(f"fast path: {components.fast.describe()}; {flops.total / 1e9:.4g} GFLOP per sample per "
+                         f"step (model FLOPs), device peak {peak_text}")
+            self.eval_batch = build_eval_batch(config, config.logging.gap_batch_size) if env.is_main else None
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def over(cls, components: Components, total_steps: int) -> "Trainer":
