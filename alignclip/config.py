@@ -398,6 +398,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def override_key(item: str) -> str:
+    """The key a ``key=value`` override sets, by its current name (``train.lr`` -> ``optim.lr``)."""
+    key = item.partition("=")[0].strip()
+    return MOVED_KEYS.get(key, key)
+
+
 def check_repeated_overrides(overrides: list[str] | tuple[str, ...] | Any) -> None:
     """A key given twice on a command line is an error: bash expands an unquoted
     ``data.train=/d/{00000..01242}.tar`` into 1,243 ``data.train=`` words, of which the last would silently win
@@ -405,10 +411,13 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...] | Any) -> No
     in ``load_config``, whose internal callers layer override lists on purpose. ``run_dir`` may repeat: the
     launchers append the resolved absolute run dir after the user's overrides."""
     values: dict[str, list[str]] = {}
+    spellings: dict[str, set[str]] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if sep and key.strip() != "run_dir":
-            values.setdefault(key.strip(), []).append(value)
+            canonical = override_key(item)  # train.lr and optim.lr are one key
+            values.setdefault(canonical, []).append(value)
+            spellings.setdefault(canonical, set()).add(key.strip())
     for key, given in values.items():
         if len(given) > 1:
             from alignclip.data.shards import brace_pattern_of
@@ -416,6 +425,8 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...] | Any) -> No
             pattern = brace_pattern_of(given)
             hint = (f"; these look like the shell's expansion of a brace pattern: quote it, "
                     f"{key}='{pattern}'" if pattern else "; give it once")
+            if len(spellings[key]) > 1:
+                hint = f" (spelled {sorted(spellings[key])}; the train.* name is the old one){hint}"
             shown = given if len(given) <= 4 else given[:2] + ["..."] + given[-1:]
             raise ConfigError(f"command-line override key '{key}' is given {len(given)} times ({shown}){hint}")
 

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from alignclip.config import Config, ConfigError, check_repeated_overrides, load_config, run_dir_of
+from alignclip.config import (Config, ConfigError, check_repeated_overrides, load_config, override_key,
+                              run_dir_of)
 from alignclip.paths import SLURM_DIR
 
 DEFAULT_ENV_FILE = SLURM_DIR / "env.sh"  # slurm/env.sh of the checkout, or the copy shipped in the wheel
@@ -142,8 +143,8 @@ def make_sweep(config_path: str | Path, points: Sequence[Sequence[str]], base_ov
         names.add(name)
         # a point's value replaces the base's for the same key, so the job's own command line (which the trainer
         # checks for repeated keys) names each key once
-        keys = {item.split("=", 1)[0] for item in point}
-        base_kept = [item for item in base_overrides if item.split("=", 1)[0] not in keys]
+        keys = {override_key(item) for item in point}
+        base_kept = [item for item in base_overrides if override_key(item) not in keys]
         runs.append(make_run(config_path, base_kept + list(point), run_dir=root / name))
     return root, runs
 

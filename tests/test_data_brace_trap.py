@@ -54,6 +54,15 @@ def test_any_repeated_key_is_an_error_but_the_launchers_run_dir_is_not():
     with pytest.raises(ConfigError, match=r"'train.max_steps' is given 2 times .*give it once"):
         check_repeated_overrides(["train.max_steps=1", "train.max_steps=2"])
     check_repeated_overrides(["run_dir=runs/a", "optim.lr=0.1", "run_dir=/abs/runs/a"])  # appended by launchers
+    # an old name and its new one set the same key (the old train.* names still load)
+    with pytest.raises(ConfigError, match=r"'optim.lr' is given 2 times .*spelled \['optim.lr', 'train.lr'\]"):
+        check_repeated_overrides(["train.lr=1", "optim.lr=2"])
+
+
+def test_a_sweep_point_replaces_the_base_key_under_either_name(tmp_path):
+    _, runs = launch.make_sweep("experiment/embedded_default", [["optim.lr=0.2"]], ["train.lr=0.1"],
+                                sweep_dir=tmp_path)
+    assert runs[0].config.optim.lr == 0.2
 
 
 @pytest.mark.parametrize("pattern", [PATTERN, "s3://b/cc/{000..011}.tar", "x/{8..12}.tar", "/d/{a,b,c}/shard.tar"])
