@@ -556,6 +556,21 @@ def from_yaml_text(text: str) -> Config:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+def with_saved_norm_eps(config: Config, run_dir: str | Path) -> tuple[Config, bool]:
+    """(config, changed): a run directory whose saved config predates ``model.norm_eps`` (the key missing or
+    null) trained with the old mixed eps, so resuming it keeps them (``norm_eps`` None) rather than continuing its
+    weights under another normalisation."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if config.model.norm_eps is None or not saved_path.is_file():
+        return config, False
+    saved = OmegaConf.create(saved_path.read_text())
+    if "model" not in saved or saved.model.get("norm_eps") is not None:
+        return config, False
+    from dataclasses import replace
+
+    return replace(config, model=replace(config.model, norm_eps=None)), True
+
+
 def config_hash(config: Config) -> str:
     """A short digest of the resolved config; checkpoints record it so a resume can tell what changed. The
     ``launch`` section is left out: resources and time limits say where a run goes, not what it trains."""

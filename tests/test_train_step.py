@@ -242,7 +242,8 @@ def test_a_run_directory_from_before_the_config_split_resumes(tmp_path):
     run = tmp_path / "run"
     assert run_on_ranks(_train, 1, tiny_overrides(data, run, **{"train.max_steps": 1}))[0][0] == "finished"
     saved = run / "config.yaml"
-    saved.write_text(to_old_layout(saved.read_text()))
+    saved.write_text(to_old_layout(saved.read_text()).replace("  norm_eps: 1.0e-05\n", ""))  # and before norm_eps
+    assert "norm_eps" not in saved.read_text()
     proc = subprocess.run([sys.executable, "-m", "alignclip.train", "--config", str(saved), "train.max_steps=2"],
                           env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")},
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -250,3 +251,6 @@ def test_a_run_directory_from_before_the_config_split_resumes(tmp_path):
     assert proc.stderr.count("deprecated config keys") == 1 and "train.lr -> optim.lr" in proc.stderr
     log = (run / "train.log").read_text()
     assert "resumed from" in log and "at step 1" in log and "done: 2 steps" in log
+    # the run trained with the old mixed LayerNorm eps, and keeps them, not today's default of 1e-5
+    assert "the run predates model.norm_eps" in log
+    assert "norm_eps: null" in saved.read_text()

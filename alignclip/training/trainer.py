@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alignclip.config import Config, config_hash, run_dir_of, save_config
+from alignclip.config import Config, config_hash, run_dir_of, save_config, with_saved_norm_eps
 from alignclip.distributed.env import DistEnv, setup_distributed_env
 from alignclip.losses.temperature import clamp_logit_scale_
 from alignclip.training import checkpoint as ckpt
@@ -134,9 +134,11 @@ class Trainer:
             dist.barrier()
             # the data spec and a checkpoint's world size are checked before the (possibly large) model is built
             latest = ckpt.find_latest(run_dir)
+            legacy_eps = False
             if latest is not None:
                 ckpt.check_world_size(ckpt.read_state(latest), latest, env.world_size,
                                       config.deepspeed.universal_checkpoint)
+                config, legacy_eps = with_saved_norm_eps(config, run_dir)
             steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
             components = build_components(config, env)
             state = ckpt.TrainerState(world_size=env.world_size, accumulation=layout.accumulation,
@@ -167,6 +169,9 @@ class Trainer:
             if latest is not None:
                 monitor.info(f"resumed from {latest} at step {state.step} (epoch {state.epoch}, batch "
                              f"{state.batch_in_epoch})")
+                if legacy_eps:
+                    monitor.info("the run predates model.norm_eps: its LayerNorms keep the eps it trained with "
+                                 "(1e-6 in the blocks, 1e-5 in the stem and final norms)")
                 if resumed_hash != state.config_hash:
                     monitor.info(f"warning: the config differs from the checkpoint's (hash {resumed_hash} -> "
                                  f"{state.config_hash}); see {run_dir / 'config.yaml'}")
