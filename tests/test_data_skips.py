@@ -4,7 +4,6 @@ member boundary, a wrong-width or non-finite embedding, caption bytes that are n
 from __future__ import annotations
 
 import gzip
-import logging
 import tarfile
 from pathlib import Path
 

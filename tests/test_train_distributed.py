@@ -8,12 +8,10 @@ through the data package's ShardWriter (tests.helpers.tiny), so the runs take se
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -173,7 +173,7 @@ class _Cluster:
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             *self._node_lines(),
-            f"PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 
