@@ -78,6 +78,28 @@ def test_a_real_dataloader_worker_survives_every_preemption_signal_and_is_shut_d
     assert not _alive(worker)
 
 
+def _signalled_before_init(worker_id: int) -> None:
+    """A preemption signal that reaches a just-forked worker before its worker_init_fn ignores the signals (the
+    window a scancel of the whole step hit under load): sent by the worker to itself, then the real init."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    ignore_preemption_signals(worker_id)
+
+
+def test_a_signal_reaching_a_training_worker_before_its_init_is_held_and_discarded(tmp_path, monkeypatch):
+    import alignclip.data.pipeline as pipeline
+    from alignclip.config import load_config
+    from alignclip.data import build_train_loader
+    from tests.helpers.tiny import tiny_overrides, write_toy_shards
+
+    data = {"train": write_toy_shards(tmp_path / "train", num_shards=2, per_shard=16),
+            "val": write_toy_shards(tmp_path / "val", num_shards=1, per_shard=16, seed=1)}
+    config = load_config(None, tiny_overrides(data, tmp_path / "run", **{"data.workers": 2}))
+    monkeypatch.setattr(pipeline, "ignore_preemption_signals", _signalled_before_init)
+    # without the signals blocked while the workers start: "DataLoader worker ... killed by signal: Terminated"
+    batches = list(build_train_loader(config, 0, 1, 0))
+    assert len(batches) == 2 and all(len(b["caption"]) == 16 for b in batches)
+
+
 # ------------------------------------------------------------------------------- the trainer, heavy
 def _command(run_dir: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "alignclip.train",

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from alignclip.data import images
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
-from alignclip.training.preemption import ignore_preemption_signals
+from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,9 @@ class TrainLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             persistent_workers=False, worker_init_fn=ignore_preemption_signals)
-        for batch in loader:
+        with preemption_signals_blocked():  # the workers start here; each ignores the signals before unblocking
+            batches = iter(loader)
+        for batch in batches:
             stats = batch.pop("_stats")
             self._reader_stats[stats.pop("reader")] = stats
             self.batches_yielded += 1

@@ -19,10 +19,11 @@ resumes from the checkpoint just written.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,26 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIG
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+@contextlib.contextmanager
+def preemption_signals_blocked() -> Iterator[None]:
+    """Hold the preemption signals pending in this thread while it starts the DataLoader's workers.
+
+    A worker forked with them blocked inherits the mask, so a signal that reaches it before its
+    ``worker_init_fn`` runs (PyTorch's own SIGTERM handler is installed first, and would kill it) waits, and is
+    discarded when ``ignore_preemption_signals`` ignores it. Under load that window is wide enough to be hit: a
+    scancel to the whole step killed a just-forked worker and failed the trainer. Here, a signal for the trainer
+    is delivered to it as soon as the block ends (or at once, through a thread that does not block it)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def ignore_preemption_signals(worker_id: int = 0) -> None:
     """``worker_init_fn`` of the training DataLoader: the worker ignores the preemption signals, so the trainer
-    alone decides (and shuts the worker down after saving).
+    alone decides (and shuts the worker down after saving); one that arrived earlier, held pending by
+    ``preemption_signals_blocked``, is discarded as the worker unblocks them.
 
     Ignoring SIGTERM also defeats the DataLoader's last-resort ``terminate()`` of a worker that does not exit, so
     on Linux the worker asks the kernel for SIGKILL when its parent (the trainer) dies: no orphaned worker
@@ -42,6 +60,7 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:
     """
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
