@@ -257,3 +257,20 @@ def test_any_rank_agrees_across_processes():
     from tests.helpers.ranks import run_on_ranks
 
     assert run_on_ranks(_any_rank_on, 2) == [True, True]
+
+
+# ------------------------------------------------------------------------------------------------ the command
+@pytest.mark.parametrize("argv, code", [(["model.arch=nope"], 2), (["--help"], 0)])
+def test_the_command_keeps_exit_codes_output_and_atexit_handlers_when_it_skips_the_teardown(argv, code):
+    """``cli`` leaves with ``os._exit``: the exit code, buffered output and registered atexit handlers survive."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, sys; atexit.register(lambda: print('atexit ran', flush=True)); "
+              "sys.stdout.write('buffered '); from alignclip.train import cli; cli()")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": ""})
+    assert done.returncode == code, done.stderr
+    assert done.stdout.startswith("buffered ") and done.stdout.rstrip().endswith("atexit ran"), done.stdout
+    if code == 2:
+        assert "model.arch" in done.stderr
