@@ -10,6 +10,10 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # the generated dataset and other caches stay in the checkout (`make clean` removes them); installed: ~/.cache/alignclip
 export ALIGNCLIP_CACHE ?= $(CURDIR)/.cache
 
+# Two pytest workers, one test file each at a time, longest files first (tests/conftest.py); TEST_WORKERS=0: serial
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 .PHONY: setup run test test-fast wheel clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -24,10 +28,10 @@ run: setup
 	$(PY) -m alignclip.run_default
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not heavy" tests
+	$(PY) -m pytest -q $(XDIST) -m "not heavy" tests
 
 wheel: setup
 	$(PY) -m pip wheel --no-deps -q -w dist .

@@ -16,6 +16,7 @@ stops it on Ctrl-C.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
@@ -45,7 +46,6 @@ def _missing(binaries) -> list[str]:
 def ensure_installed(binaries: dict[str, str] = SLURM_BINARIES, packages=SLURM_PACKAGES,
                      timeout_s: float = 300) -> None:
     """Install the packages when a binary is missing and we may (root + apt-get; ``apt-get update`` once)."""
-    global _apt_updated
     missing = _missing(binaries)
     if not missing:
         return
@@ -53,6 +53,16 @@ def ensure_installed(binaries: dict[str, str] = SLURM_BINARIES, packages=SLURM_P
         raise SlurmUnavailable(f"{missing} are missing and installing them needs root")
     if shutil.which("apt-get") is None:
         raise SlurmUnavailable(f"{missing} are missing and there is no apt-get to install them")
+    # Two pytest workers may both find Slurm missing: one installs, the other waits and finds it there (two
+    # apt-get at once would fail on dpkg's lock).
+    with open(Path(tempfile.gettempdir()) / "alignclip-slurm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _missing(binaries):
+            _apt_install(binaries, packages, timeout_s)
+
+
+def _apt_install(binaries, packages, timeout_s: float) -> None:
+    global _apt_updated
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     commands = [] if _apt_updated else [["apt-get", "update", "-qq"]]
     for cmd in commands + [["apt-get", "install", "-y", "-qq", *packages]]:
