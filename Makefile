@@ -10,8 +10,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # the generated dataset and other caches stay in the checkout (`make clean` removes them); installed: ~/.cache/alignclip
 export ALIGNCLIP_CACHE ?= $(CURDIR)/.cache
 
-# Two pytest workers, one test file each at a time, longest files first (tests/conftest.py); TEST_WORKERS=0: serial
-TEST_WORKERS ?= 2
+# Three pytest workers, one test file each at a time, longest files first (tests/conftest.py); TEST_WORKERS=0: serial
+TEST_WORKERS ?= 3
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup run test test-fast wheel clean

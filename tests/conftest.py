@@ -3,9 +3,9 @@
 The helpers live in the ``tests.helpers`` package; the ``heavy`` and ``slurm`` markers are registered in
 pyproject.toml (``make test-fast`` deselects ``heavy``).
 
-``make test`` runs the suite on two pytest-xdist workers, one test file per worker at a time (``--dist loadfile``:
+``make test`` runs the suite on three pytest-xdist workers, one test file per worker at a time (``--dist loadfile``:
 a module's fixtures, such as its Slurm cluster or its trained runs, are built once). The files that take longest
-are handed out first, so both workers end together instead of one finishing with the Slurm file alone.
+are handed out first, so the workers end together instead of one finishing with the Slurm file alone.
 """
 
 from __future__ import annotations
