@@ -17,7 +17,7 @@ def free_port() -> int:
 
 
 # Ranks fork from multiprocessing's fork server, which has imported these before the first rank starts: a rank then
-# begins in a fraction of a second instead of spending ~4 s of CPU on imports (the suite starts ~100 ranks). The
+# begins in a fraction of a second instead of spending ~4 s of CPU on imports (the suite starts dozens of ranks). The
 # server only imports, so it holds one thread and no OpenMP pool, and forking it is safe.
 PRELOAD = ["torch", "torch.distributed", "deepspeed", "alignclip.training.trainer", "sentence_transformers"]
 
