@@ -36,6 +36,10 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    # patch: CLIP's one patch_size x patch_size conv (OpenCLIP / Hugging Face exportable). conv: a stack of 3x3
+    # stride-2 convolutions down to the same grid (Xiao et al. 2021, arXiv:2106.14881), which a tiny ViT needs to
+    # learn shapes within a few hundred steps; patch_size must then be a power of two.
+    stem: str = "patch"
 
 
 @dataclass
@@ -281,6 +285,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ("clip", "sharedclip"),
+    "model.vision.stem": ("patch", "conv"),
     "loss.impl": ("dense", "chunked", "triton", "auto"),
     "loss.imsep_sides": ("image", "text", "both"),
     "fast_path.precision": ("auto", "fp32", "bf16"),
@@ -530,6 +535,9 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(f"{source}: key 'model.vision.image_size' ({m.vision.image_size}) must be a multiple "
                           f"of 'model.vision.patch_size' ({m.vision.patch_size})")
+    if m.vision.stem == "conv" and (m.vision.patch_size < 2 or m.vision.patch_size & (m.vision.patch_size - 1)):
+        raise ConfigError(f"{source}: key 'model.vision.patch_size' ({m.vision.patch_size}) must be a power of two "
+                          f"when 'model.vision.stem' is 'conv' (one stride-2 convolution per halving)")
     if config.eval.every_steps and not (config.eval.dataset and config.eval.root):
         raise ConfigError(f"{source}: key 'eval.every_steps' is {config.eval.every_steps} but 'eval.dataset' and "
                           f"'eval.root' are not both set")

@@ -223,8 +223,9 @@ class ModelCard:
 
 
 def _export_eps(config: Config, allow_inexact: bool) -> tuple[float, str]:
-    from alignclip.models.convert import ExportError, exact_norm_eps
+    from alignclip.models.convert import ExportError, exact_norm_eps, require_patch_stem
 
+    require_patch_stem(config.model)
     try:
         eps = exact_norm_eps(config.model)
         return eps, f"LayerNorm eps {eps:g} everywhere"

@@ -152,6 +152,15 @@ def test_width_not_divisible_by_heads_and_min_lr_above_lr_are_refused():
         load_config(None, ["optim.lr=1e-4", "optim.min_lr=1e-3"])
 
 
+def test_conv_stem_needs_a_power_of_two_patch_and_an_unknown_stem_is_named():
+    assert load_config("model/clip_tiny", ["model.vision.stem=conv"]).model.vision.stem == "conv"
+    with pytest.raises(ConfigError, match="'model.vision.patch_size' .* power of two .*'model.vision.stem'"):
+        load_config("model/clip_tiny", ["model.vision.stem=conv", "model.vision.image_size=60",
+                                         "model.vision.patch_size=6"])
+    with pytest.raises(ConfigError, match="key 'model.vision.stem' is 'hybrid'"):
+        load_config("model/clip_tiny", ["model.vision.stem=hybrid"])
+
+
 def test_out_of_range_value_exits_2_before_anything_is_built(tmp_path):
     """The trainer's entry point: exit 2 naming the key, and no run directory made."""
     run_dir = tmp_path / "run"

@@ -209,3 +209,22 @@ def test_encoders_follow_openclip_normalize_false_and_one_layernorm_eps():
     torch.testing.assert_close(model.encode_image(images, normalize=True), F.normalize(raw, dim=-1))
     torch.testing.assert_close(model(images, tokens)["text_embeds"], model.encode_text(tokens, normalize=True))
     assert {mod.eps for mod in model.modules() if isinstance(mod, torch.nn.LayerNorm)} == {m.norm_eps} == {1e-5}
+
+
+def test_conv_stem_gives_the_patch_grid_from_strided_convolutions_and_every_parameter_a_gradient():
+    """model.vision.stem: conv (Xiao et al. 2021): 3x3 stride-2 convs 3 -> 16 -> 32 -> 64 then a 1x1 projection,
+    the same 8 x 8 grid as 8 px patches; the per-channel GroupNorm keeps each image's tokens its own."""
+    config = load_config("model/clip_tiny", ["model.vision.stem=conv"])
+    model = build_model(config.model)
+    convs = [m for m in model.image_stem.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 16, (3, 3), (2, 2)), (16, 32, (3, 3), (2, 2)), (32, 64, (3, 3), (2, 2)), (64, 64, (1, 1), (1, 1))]
+    images = torch.randn(2, 3, 64, 64, requires_grad=True)
+    tokens = model.image_stem(images)
+    assert tokens.shape == (2, 65, 64)
+    (tokens[0, 1 + 9] * torch.linspace(-1, 1, 64)).sum().backward()  # (a plain sum of a LayerNorm is constant)
+    assert images.grad[0].abs().sum() > 0 and images.grad[1].abs().sum() == 0  # no statistics across the batch
+    model.zero_grad()
+    out = model(torch.randn(2, 3, 64, 64), torch.randint(1, 400, (2, config.model.text.context_length)))
+    (out["image_embeds"].sum() + out["text_embeds"].sum()).backward()
+    assert all(p.grad is not None for n, p in model.image_stem.named_parameters() if n != "class_token"), "stem"

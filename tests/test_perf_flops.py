@@ -35,9 +35,10 @@ def _model_counts(config):
     return fwd / BATCH, bwd / BATCH
 
 
-@pytest.mark.parametrize("name", ["clip_tiny", "sharedclip_tiny"])
-def test_model_flops_match_torch_flop_counter_forward_and_backward(name):
-    config = load_config(f"configs/model/{name}.yaml")
+@pytest.mark.parametrize("name,overrides", [("clip_tiny", []), ("sharedclip_tiny", []),
+                                            ("clip_tiny", ["model.vision.stem=conv"])])
+def test_model_flops_match_torch_flop_counter_forward_and_backward(name, overrides):
+    config = load_config(f"configs/model/{name}.yaml", overrides)
     fwd, bwd = _model_counts(config)
     parts = model_parts(config.model)
     model_fwd, model_bwd = sum(p.forward for p in parts), sum(p.backward for p in parts)

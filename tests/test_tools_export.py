@@ -215,6 +215,25 @@ def test_a_model_with_the_old_mixed_eps_loads_and_refuses_an_inexact_export(tmp_
     assert "1e-3" in (tmp_path / "oc" / "README.md").read_text()
 
 
+def test_a_conv_stem_model_is_refused_by_openclip_and_hf_before_anything_is_written(tmp_path):
+    from alignclip.config import load_config
+    from alignclip.export import load_model, save_exported, save_hf, save_openclip
+    from alignclip.models import build_model
+    from alignclip.models.convert import ExportError
+
+    config = load_config("model/clip_tiny", ["model.vision.stem=conv"])
+    model = build_model(config.model)
+    for save in (save_openclip, save_hf):
+        with pytest.raises(ExportError, match="model.vision.stem"):
+            save(model, config, tmp_path / save.__name__)
+        assert not (tmp_path / save.__name__).exists()
+    path = save_exported(model, config, tmp_path / "conv.safetensors")  # our own format holds it
+    back, back_config = load_model(path)
+    images = torch.randn(2, 3, 64, 64)
+    assert back_config.model.vision.stem == "conv"
+    assert torch.equal(back.eval().encode_image(images), model.eval().encode_image(images))
+
+
 def test_export_tool_errors_are_one_line_exit_2(tmp_path):
     from alignclip.commands.export import main
 

@@ -30,6 +30,14 @@ class ExportError(ValueError):
     """A model that the requested format cannot represent exactly."""
 
 
+def require_patch_stem(cfg: ModelConfig) -> None:
+    """OpenCLIP's and Hugging Face's ViTs embed patches with one conv; a convolutional stem has no place there."""
+    if cfg.vision.stem != "patch":
+        raise ExportError(f"this model's image stem is {cfg.vision.stem!r} (model.vision.stem); OpenCLIP and "
+                          f"Hugging Face CLIP have only the one-conv patch stem, so it cannot be exported to them. "
+                          f"Its safetensors export (alignclip-export, the default format) loads with alignclip.export.load")
+
+
 def exact_norm_eps(cfg: ModelConfig) -> float:
     if cfg.norm_eps is None:
         raise ExportError("this model uses two LayerNorm eps (1e-6 in the blocks, 1e-5 elsewhere: a checkpoint "

@@ -19,14 +19,40 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 
-class ImageStem(nn.Module):
-    """Patch embedding (a bias-free conv, as CLIP), class token, positional embedding and CLIP's pre-norm."""
+def conv_stem_channels(patch_size: int, width: int) -> list[int]:
+    """Channels of the convolutional stem from the image's 3 up: one 3x3 stride-2 conv per halving (patch 8: three)
+    ending at ``width`` and halving backwards, at least 8 (width 64: 3 -> 16 -> 32 -> 64)."""
+    halvings = patch_size.bit_length() - 1
+    return [3] + [max(8, width >> (halvings - 1 - i)) for i in range(halvings)]
 
-    def __init__(self, image_size: int, patch_size: int, width: int, eps: float = 1e-5):
+
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """Xiao et al. (2021, "Early convolutions help transformers see better", arXiv:2106.14881): 3x3 stride-2
+    convolutions, one per halving of the image down to the patch grid, channels doubling up to ``width``, then a
+    1x1 projection to ``width``. Each conv is followed by a per-channel GroupNorm (per image, so no batch statistics
+    to synchronise across ranks or to freeze for evaluation) and a GELU. Same token grid as a patch_size conv."""
+    channels = conv_stem_channels(patch_size, width)
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(channels, channels[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(c_out, c_out), nn.GELU()]
+    layers.append(nn.Conv2d(channels[-1], width, 1))
+    return nn.Sequential(*layers)
+
+
+class ImageStem(nn.Module):
+    """Patch embedding (a bias-free conv, as CLIP, or a convolutional stem), class token, positional embedding and
+    CLIP's pre-norm."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, eps: float = 1e-5, stem: str = "patch"):
         super().__init__()
         self.patch_size = patch_size
         self.grid = image_size // patch_size
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        if stem == "conv":
+            self.patch_embed = conv_stem(patch_size, width)
+        elif stem == "patch":
+            self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        else:
+            raise ValueError(f"model.vision.stem must be 'patch' or 'conv', got {stem!r}")
         self.class_token = nn.Parameter(torch.zeros(width))
         self.pos_embed = nn.Parameter(torch.zeros(self.grid * self.grid + 1, width))
         self.norm_pre = nn.LayerNorm(width, eps=eps)

@@ -17,7 +17,8 @@ L layers, joint width e, global batch N, embedding width d = e, sentence-embeddi
     attention               4 T^2 w L                 (Q K^T and P V)
     with model.pooled_last_block (the default) the last block runs at the pooled row only: its keys and values
     still cost 4 T w^2, its query, out-proj and MLP 2 w (2 w + 2 m), its attention 4 T w
-    patch embedding         2 (p^2 3) w (T_i - 1)
+    patch embedding         2 (p^2 3) w (T_i - 1); a convolutional stem (model.vision.stem: conv): per 3x3 stride-2
+                            conv 2 (9 c_in c_out) s^2 at its output side s, then the 1x1 projection 2 c w (T_i - 1)
     head (pooled token)     2 w e                     (the projection; the final norm is elementwise)
     loss, dense             cross-modal 4 N d fwd / 8 N d bwd; IMSep per side 2 N d + 2 N k fwd / 4 N d bwd;
                             uniformity 4 N d / 8 N d, cross-uniformity 2 N d / 4 N d (alignment is elementwise)
@@ -107,13 +108,30 @@ def image_tokens(model: ModelConfig) -> int:
     return (model.vision.image_size // model.vision.patch_size) ** 2 + 1
 
 
+def stem_part(v, patches: int) -> Part:
+    """The image stem's products: the patch conv (backward: its weight gradient only, images need none), or the
+    convolutional stem's 3x3 stride-2 convs and 1x1 projection (backward 2x but for the first conv's 1x)."""
+    if v.stem == "patch":
+        patch = 2.0 * (v.patch_size ** 2 * 3) * v.width * patches
+        return Part("image/patch_embed", patch, patch)
+    from alignclip.models.layers import conv_stem_channels
+
+    channels, side = conv_stem_channels(v.patch_size, v.width), v.image_size
+    forward = backward = 0.0
+    for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+        side = (side + 1) // 2  # padding 1, stride 2
+        conv = 2.0 * 9 * c_in * c_out * side * side
+        forward, backward = forward + conv, backward + (conv if i == 0 else 2 * conv)
+    project = 2.0 * channels[-1] * v.width * patches
+    return Part("image/conv_stem", forward + project, backward + 2 * project)
+
+
 def model_parts(model: ModelConfig) -> list[Part]:
     """Forward / backward FLOPs per sample of the two towers (or the shared trunk run on both modalities)."""
     v, t, e = model.vision, model.text, model.embed_dim
     trunk = "trunk" if model.arch == "sharedclip" else "tower"
     ti, tt = image_tokens(model), t.context_length
-    patch = 2.0 * (v.patch_size ** 2 * 3) * v.width * (ti - 1)
-    parts = [Part("image/patch_embed", patch, patch)]  # backward: the weight gradient only
+    parts = [stem_part(v, ti - 1)]
     for modality, cfg, tokens in (("image", v, ti), ("text", t, tt)):
         linear = block_linear_flops(tokens, cfg.width, cfg.mlp_ratio, cfg.layers)
         attention = attention_flops(tokens, cfg.width, cfg.layers)
