@@ -110,6 +110,29 @@ def test_a_step_reads_the_device_once_per_micro_batch_and_the_log_step_once_for_
     print("host syncs per step:", results[0][0], "at a log step:", results[0][1])
 
 
+# ---------------------------------------------------------------------------------------- text lr scale
+def _first_step_updates(rank: int, world_size: int, overrides: list[str]):
+    trainer = _bare_trainer(overrides)
+    model = trainer.components.model
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer.train_step(_batch(0))
+    moved = {k: (v.detach() - before[k]).abs().max().item() for k, v in model.named_parameters()}
+    return moved, [(g["name"], g["lr"]) for g in trainer.engine.optimizer.param_groups]
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_text_lr_scale_reaches_the_optimizer_through_deepspeed(zero):
+    """Adam's first step moves every parameter with a gradient by about its group's lr: the text-only
+    parameters by a tenth of the image side's under ZeRO's wrapped optimizer."""
+    (moved, groups), = run_on_ranks(_first_step_updates, 1, [f"deepspeed.zero_stage={zero}", "optim.weight_decay=0",
+                                                            "optim.text_lr_scale=0.1"])
+    assert {name: lr for name, lr in groups} == pytest.approx(
+        {"decay": 1e-3, "no_decay": 1e-3, "decay_text": 1e-4, "no_decay_text": 1e-4})
+    assert moved["image_stem.patch_embed.weight"] == pytest.approx(1e-3, rel=0.01)
+    assert moved["text_trunk.proj.weight"] == pytest.approx(1e-4, rel=0.01)
+    assert moved["text_stem.token_embed.weight"] == pytest.approx(1e-4, rel=0.01)
+
+
 # ------------------------------------------------------------------------------- skipped optimizer steps
 def _overflowing_gradient(rank: int, world_size: int, overrides: list[str]):
     """A finite loss with an infinite gradient (a hook on one weight): DeepSpeed's overflow check must skip the

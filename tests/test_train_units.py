@@ -15,9 +15,9 @@ from alignclip.config import ConfigError, load_config
 from alignclip.distributed.env import detect, expand_nodelist, port_for_job, setup_distributed_env, tasks_on_node
 from alignclip.training import checkpoint as ckpt
 from alignclip.training.deepspeed_config import batch_layout, build_deepspeed_config, write_deepspeed_config
-from alignclip.training.optim import build_optimizer, param_groups
+from alignclip.training.optim import build_optimizer, param_groups, scale_text_gradient
 from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, any_rank
-from alignclip.training.schedule import lr_at
+from alignclip.training.schedule import lr_at, set_lr
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -68,6 +68,54 @@ def test_weight_decay_only_on_matrices():
     assert sorted(names[id(p)] for p in no_decay["params"]) == ["cls_token", "logit_scale", "norm.bias",
                                                                   "norm.weight", "proj.bias"]
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("arch, text_only", [("clip", ("text_stem.", "text_trunk.")), ("sharedclip", ("text_stem.",))])
+def test_text_lr_scale_gives_the_text_only_parameters_groups_of_their_own(arch, text_only):
+    from alignclip.models import build_model
+
+    config = load_config(f"model/{arch}_tiny", ["optim.text_lr_scale=0.25", "optim.weight_decay=0.2"])
+    model = build_model(config.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = build_optimizer(model, config.optim)
+    set_lr(opt, 1e-3)
+    seen = []
+    for group in opt.param_groups:
+        text = group["name"].endswith("_text")
+        assert all(names[id(p)].startswith(text_only) == text for p in group["params"]), group["name"]
+        assert group["lr"] == pytest.approx(2.5e-4 if text else 1e-3)
+        assert group["weight_decay"] == (0.0 if group["name"].startswith("no_decay") else 0.2)
+        seen += [names[id(p)] for p in group["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter once
+    plain = build_optimizer(model, load_config(f"model/{arch}_tiny").optim)
+    assert [g["name"] for g in plain.param_groups] == ["decay", "no_decay"]
+
+
+def test_the_shared_trunk_takes_the_text_paths_gradient_at_the_text_lr_scale():
+    """SharedCLIP: d/dtheta of image loss + text loss with the text embeddings' gradient scaled by s equals
+    g_image + s g_text for the shared trunk; CLIP's text embeddings pass untouched."""
+    from alignclip.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config("model/sharedclip_tiny").model)
+    images = torch.randn(3, 3, 64, 64)
+    tokens = torch.randint(1, 400, (3, 32))
+    tokens[:, 5] = 49407
+
+    def grads(image_weight: float, text_weight: float, scale: float) -> list[torch.Tensor]:
+        model.zero_grad()
+        out = model(images, tokens)
+        text = scale_text_gradient(out["text_embeds"], model, scale)
+        (image_weight * out["image_embeds"].pow(2).sum() + text_weight * text.pow(3).sum()).backward()
+        return [p.grad.clone() for p in model.trunk.parameters()]
+
+    scaled, image_only, text_only = grads(1, 1, 0.1), grads(1, 0, 1.0), grads(0, 1, 1.0)
+    for g, gi, gt in zip(scaled, image_only, text_only):
+        torch.testing.assert_close(g, gi + 0.1 * gt, rtol=1e-5, atol=1e-7)
+    assert any(gt.abs().sum() > 0 for gt in text_only)
+    clip = build_model(load_config("model/clip_tiny").model)
+    embeds = torch.randn(2, 4)
+    assert scale_text_gradient(embeds, clip, 0.1) is embeds
 
 
 def test_optimizer_is_adamw_with_the_configured_betas_and_eps():

@@ -24,7 +24,8 @@ def norm_eps_of(cfg: ModelConfig) -> tuple[float, float]:
 def build_model(cfg: ModelConfig) -> ContrastiveModel:
     v, t = cfg.vision, cfg.text
     block_eps, outer_eps = norm_eps_of(cfg)
-    image_stem = ImageStem(v.image_size, v.patch_size, v.width, eps=outer_eps, stem=v.stem)
+    image_stem = ImageStem(v.image_size, v.patch_size, v.width, eps=outer_eps, stem=v.stem,
+                           stem_channels=v.stem_channels)
     text_stem = TextStem(t.vocab_size, t.context_length, t.width)
     image_trunk = Trunk(v.width, v.layers, v.heads, v.mlp_ratio, cfg.embed_dim, block_eps, outer_eps)
     if cfg.arch == "sharedclip":

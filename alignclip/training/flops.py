@@ -116,7 +116,7 @@ def stem_part(v, patches: int) -> Part:
         return Part("image/patch_embed", patch, patch)
     from alignclip.models.layers import conv_stem_channels
 
-    channels, side = conv_stem_channels(v.patch_size, v.width), v.image_size
+    channels, side = conv_stem_channels(v.patch_size, v.stem_channels or v.width), v.image_size
     forward = backward = 0.0
     for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
         side = (side + 1) // 2  # padding 1, stride 2

@@ -18,13 +18,31 @@ def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
     return effective_dims < 2 or "logit_scale" in name or name.endswith(".bias")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+# ContrastiveModel's text-only modules (SharedCLIP has only the stem: its trunk serves both modalities)
+TEXT_ONLY_PREFIXES = ("text_stem.", "text_trunk.")
+
+
+def param_groups(model: nn.Module, weight_decay: float, text_lr_scale: float = 1.0) -> list[dict]:
+    """The decay and no-decay groups, each with the ``lr_scale`` that ``schedule.set_lr`` multiplies the step's lr
+    by: 1, and with ``text_lr_scale`` below 1 two more groups of the text-only parameters at that scale."""
+    split = text_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(False, False): [], (True, False): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if is_decay_exempt(name, param) else decay).append(param)
-    return [dict(params=decay, weight_decay=weight_decay, name="decay"),
-            dict(params=no_decay, weight_decay=0.0, name="no_decay")]
+            text = split and name.startswith(TEXT_ONLY_PREFIXES)
+            groups.setdefault((is_decay_exempt(name, param), text), []).append(param)
+    return [dict(params=params, weight_decay=0.0 if exempt else weight_decay, lr_scale=text_lr_scale if text else 1.0,
+                 name=("no_decay" if exempt else "decay") + ("_text" if text else ""))
+            for (exempt, text), params in groups.items()]
+
+
+def scale_text_gradient(text_embeds: torch.Tensor, model: nn.Module, text_lr_scale: float) -> torch.Tensor:
+    """The text embeddings unchanged, their gradient times ``text_lr_scale`` when the model shares parameters
+    between the modalities (SharedCLIP): the shared trunk then learns from the text path at that fraction. The
+    text-only parameters need no such scaling (Adam divides any constant factor out); their groups' lr does it."""
+    if text_lr_scale == 1.0 or not getattr(model, "shared_trunk", False):
+        return text_embeds
+    return text_embeds * text_lr_scale + text_embeds.detach() * (1.0 - text_lr_scale)
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, impl: str | None = None) -> torch.optim.AdamW:
@@ -34,6 +52,6 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, impl: str | None = Non
     torch's default; the arithmetic is the same (the tests compare them), only the number of kernels differs."""
     from alignclip.training.fast_path import adamw_kwargs
 
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.text_lr_scale), lr=optim.lr,
                              betas=(optim.beta1, optim.beta2), eps=optim.eps,
                              **(adamw_kwargs(impl) if impl else {}))

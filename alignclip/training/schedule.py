@@ -26,6 +26,7 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
 
 
 def set_lr(optimizer, lr: float) -> None:
-    """Write ``lr`` into every parameter group (DeepSpeed's wrapped optimizers expose ``param_groups`` too)."""
+    """Write ``lr`` times the group's ``lr_scale`` (optim.py: 1, or optim.text_lr_scale for the text-only
+    parameters) into every parameter group (DeepSpeed's wrapped optimizers expose ``param_groups`` too)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

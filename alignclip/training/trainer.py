@@ -33,6 +33,7 @@ from alignclip.training import checkpoint as ckpt
 from alignclip.training.components import Components, build_components, init_process_group
 from alignclip.training.deepspeed_config import batch_layout, write_deepspeed_config
 from alignclip.training.monitor import Monitor, memory_gb
+from alignclip.training.optim import scale_text_gradient
 from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from alignclip.training.schedule import lr_at, set_lr
 
@@ -287,7 +288,8 @@ class Trainer:
             batch = next(batches)
             waited += time.perf_counter() - t
             outputs = engine(*c.to_device(batch))
-            loss = c.objective(outputs["image_embeds"], outputs["text_embeds"], outputs["log_logit_scale"],
+            text = scale_text_gradient(outputs["text_embeds"], engine.module, opt.text_lr_scale)
+            loss = c.objective(outputs["image_embeds"], text, outputs["log_logit_scale"],
                                c.semantic_embeddings(batch, self.log))
             bad_term = self.nonfinite_term(loss)  # host sync (the one per micro-batch)
             if bad_term is not None:
