@@ -238,11 +238,50 @@ def test_v2_dataset_ground_truth_and_versions(tmp_path):
         assert a.split()[-1 if item["attribute"] == "shape" else -2] == item["from"]
         assert b.split()[-1 if item["attribute"] == "shape" else -2] == item["to"]
         assert source[len(a):] == target[len(b):]
-    for key, value, message in (("version", 3, ">= 1 and <= 2"), ("caption_coverage", 1.5, ">= 0 and <= 1"),
+    for key, value, message in (("version", 4, ">= 1 and <= 3"), ("caption_coverage", 1.5, ">= 0 and <= 1"),
+                                ("colour_coverage", -0.5, ">= 0 and <= 1"),
                                 ("captions_per_image", 0, ">= 1"), ("max_objects", 9, ">= 1 and <= 3")):
         with pytest.raises(ConfigError, match=re.escape(message)) as err:
             G.ensure_generated(load_config(None, base + [f"data.generated.{key}={value}"]).data)
         assert f"data.generated.{key}" in str(err.value)
+
+
+def test_v3_captions_name_every_object_by_its_shape_and_its_colour_sometimes():
+    """v3: v2's scenes and draws, but each named object is named by its shape always and by its colour with
+    probability colour_coverage; the other facts as v2 at caption_coverage; validation captions name the subject's
+    colour and shape (the zero-shot and arithmetic ground truth)."""
+    recipe = G.Recipe(3, 0.5, 2, 2, colour_coverage=0.25)
+    v2 = G.Recipe(2, 0.5, 2, 2)
+    phrases = coloured = 0
+    for index in range(400):
+        scene, caption, _ = G._train_sample(5, index, 800, 32, recipe)
+        named, pattern = _parse_v2(caption)
+        assert all(shape is not None for _, _, shape in named), caption  # never "a red shape"
+        for size, colour, shape in named:
+            assert any(o.shape == shape and colour in (None, o.colour) and size in (None, o.size)
+                       for o in scene.objects), caption
+        phrases, coloured = phrases + len(named), coloured + sum(colour is not None for _, colour, _ in named)
+        assert pattern in (None, scene.pattern)
+        scene2, caption2, _ = G._train_sample(5, index, 800, 32, v2)
+        assert scene2 == scene and len(_parse_v2(caption2)[0]) == len(named)  # same scenes, same facts named
+    assert abs(coloured / phrases - 0.25) < 0.05, coloured / phrases
+    for index in range(0, 40, 2):
+        scene, caption, _ = G._val_scene(5, index, 32, recipe)
+        subject = _parse_v2(caption)[0][0]
+        assert subject[1:] == (scene.objects[0].colour, scene.objects[0].shape), caption
+    shape_templates = G.zero_shot_tasks(3)["shape"]["templates"]
+    assert "a {}" in shape_templates and "a red {}" in shape_templates and "a {}" not in G.zero_shot_tasks(2)[
+        "shape"]["templates"]
+
+
+def test_v3_is_a_version_of_its_own_and_v2_records_are_unchanged(tmp_path):
+    base = [f"data.cache_dir={tmp_path}", "data.generated.num_shards=1", "data.generated.samples_per_shard=8",
+            "data.generated.val_samples=8", "data.generated.image_size=32", "data.train=generated"]
+    v3 = G.ensure_generated(load_config(None, base + ["data.generated.version=3"]).data)
+    v2 = G.ensure_generated(load_config(None, base + ["data.generated.version=2"]).data)
+    assert v3.root.name.endswith("-col0.25") and not v2.root.name.endswith("-col0.25")
+    assert v3.tasks()["config"]["colour_coverage"] == 0.25 and "colour_coverage" not in v2.tasks()["config"]
+    assert (v3.root / "train-00000.tar").read_bytes() != (v2.root / "train-00000.tar").read_bytes()
 
 
 def _shard_records(paths) -> dict[str, dict]:

@@ -27,6 +27,10 @@ whole scene and c = 0 one object only. A training image gets ``captions_per_imag
 spread over the epoch), each with another subject and another draw of the facts, so no caption says all the image
 holds. Liang et al. (2022, "Mind the Gap", arXiv:2203.02053) name the other cause, the cone effect of
 initialisation and temperature, which both versions leave to the model. Validation images get one caption each.
+
+Version 3 draws version 2's scenes and facts with the same draws but names every named object by its shape, the
+noun, as real captions name objects, and its colour word only with probability ``colour_coverage``: captions that
+name colour as often as shape let a tiny text tower settle on colour and starve shape (docs/study.md).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from alignclip.data.writer import ShardWriter, atomic_write_bytes, sample_key
 
 # The versions a config may ask for (data.generated.version). Change a version's rendering only with a new number,
 # so cached shards of another rendering are never reused (the cache folder is named after the version).
-GENERATOR_VERSIONS = (1, 2)
+GENERATOR_VERSIONS = (1, 2, 3)
 GENERATOR_VERSION = 1  # the version written when none is asked for (the schema's default, tools/make_shards.py)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -172,7 +176,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, num_objects: int | N
 
 
 def partial_caption(scene: Scene, rng: np.random.Generator, coverage: float, subject: int = 0,
-                    full_subject: bool = False) -> str:
+                    full_subject: bool = False, colour_coverage: float | None = None) -> str:
     """A v2 caption naming part of the scene. Each named object gets its colour and shape with probability
     ``coverage``, else one of the two (a coin flip: "a red shape", "a circle"), and its size word with probability
     ``coverage``; the subject is always named, each other object and the background with probability
@@ -180,12 +184,17 @@ def partial_caption(scene: Scene, rng: np.random.Generator, coverage: float, sub
     arithmetic's swapped word is in them).
 
     The draws depend on the rng only, never on the attribute values, so a scene with one word swapped
-    (``swap_attribute``) gets the same caption with that word swapped (the arithmetic ground truth)."""
+    (``swap_attribute``) gets the same caption with that word swapped (the arithmetic ground truth).
+
+    ``colour_coverage`` (v3) names every named object by its shape, the noun, as real captions name objects, and
+    gives its colour word with that probability only (the same draws, so v2 captions are unchanged)."""
     order = [subject] + [i for i in range(len(scene.objects)) if i != subject]
     n = len(order)
     named_sizes, named_others, both, colour_only = (rng.random(n) < coverage, rng.random(n) < coverage,
                                                    rng.random(n) < coverage, rng.random(n) < 0.5)
     named_background = rng.random() < coverage
+    if colour_coverage is not None:  # v3: the shape always, the colour word with its own chance (drawn last)
+        both, colour_only = rng.random(n) < colour_coverage, np.zeros(n, dtype=bool)
     if full_subject:
         both[0] = True
 
@@ -291,12 +300,14 @@ class Recipe:
     caption_coverage: float = 0.5
     captions_per_image: int = 1
     max_objects: int = 2
+    colour_coverage: float | None = None  # v3 only
 
     @classmethod
     def of(cls, g) -> "Recipe":
         if g.version == 1:
             return cls()
-        return cls(g.version, float(g.caption_coverage), int(g.captions_per_image), int(g.max_objects))
+        colour = float(g.colour_coverage) if g.version >= 3 else None
+        return cls(g.version, float(g.caption_coverage), int(g.captions_per_image), int(g.max_objects), colour)
 
     def scene(self, rng: np.random.Generator, image_size: int) -> Scene:
         return sample_scene(rng, image_size, version=self.version, max_objects=self.max_objects)
@@ -308,7 +319,7 @@ class Recipe:
             return scene.caption()
         rng = np.random.default_rng([seed, SPLIT_IDS[split], index, CAPTION_STREAM + which])
         return partial_caption(scene, rng, self.caption_coverage, which % len(scene.objects),
-                               full_subject=split == "val")
+                               full_subject=split == "val", colour_coverage=self.colour_coverage)
 
 
 V1 = Recipe()
@@ -317,10 +328,12 @@ V1 = Recipe()
 # --------------------------------------------------------------------------------------- zero-shot tasks
 def zero_shot_tasks(version: int = 1) -> dict[str, dict]:
     """Class names and prompt templates per task; a template ensemble spans the attributes not being asked
-    (v2 captions may leave the size out, so its templates come with and without a size word)."""
+    (v2 captions may leave the size out, so its templates come with and without a size word; v3 captions mostly
+    leave the colour out, so its shape templates come without one too)."""
     sizes = [f"{size} " for size in SIZES] + ([""] if version >= 2 else [])
     colour_templates = [f"a {size}{{}} {shape}" for size in sizes for shape in SHAPES]
-    shape_templates = [f"a {size}{colour} {{}}" for size in sizes for colour in COLOURS]
+    colours = [f"{colour} " for colour in COLOURS] + ([""] if version >= 3 else [])
+    shape_templates = [f"a {size}{colour}{{}}" for size in sizes for colour in colours]
     return {
         "colour": {"classnames": list(COLOURS), "templates": colour_templates, "label": "colour"},
         "shape": {"classnames": list(SHAPES), "templates": shape_templates, "label": "shape"},
@@ -494,6 +507,8 @@ def dataset_dir(data_cfg) -> Path:
     tag = f"v{g.version}-seed{g.seed}-{g.num_shards}x{g.samples_per_shard}-val{g.val_samples}-px{g.image_size}"
     if g.version >= 2:
         tag += f"-cov{g.caption_coverage:g}-cap{g.captions_per_image}-obj{g.max_objects}"
+    if g.version >= 3:
+        tag += f"-col{g.colour_coverage:g}"
     return base / tag
 
 
@@ -506,10 +521,20 @@ def check_generated_config(g) -> None:
     for key in ("num_shards", "samples_per_shard", "image_size", "val_samples", "captions_per_image"):
         if getattr(g, key) <= 0:
             raise ConfigError(f"key 'data.generated.{key}' must be > 0, got {getattr(g, key)}")
-    if not 0.0 <= g.caption_coverage <= 1.0:
-        raise ConfigError(f"key 'data.generated.caption_coverage' must be in [0, 1], got {g.caption_coverage}")
+    for key in ("caption_coverage", "colour_coverage"):
+        if not 0.0 <= getattr(g, key) <= 1.0:
+            raise ConfigError(f"key 'data.generated.{key}' must be in [0, 1], got {getattr(g, key)}")
     if not 1 <= g.max_objects <= 3:
         raise ConfigError(f"key 'data.generated.max_objects' must be in 1..3, got {g.max_objects}")
+
+
+def _recorded_config(g) -> dict:
+    """The data.generated keys tasks.json records; v1 and v2 files stay byte-identical to those written before v3's
+    key existed."""
+    config = asdict(g) if hasattr(g, "__dataclass_fields__") else dict(g)
+    if g.version < 3:
+        config.pop("colour_coverage", None)
+    return config
 
 
 def ensure_generated(data_cfg) -> GeneratedDataset:
@@ -533,7 +558,7 @@ def ensure_generated(data_cfg) -> GeneratedDataset:
             val = write_split(root, "val", *_split_size(g, "val"), g.image_size, g.seed, recipe=recipe)
             tasks = {
                 "generator_version": g.version,
-                "config": asdict(g) if hasattr(g, "__dataclass_fields__") else dict(g),
+                "config": _recorded_config(g),
                 "train": dataset.spec("train"),
                 "val": dataset.spec("val"),
                 **_task_layout(val, list(val["labels"]), g.version),  # every validation sample is its own image
