@@ -40,6 +40,7 @@ class VisionConfig:
     # stride-2 convolutions down to the same grid (Xiao et al. 2021, arXiv:2106.14881), which a tiny ViT needs to
     # learn shapes within a few hundred steps; patch_size must then be a power of two.
     stem: str = "patch"
+    stem_channels: int = 0  # conv stem: channels of its last 3x3 conv (halving towards the image); 0 = width
 
 
 @dataclass
@@ -110,11 +111,15 @@ class GeneratedDataConfig:
     val_samples: int = 256
     seed: int = 0
     # Generator version: 1 = one or two objects, the caption names everything drawn; 2 = up to max_objects
-    # objects on a patterned background, each caption names only part of the scene (alignclip.data.generated).
+    # objects on a patterned background, each caption names only part of the scene (alignclip.data.generated);
+    # 3 = v2 whose captions always name an object's shape and its colour only sometimes (colour_coverage).
     version: int = 1
     caption_coverage: float = 0.5  # v2: chance that each optional fact (other object, size, background) is named
     captions_per_image: int = 2  # v2: distinct captions per training image (one sample each)
     max_objects: int = 2  # v2: objects per scene, 1..max_objects
+    # v3 (= v2's scenes): every named object by its shape, the noun, as real captions name objects; its colour word
+    # only with this chance (colour, learnt at once, would otherwise starve the shape words: docs/study.md)
+    colour_coverage: float = 0.25
 
 
 @dataclass
@@ -179,6 +184,12 @@ class OptimConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0  # 0 disables clipping
     adamw_impl: str = "auto"  # auto (= fused: one kernel over ZeRO's flat partition, CUDA and CPU) | foreach | loop
+    # How fast the text side learns relative to the image side. Below 1, the text-only parameters (CLIP's text
+    # stem and tower, SharedCLIP's text stem) step at this fraction of the lr, and parameters both modalities
+    # share (SharedCLIP's trunk and projection) take the text path's gradient scaled by it: the text side cannot
+    # settle on the caption words that are easy to see (colour) before the image side can see the hard ones
+    # (shape), which would starve them (docs/study.md measures it).
+    text_lr_scale: float = 1.0
 
 
 @dataclass
@@ -477,7 +488,7 @@ UNIT_OPEN = Range(0, True, 1, False)  # Adam's betas: [0, 1)
 RANGES: dict[str, Range] = {
     **{f"model.{tower}.{key}": POSITIVE for tower in ("vision", "text")
        for key in ("width", "layers", "heads", "mlp_ratio")},
-    "model.vision.image_size": POSITIVE, "model.vision.patch_size": POSITIVE,
+    "model.vision.image_size": POSITIVE, "model.vision.patch_size": POSITIVE, "model.vision.stem_channels": NON_NEGATIVE,
     "model.text.context_length": Range(2),  # <start> and <end> at least
     "model.text.vocab_size": Range(3),  # the two special tokens and one more
     "model.embed_dim": POSITIVE, "model.init_temperature": POSITIVE, "model.max_logit_scale": POSITIVE,
@@ -488,8 +499,9 @@ RANGES: dict[str, Range] = {
     "data.max_image_pixels": NON_NEGATIVE,
     "data.generated.num_shards": POSITIVE, "data.generated.samples_per_shard": POSITIVE,
     "data.generated.image_size": POSITIVE, "data.generated.val_samples": NON_NEGATIVE,
-    "data.generated.seed": NON_NEGATIVE, "data.generated.version": Range(1, True, 2, True),
-    "data.generated.caption_coverage": Range(0, True, 1, True), "data.generated.captions_per_image": AT_LEAST_ONE,
+    "data.generated.seed": NON_NEGATIVE, "data.generated.version": Range(1, True, 3, True),
+    "data.generated.caption_coverage": Range(0, True, 1, True),
+    "data.generated.colour_coverage": Range(0, True, 1, True), "data.generated.captions_per_image": AT_LEAST_ONE,
     "data.generated.max_objects": Range(1, True, 3, True),  # the v2 scene layout places at most 3 apart
     "train.seed": NON_NEGATIVE,  # numpy seeds are unsigned
     "train.epochs": POSITIVE, "train.max_steps": NON_NEGATIVE,
@@ -497,7 +509,7 @@ RANGES: dict[str, Range] = {
     "train.max_skipped_steps": NON_NEGATIVE,
     "optim.lr": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE, "optim.beta1": UNIT_OPEN, "optim.beta2": UNIT_OPEN, "optim.eps": POSITIVE,
-    "optim.grad_clip": NON_NEGATIVE,
+    "optim.grad_clip": NON_NEGATIVE, "optim.text_lr_scale": Range(0, False, 1, True),
     "checkpoint.every_steps": NON_NEGATIVE, "checkpoint.keep": AT_LEAST_ONE,
     "fast_path.peak_tflops": NON_NEGATIVE,
     "deepspeed.allgather_bucket_size": POSITIVE, "deepspeed.reduce_bucket_size": POSITIVE,

@@ -6,7 +6,7 @@ generated data with the same budget, then measured side by side.
     python -m alignclip.run_default key=value ...     # config overrides for both, as for alignclip.train
 
 Steps: render the generated shards if absent (under ``$ALIGNCLIP_CACHE/generated``, default
-``~/.cache/alignclip/generated``; generator v2, whose captions name only part of each scene, so a
+``~/.cache/alignclip/generated``; generator v3, whose captions name one object of each scene by its shape, so a
 modality gap opens as with real image-text pairs: Schrodi et al. 2025, arXiv:2404.07983); for AlignCLIP encode every
 caption once with the offline MiniLM into sidecar files next to the shards (the precomputed path, so the training
 step never runs SBERT); train each model (resuming if its run directory has a checkpoint); export it, encode the

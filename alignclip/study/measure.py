@@ -83,7 +83,7 @@ def encode_with_probe(model_path: str | Path, eval_set: EvalSet, cache_dir: str 
         return es, None
     if not _cached(cache):
         # the probe fits on each image once, and the split's leading samples hold every image once: encoding only
-        # them halves the work with v2's two captions per image
+        # them halves the work with two captions per image (v2, v3)
         probe = replace(probe, limit=train_images(read_config(model_path).data))
     return es, encode_set(model_path, probe, cache)
 
