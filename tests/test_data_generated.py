@@ -294,7 +294,7 @@ def _shard_records(paths) -> dict[str, dict]:
     return records
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_train_split_tasks_are_the_labels_in_the_rendered_shards(tmp_path, version):
     """split_tasks(train) samples scenes without rendering; its labels are those written in the real shards, its
     probe keys each single-object image once (v2: at its first caption), and split_tasks(val) is tasks.json's."""
@@ -313,7 +313,7 @@ def test_train_split_tasks_are_the_labels_in_the_rendered_shards(tmp_path, versi
         first_of_image.setdefault(records[key].get("image_id", key), key)
     single = sorted(k for k in first_of_image.values() if records[k]["labels"]["num_objects"] == 1)
     assert single and len(single) < len(first_of_image)  # a mix of one- and several-object scenes
-    assert len(first_of_image) == (12 if version == 2 else 24)  # v2: two captions per image
+    assert len(first_of_image) == (24 if version == 1 else 12)  # v2, v3: two captions per image
     for name in ("colour", "shape"):
         assert train["zero_shot"][name]["keys"] == single
         assert train["zero_shot"][name]["classnames"] == dataset.tasks()["zero_shot"][name]["classnames"]
