@@ -42,8 +42,8 @@ def test_run_default_trains_both_and_prints_them_side_by_side(tmp_path):
         assert (out / run / "checkpoints" / "step_00000004" / "trainer_state.json").is_file()
         assert (out / run / "export" / "step_00000004.safetensors").is_file()
         assert f"tensorboard --logdir {out / run / 'tb'}" in text
-    assert list((tmp_path / "data").glob("v2-*/semantic-*/train-00000.sem.npz"))  # the precomputed path
-    assert "v2-seed0" in text  # the default is generator v2
+    assert list((tmp_path / "data").glob("v3-*/semantic-*/train-00000.sem.npz"))  # the precomputed path
+    assert "v3-seed0" in text  # the default is generator v3
 
     again = subprocess.run([sys.executable, "-m", "alignclip.run_default", "--out", str(out), "--only", "clip",
                             *overrides], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+NEWER_KEYS = ("optim.text_lr_scale",)
+
+
 def to_old_layout(text: str) -> str:
     """A resolved config dump as the code before the split wrote it: optim / checkpoint / fast_path keys in train."""
     from omegaconf import OmegaConf
@@ -10,6 +13,9 @@ def to_old_layout(text: str) -> str:
     from alignclip.config import MOVED_KEYS
 
     raw = OmegaConf.to_container(OmegaConf.create(text))
+    for key in NEWER_KEYS:  # keys added after the split: an old dump never had them (their defaults apply)
+        section, name = key.split(".")
+        raw[section].pop(name)
     for old, new in MOVED_KEYS.items():
         section, name = new.split(".")
         raw["train"][old.split(".")[1]] = raw[section].pop(name)
