@@ -488,7 +488,8 @@ UNIT_OPEN = Range(0, True, 1, False)  # Adam's betas: [0, 1)
 RANGES: dict[str, Range] = {
     **{f"model.{tower}.{key}": POSITIVE for tower in ("vision", "text")
        for key in ("width", "layers", "heads", "mlp_ratio")},
-    "model.vision.image_size": POSITIVE, "model.vision.patch_size": POSITIVE, "model.vision.stem_channels": NON_NEGATIVE,
+    "model.vision.image_size": POSITIVE, "model.vision.patch_size": POSITIVE,
+    "model.vision.stem_channels": NON_NEGATIVE,
     "model.text.context_length": Range(2),  # <start> and <end> at least
     "model.text.vocab_size": Range(3),  # the two special tokens and one more
     "model.embed_dim": POSITIVE, "model.init_temperature": POSITIVE, "model.max_logit_scale": POSITIVE,

@@ -35,7 +35,8 @@ def require_patch_stem(cfg: ModelConfig) -> None:
     if cfg.vision.stem != "patch":
         raise ExportError(f"this model's image stem is {cfg.vision.stem!r} (model.vision.stem); OpenCLIP and "
                           f"Hugging Face CLIP have only the one-conv patch stem, so it cannot be exported to them. "
-                          f"Its safetensors export (alignclip-export, the default format) loads with alignclip.export.load")
+                          f"Its safetensors export (alignclip-export, the default format) loads with "
+                          f"alignclip.export.load")
 
 
 def exact_norm_eps(cfg: ModelConfig) -> float:

@@ -28,9 +28,10 @@ def conv_stem_channels(patch_size: int, last: int) -> list[int]:
 
 def conv_stem(patch_size: int, width: int, last_channels: int = 0) -> nn.Sequential:
     """Xiao et al. (2021, "Early convolutions help transformers see better", arXiv:2106.14881): 3x3 stride-2
-    convolutions, one per halving of the image down to the patch grid, channels doubling up to ``width``, then a
-    1x1 projection to ``width`` (the last conv has ``last_channels``, default ``width``). Each conv is followed by a per-channel GroupNorm (per image, so no batch statistics
-    to synchronise across ranks or to freeze for evaluation) and a GELU. Same token grid as a patch_size conv."""
+    convolutions, one per halving of the image down to the patch grid, channels doubling up to ``last_channels``
+    (0: ``width``), then a 1x1 projection to ``width``. Each conv is followed by a per-channel GroupNorm (per image,
+    so no batch statistics to synchronise across ranks or to freeze for evaluation) and a GELU. Same token grid as
+    a patch_size conv."""
     channels = conv_stem_channels(patch_size, last_channels or width)
     layers: list[nn.Module] = []
     for c_in, c_out in zip(channels, channels[1:]):
