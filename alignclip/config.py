@@ -592,6 +592,16 @@ def with_saved_norm_eps(config: Config, run_dir: str | Path) -> tuple[Config, bo
     return replace(config, model=replace(config.model, norm_eps=None)), True
 
 
+def saved_text_lr_scale(run_dir: str | Path) -> Optional[float]:
+    """``optim.text_lr_scale`` in a run directory's saved config.yaml: 1.0 when the saved config predates the key
+    (that run trained without text groups), None when there is no config.yaml."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return None
+    saved = OmegaConf.create(saved_path.read_text())
+    return float(OmegaConf.select(saved, "optim.text_lr_scale", default=1.0))
+
+
 def config_hash(config: Config) -> str:
     """A short digest of the resolved config; checkpoints record it so a resume can tell what changed. The
     ``launch`` section is left out: resources and time limits say where a run goes, not what it trains."""

@@ -270,6 +270,62 @@ def test_resume_with_another_world_size_says_how_to_convert(tmp_path):
     ckpt.check_world_size(state, tmp_path, world_size=8, universal=False)
 
 
+def test_a_text_lr_scale_across_1_stops_naming_the_key_and_what_to_do(tmp_path):
+    checkpoint = tmp_path / "step_00000005"
+    below = ckpt.TrainerState(step=5, text_lr_scale=0.1)
+    expected = ("(?s)key 'optim.text_lr_scale' is 1 but checkpoint .*step_00000005 was written with 0.1.*"
+                "checkpoint is fine.*resume with optim.text_lr_scale=0.1 \\(or any other value below 1\\).*"
+                "new run directory")
+    with pytest.raises(ckpt.ConfigChangeError, match=expected) as caught:
+        ckpt.check_text_lr_scale(below, checkpoint, 1.0)
+    assert isinstance(caught.value, ConfigError) and not isinstance(caught.value, ckpt.CheckpointError)
+    with pytest.raises(ckpt.ConfigChangeError, match="is 0.2 but .* written with 1: .*optim.text_lr_scale=1, "):
+        ckpt.check_text_lr_scale(ckpt.TrainerState(text_lr_scale=1.0), checkpoint, 0.2)
+    ckpt.check_text_lr_scale(below, checkpoint, 0.2)  # the same layout: load_checkpoint applies the new value
+    ckpt.check_text_lr_scale(ckpt.TrainerState(text_lr_scale=1.0), checkpoint, 1.0)
+
+
+def test_a_trainer_state_without_text_lr_scale_takes_the_run_directorys_config(tmp_path):
+    """Checkpoints written before the state recorded the scale: the run's config.yaml says how they were trained
+    (a config from before the key existed: 1); without a config.yaml nothing is checked."""
+    from alignclip.config import save_config
+
+    legacy = _fake_checkpoint(ckpt.checkpoints_dir(tmp_path), 7)
+    state = ckpt.read_state(legacy)
+    assert state.text_lr_scale is None
+    assert ckpt.trained_text_lr_scale(state, legacy) is None
+    ckpt.check_text_lr_scale(state, legacy, 0.1)
+    save_config(load_config(None, ["optim.text_lr_scale=0.1"]), tmp_path)
+    assert ckpt.trained_text_lr_scale(state, legacy) == pytest.approx(0.1)
+    ckpt.check_text_lr_scale(state, legacy, 0.3)
+    with pytest.raises(ckpt.ConfigChangeError, match="written with 0.1"):
+        ckpt.check_text_lr_scale(state, legacy, 1.0)
+    (tmp_path / "config.yaml").write_text("train:\n  lr: 0.001\n")  # the layout before the key existed
+    assert ckpt.trained_text_lr_scale(state, legacy) == 1.0
+    with pytest.raises(ckpt.ConfigChangeError, match="written with 1:"):
+        ckpt.check_text_lr_scale(state, legacy, 0.1)
+    # the state's own record wins over the config
+    assert ckpt.trained_text_lr_scale(ckpt.TrainerState(text_lr_scale=0.25), legacy) == 0.25
+
+
+def test_the_optimizer_groups_keep_this_runs_hyper_parameters_over_a_loaded_state():
+    """What a checkpoint load does to the groups (torch's load_state_dict restores each group's values as saved),
+    undone by restore_group_settings: the moments come from the checkpoint, the hyper-parameters from the config."""
+    from alignclip.training.optim import group_settings, restore_group_settings
+
+    model = _Toy()
+    old = build_optimizer(model, load_config(None, ["optim.weight_decay=0.3", "optim.beta2=0.95"]).optim)
+    new = build_optimizer(model, load_config(None, ["optim.weight_decay=0.1"]).optim)
+    settings = group_settings(new)
+    new.load_state_dict(old.state_dict())
+    assert [g["weight_decay"] for g in new.param_groups] == [0.3, 0.0]  # the saved values, as torch loads them
+    restore_group_settings(new, settings)
+    assert [(g["weight_decay"], g["betas"], g["lr_scale"]) for g in new.param_groups] == [
+        (0.1, (0.9, 0.98), 1.0), (0.0, (0.9, 0.98), 1.0)]
+    with pytest.raises(RuntimeError, match="has 2 parameter groups, expected 3"):
+        restore_group_settings(new, settings + [{}])
+
+
 def test_rng_state_round_trip():
     import random
 

@@ -22,6 +22,11 @@ next older checkpoint is tried; when none verifies, ``CheckpointError`` (exit 2)
 8 MiB chunks and is split over the ranks (file i is hashed by rank i mod world), so its cost is one extra read of
 the checkpoint spread over the ranks (docs/training.md gives a measured rate).
 
+A changed config: the optimizer groups' hyper-parameters (``optim.CONFIGURED_GROUP_KEYS``: the text groups'
+lr scale, weight decay, betas, eps) are this run's, not the checkpoint's. A change of ``optim.text_lr_scale``
+across 1 changes the group layout, which the saved optimizer state cannot follow: ``ConfigChangeError`` (exit 2)
+names the key before anything is loaded, like another world size, rather than calling the checkpoint unusable.
+
 Atomicity: every rank writes into ``step_X.tmp/``; after a barrier rank 0 renames it to ``step_X/`` (a rename is
 atomic on POSIX) and then replaces ``latest`` by writing ``latest.tmp`` and renaming it. A crash at any point
 leaves either the previous ``latest`` (pointing at a complete directory) or the new one; a stale ``*.tmp`` is
@@ -48,7 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alignclip.config import ConfigError
+from alignclip.config import ConfigError, saved_text_lr_scale
+from alignclip.training.optim import group_settings, restore_group_settings, splits_text_groups
 from alignclip.training.preemption import any_rank
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -72,10 +78,18 @@ class TrainerState:
     world_size: int = 1
     accumulation: int = 1  # micro-batches per step: converts batch_in_epoch when the world size changes
     config_hash: str = ""
+    # optim.text_lr_scale of the run: it decides the optimizer's group layout. None in checkpoints written before it
+    # was recorded (trained_text_lr_scale then asks the run's config.yaml)
+    text_lr_scale: Optional[float] = None
 
 
 class CheckpointWorldSizeError(RuntimeError):
     pass
+
+
+class ConfigChangeError(ConfigError):
+    """The config changes a key in a way the checkpoint cannot follow. Not a damaged checkpoint: raised at once,
+    naming the key (exit 2 like any config error), and no older checkpoint is tried."""
 
 
 class CheckpointError(ConfigError):
@@ -362,6 +376,34 @@ def check_world_size(state: TrainerState, checkpoint: Path, world_size: int, uni
         f"resumes from it at the same step; the rest of that epoch is then read in the new ranks' shard split.")
 
 
+def trained_text_lr_scale(state: TrainerState, checkpoint: Path) -> Optional[float]:
+    """The ``optim.text_lr_scale`` ``checkpoint`` was written with; None when unknown.
+
+    A state from before the field existed: the run directory's config.yaml. Until then a resume across a change of
+    the group layout always failed (and a failed resume leaves config.yaml alone), so every checkpoint of the
+    directory has the layout of its config.yaml; a config.yaml without the key predates text groups (1.0)."""
+    if state.text_lr_scale is not None:
+        return state.text_lr_scale
+    return saved_text_lr_scale(checkpoint.parent.parent)  # <run_dir>/checkpoints/<step>
+
+
+def check_text_lr_scale(state: TrainerState, checkpoint: Path, text_lr_scale: float) -> None:
+    """Below 1, ``optim.text_lr_scale`` gives the text-only parameters optimizer groups of their own
+    (``optim.param_groups``): a checkpoint from one side of 1 holds optimizer state for other groups than a run on
+    the other side has, and DeepSpeed's load fails with a message about something else. Another value on the same
+    side is fine (``load_checkpoint`` applies it)."""
+    saved = trained_text_lr_scale(state, checkpoint)
+    if saved is None or splits_text_groups(saved) == splits_text_groups(text_lr_scale):
+        return
+    keep = "1" if not splits_text_groups(saved) else f"{saved:g} (or any other value below 1)"
+    raise ConfigChangeError(
+        f"key 'optim.text_lr_scale' is {text_lr_scale:g} but checkpoint {checkpoint} was written with {saved:g}: "
+        f"below 1 the text-only parameters have optimizer groups of their own, so the checkpoint's optimizer state "
+        f"(AdamW moments per group) does not fit this run's groups. The checkpoint is fine. Either resume with "
+        f"optim.text_lr_scale={keep}, or start a new run directory (another name or run_dir) to train with "
+        f"{text_lr_scale:g} from the first step.")
+
+
 def to_universal(checkpoint: Path) -> Path:
     """Collective: DeepSpeed's universal form of ``checkpoint`` (any world size can load it), converted once by
     rank 0 into ``<name>_universal/`` (complete or absent, like every checkpoint) with the trainer state copied."""
@@ -384,18 +426,24 @@ def to_universal(checkpoint: Path) -> Path:
 
 
 def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool = False,
-                    accumulation: int = 1) -> TrainerState:
-    """Restore engine (weights, optimizer, counters) and this rank's RNG; return the trainer state, its data
-    position in this run's micro-batches. Another world size goes through a universal checkpoint."""
+                    accumulation: int = 1, text_lr_scale: float = 1.0) -> TrainerState:
+    """Restore engine (weights, optimizer state, counters) and this rank's RNG; return the trainer state, its data
+    position in this run's micro-batches. Another world size goes through a universal checkpoint. The optimizer
+    groups keep this run's hyper-parameters (``text_lr_scale`` is this run's ``optim.text_lr_scale``)."""
     state = read_state(checkpoint)
     check_world_size(state, checkpoint, world_size, universal)
+    check_text_lr_scale(state, checkpoint, text_lr_scale)
     source = checkpoint
     if state.world_size != world_size and not checkpoint.name.endswith(UNIVERSAL_SUFFIX):
         source = to_universal(checkpoint)
     # DeepSpeed reads this flag at load time only: a universal source needs it, a native one must not have it
     engine._config.load_universal_checkpoint = source.name.endswith(UNIVERSAL_SUFFIX)
-    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+    settings = group_settings(engine.optimizer)  # this run's config; the load restores the saved values
+    try:
+        path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    finally:  # after a failed load too: resume's next older checkpoint starts from this run's values again
+        restore_group_settings(engine.optimizer, settings)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
     if state.world_size == world_size:  # other world sizes: the ranks keep their fresh seeds
@@ -404,18 +452,19 @@ def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool =
             restore_rng(rng)
     if state.accumulation != accumulation:  # the same number of steps into the epoch
         state.batch_in_epoch = state.batch_in_epoch // state.accumulation * accumulation
-    state.accumulation = accumulation
+    state.accumulation, state.text_lr_scale = accumulation, text_lr_scale
     return state
 
 
 def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False, accumulation: int = 1,
-           warn=None) -> Optional[tuple[Path, TrainerState]]:
+           warn=None, text_lr_scale: float = 1.0) -> Optional[tuple[Path, TrainerState]]:
     """Collective: restore the newest checkpoint that verifies and loads; None when the run has none.
 
     Removes stale ``.tmp`` folders first. Each failure (manifest mismatch, unreadable state, load error on any
     rank) is reported through ``warn`` (default: stderr, rank 0 and the failing rank), naming the file and the
     checkpoint, and the next older checkpoint is tried; all ranks take the same decision. When checkpoints exist
-    but none is usable: ``CheckpointError``. A world-size mismatch is not a corruption and raises at once.
+    but none is usable: ``CheckpointError``. A world-size mismatch or a config change the checkpoint cannot follow
+    (``check_text_lr_scale``) is not a corruption and raises at once.
     """
     warn = warn or _warn
     root = checkpoints_dir(run_dir)
@@ -434,9 +483,10 @@ def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False
                 problem = str(err)
         if problem is None:
             check_world_size(state, checkpoint, world_size, universal)
+            check_text_lr_scale(state, checkpoint, text_lr_scale)
             try:
-                state = load_checkpoint(engine, checkpoint, world_size, universal, accumulation)
-            except CheckpointWorldSizeError:
+                state = load_checkpoint(engine, checkpoint, world_size, universal, accumulation, text_lr_scale)
+            except (CheckpointWorldSizeError, ConfigChangeError):
                 raise
             except Exception as err:  # DeepSpeed / torch errors: name the checkpoint and what was said
                 problem = f"{checkpoint}: loading failed on rank {_rank()}: {type(err).__name__}: {err}"

@@ -22,10 +22,21 @@ def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
 TEXT_ONLY_PREFIXES = ("text_stem.", "text_trunk.")
 
 
+# The group hyper-parameters this run's config sets. Loading a checkpoint restores each group's values as saved
+# (torch's Optimizer.load_state_dict, DeepSpeed's universal load); these are put back to the config's afterwards.
+CONFIGURED_GROUP_KEYS = ("lr_scale", "weight_decay", "betas", "eps")
+
+
+def splits_text_groups(text_lr_scale: float) -> bool:
+    """Whether the text-only parameters get groups of their own: the optimizer's group layout, which a checkpoint's
+    optimizer state must match."""
+    return text_lr_scale != 1.0
+
+
 def param_groups(model: nn.Module, weight_decay: float, text_lr_scale: float = 1.0) -> list[dict]:
     """The decay and no-decay groups, each with the ``lr_scale`` that ``schedule.set_lr`` multiplies the step's lr
     by: 1, and with ``text_lr_scale`` below 1 two more groups of the text-only parameters at that scale."""
-    split = text_lr_scale != 1.0
+    split = splits_text_groups(text_lr_scale)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(False, False): [], (True, False): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -55,3 +66,17 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, impl: str | None = Non
     return torch.optim.AdamW(param_groups(model, optim.weight_decay, optim.text_lr_scale), lr=optim.lr,
                              betas=(optim.beta1, optim.beta2), eps=optim.eps,
                              **(adamw_kwargs(impl) if impl else {}))
+
+
+def group_settings(optimizer) -> list[dict]:
+    """Each parameter group's ``CONFIGURED_GROUP_KEYS`` (DeepSpeed's wrapped optimizers expose ``param_groups``)."""
+    return [{k: group[k] for k in CONFIGURED_GROUP_KEYS if k in group} for group in optimizer.param_groups]
+
+
+def restore_group_settings(optimizer, settings: list[dict]) -> None:
+    """Write ``group_settings``' values back, group by group (the layout is the same: the groups are in order)."""
+    if len(settings) != len(optimizer.param_groups):
+        raise RuntimeError(f"the optimizer has {len(optimizer.param_groups)} parameter groups, expected "
+                           f"{len(settings)}")
+    for group, values in zip(optimizer.param_groups, settings):
+        group.update(values)

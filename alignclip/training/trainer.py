@@ -133,21 +133,23 @@ class Trainer:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_deepspeed_config(ds_config, run_dir)
             dist.barrier()
-            # the data spec and a checkpoint's world size are checked before the (possibly large) model is built
+            # the data spec and a checkpoint's world size and optimizer group layout are checked before the
+            # (possibly large) model is built
             latest = ckpt.find_latest(run_dir)
             legacy_eps = False
             if latest is not None:
-                ckpt.check_world_size(ckpt.read_state(latest), latest, env.world_size,
-                                      config.deepspeed.universal_checkpoint)
+                saved = ckpt.read_state(latest)
+                ckpt.check_world_size(saved, latest, env.world_size, config.deepspeed.universal_checkpoint)
+                ckpt.check_text_lr_scale(saved, latest, config.optim.text_lr_scale)
                 config, legacy_eps = with_saved_norm_eps(config, run_dir)
             steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
             components = build_components(config, env)
             state = ckpt.TrainerState(world_size=env.world_size, accumulation=layout.accumulation,
-                                      config_hash=config_hash(config))
+                                      config_hash=config_hash(config), text_lr_scale=config.optim.text_lr_scale)
             # verified resume: the newest checkpoint whose manifest and load check out (older ones on failure,
             # loudly); stale .tmp folders of an interrupted save are removed first
             resumed = ckpt.resume(components.engine, run_dir, env.world_size, config.deepspeed.universal_checkpoint,
-                                  layout.accumulation)
+                                  layout.accumulation, text_lr_scale=config.optim.text_lr_scale)
             if resumed is not None:
                 latest, state = resumed
             # written only now: a resume that failed (another model, another world size) keeps the run's config
@@ -197,7 +199,8 @@ class Trainer:
         """The bare step over ready ``components`` (benchmarks, tests): no run directory, data or monitor."""
         trainer = cls.__new__(cls)
         trainer._init_step(components, ckpt.TrainerState(world_size=components.env.world_size,
-                                                         accumulation=components.layout.accumulation),
+                                                         accumulation=components.layout.accumulation,
+                                                         text_lr_scale=components.config.optim.text_lr_scale),
                            total_steps, steps_per_epoch=total_steps)
         trainer.preemption, trainer.monitor, trainer.run_dir, trainer.latest = None, None, None, None
         trainer.eval_batch, trainer.flops_per_sample, trainer.peak_tflops = None, 0.0, None
