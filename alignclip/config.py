@@ -91,6 +91,12 @@ class LossConfig:
     imsep_weight: float = 0.0
     imsep_sides: str = "image"  # image | text | both (both = sum of the two, appendix A.2)
     imsep_rescale: bool = True  # False: D = 1 (Table 7 ablation)
+    # An onset for IMSep (not in the paper, whose recipe is 0 and 0): its weight is 0 before optimizer step
+    # imsep_start_step, then rises linearly to imsep_weight over imsep_ramp_steps steps (0: at once). At the
+    # embedded scale IMSep from the first step keeps the hard attribute (shape) from ever being learnt, while
+    # switched on once it is, it closes the gap and keeps it (docs/study.md). No effect while imsep_weight is 0.
+    imsep_start_step: int = 0
+    imsep_ramp_steps: int = 0
     uniform_weight: float = 0.0
     xuniform_weight: float = 0.0
     align_weight: float = 0.0
@@ -495,6 +501,7 @@ RANGES: dict[str, Range] = {
     "model.embed_dim": POSITIVE, "model.init_temperature": POSITIVE, "model.max_logit_scale": POSITIVE,
     **{f"loss.{term}_weight": NON_NEGATIVE for term in ("clip", "crsep", "imsep", "uniform", "xuniform", "align")},
     "loss.chunk_size": POSITIVE, "loss.semantic_batch_size": POSITIVE,
+    "loss.imsep_start_step": NON_NEGATIVE, "loss.imsep_ramp_steps": NON_NEGATIVE,
     "data.samples_per_epoch": NON_NEGATIVE, "data.workers": NON_NEGATIVE, "data.shuffle_buffer": NON_NEGATIVE,
     "data.prefetch_factor": POSITIVE, "data.io_timeout_s": POSITIVE, "data.io_retries": NON_NEGATIVE,
     "data.max_image_pixels": NON_NEGATIVE,

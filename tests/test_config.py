@@ -134,6 +134,7 @@ def test_every_numeric_key_has_a_range_check():
     ("train.max_skipped_steps=-1", ">= 0"),
     ("loss.imsep_weight=-0.5", ">= 0"),
     ("loss.chunk_size=0", "> 0"),
+    ("loss.imsep_start_step=-1", ">= 0"),
     ("data.workers=-1", ">= 0"),
     ("logging.gap_batch_size=0", "> 0"),
     ("launch.nodes=0", "> 0"),

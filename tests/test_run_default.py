@@ -21,7 +21,7 @@ def test_run_default_trains_both_and_prints_them_side_by_side(tmp_path):
                  "data.generated.val_samples=64", "train.global_batch_size=32", "train.max_steps=4",
                  "optim.warmup_steps=2", "logging.gap_batch_size=32", "logging.progress_bar=false",
                  "model.vision.width=32", "model.vision.layers=1", "model.text.width=32", "model.text.layers=1",
-                 "model.embed_dim=32"]
+                 "model.embed_dim=32", "loss.imsep_start_step=1", "loss.imsep_ramp_steps=2"]  # IMSep within 4 steps
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     out = tmp_path / "embedded"
     proc = subprocess.run([sys.executable, "-m", "alignclip.run_default", "--out", str(out), *overrides], env=env,

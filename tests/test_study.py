@@ -122,7 +122,8 @@ def test_shipped_study_files_resolve():
     from alignclip.study.spec import load_study
 
     embedded = load_study("configs/study/embedded.yaml")
-    assert [v.name for v in embedded.variants] == ["CLIP", "SharedCLIP", "AlignCLIP"] and embedded.seeds == (0, 1, 2)
+    assert [v.name for v in embedded.variants] == ["CLIP", "SharedCLIP", "AlignCLIP", "AlignCLIP-step0"] \
+        and embedded.seeds == (0, 1, 2)
     paper = load_study("configs/study/cc12m_paper.yaml")
     assert paper.executor == "slurm" and len(paper.variants) == 3 and len(paper.seeds) == 3
 

@@ -32,7 +32,8 @@ def _study_file(tmp: Path, data_dir: Path, name: str) -> Path:
     raw = {"name": name, "output_dir": str(tmp), "executor": "local", "seeds": [0, 1], "baseline": "CLIP",
            "overrides": [f"{k}={v}" for k, v in tiny.items()],
            "variants": [{"name": "CLIP", "configs": ["experiment/embedded_clip"]},
-                        {"name": "AlignCLIP", "configs": ["experiment/embedded_default"]}],
+                        {"name": "AlignCLIP", "configs": ["experiment/embedded_default"],
+                         "overrides": ["loss.imsep_start_step=2", "loss.imsep_ramp_steps=2"]}],  # within 16 steps
            "eval_sets": [{"name": "gen-val", "data": "generated", "split": "val", "probe_split": "train"}]}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))

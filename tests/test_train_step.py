@@ -133,6 +133,29 @@ def test_text_lr_scale_reaches_the_optimizer_through_deepspeed(zero):
     assert moved["text_stem.token_embed.weight"] == pytest.approx(1e-4, rel=0.01)
 
 
+# ------------------------------------------------------------------------------------- the IMSep onset
+def _onset_stats(rank: int, world_size: int, overrides: list[str]):
+    trainer = _bare_trainer(overrides)
+    steps = [trainer.train_step(_batch(i)) for i in range(5)]
+    resumed = _bare_trainer(overrides)
+    resumed.state.step = 3  # what a resume restores: the schedule follows the step, not a count of calls
+    return trainer.read_stats(steps), resumed.read_stats([resumed.train_step(_batch(3))])[0]
+
+
+def test_the_trainer_gives_the_objective_its_step_for_the_imsep_onset():
+    """IMSep from step 2 over 2 steps: each step's total is crsep + its weight x imsep, and the weight is
+    logged as train/imsep_weight; the step comes from the trainer's state, so a resumed run continues it."""
+    stats, resumed = run_on_ranks(_onset_stats, 1, ["loss.clip_weight=0", "loss.crsep_weight=1", "loss.imsep_weight=0.5",
+                                           "loss.imsep_rescale=false", "loss.imsep_start_step=2",
+                                           "loss.imsep_ramp_steps=2"])[0]
+    assert [s["train/imsep_weight"] for s in stats] == [0.0, 0.0, 0.25, 0.5, 0.5]
+    assert resumed["train/imsep_weight"] == 0.5
+    for s in stats:
+        assert s["loss/total"] == pytest.approx(s["loss/crsep"] + s["train/imsep_weight"] * s["loss/imsep"],
+                                                rel=1e-6)
+    assert stats[0]["loss/imsep"] > 0  # computed and logged before its onset too
+
+
 # ------------------------------------------------------------------------------- skipped optimizer steps
 def _overflowing_gradient(rank: int, world_size: int, overrides: list[str]):
     """A finite loss with an infinite gradient (a hook on one weight): DeepSpeed's overflow check must skip the

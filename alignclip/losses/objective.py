@@ -8,6 +8,9 @@ with one learnable temperature (the model's clamped ``logit_scale``) shared by e
 LOCAL normalised features, gathers them when a process group with more than one rank is initialised, and returns
 ``LossOutput(total, terms)``: ``total`` is the one tensor to backpropagate, ``terms`` holds every active term,
 detached, for logging. ``terms`` never contains the total (summing it would count the loss twice).
+
+``loss.imsep_start_step`` / ``loss.imsep_ramp_steps`` give IMSep an onset (``Objective.weights_at``): the trainer
+passes the optimizer step, so the weight follows the step (and a resumed run) rather than a count of calls.
 """
 
 from __future__ import annotations
@@ -90,12 +93,29 @@ class Objective(nn.Module):
             resolve_contrastive_impl(cfg.impl, torch.device("cpu"), cfg.chunk_size)
 
     def extra_repr(self) -> str:
+        onset = f", imsep from step {self.cfg.imsep_start_step} over {self.cfg.imsep_ramp_steps}" \
+            if self.has_onset else ""
         return f"weights={self.weights}, imsep_sides={self.imsep_sides}, rescale={self.cfg.imsep_rescale}, " \
-               f"impl={self.cfg.impl}"
+               f"impl={self.cfg.impl}{onset}"
+
+    @property
+    def has_onset(self) -> bool:
+        return "imsep" in self.weights and bool(self.cfg.imsep_start_step or self.cfg.imsep_ramp_steps)
+
+    def weights_at(self, step: Optional[int]) -> dict[str, float]:
+        """The term weights at optimizer step ``step`` (0-based; None: the configured weights). IMSep's is 0
+        before ``imsep_start_step`` and reaches ``imsep_weight`` after ``imsep_ramp_steps`` more steps, linearly:
+        step start + k - 1 has (k / ramp) of it."""
+        if step is None or not self.has_onset:
+            return self.weights
+        start, ramp = self.cfg.imsep_start_step, self.cfg.imsep_ramp_steps
+        share = float(step >= start) if ramp == 0 else min(max((step - start + 1) / ramp, 0.0), 1.0)
+        return {**self.weights, "imsep": self.weights["imsep"] * share}
 
     def forward(self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor,
-                semantic_embeds: Optional[Tensor] = None) -> LossOutput:
-        """Local, L2-normalised E_v, E_t [n, d]; the clamped log-scale; E_s [n, k] (any norm; normalised here).
+                semantic_embeds: Optional[Tensor] = None, step: Optional[int] = None) -> LossOutput:
+        """Local, L2-normalised E_v, E_t [n, d]; the clamped log-scale; E_s [n, k] (any norm; normalised here);
+        the optimizer step for a scheduled weight (``weights_at``; None: the configured weights).
 
         Each rank's ``total`` is its share of the global-batch loss: the average over ranks equals the loss of
         the concatenated batch (see alignclip.distributed.gather for the gradient convention)."""
@@ -142,7 +162,7 @@ class Objective(nn.Module):
         if "align" in w:
             terms["align"] = dense.alignment_loss(image_local, text_local)
 
-        total = sum(weight * terms[name] for name, weight in w.items())
+        total = sum(weight * terms[name] for name, weight in self.weights_at(step).items())
         return LossOutput(total, {name: value.detach() for name, value in terms.items()})
 
 

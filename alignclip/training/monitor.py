@@ -4,7 +4,7 @@ directory (rank 0), and a console progress bar with ETA (rank 0). Other ranks re
 TensorBoard tags (docs/training.md lists them with units):
   loss/total, loss/<term> for every active term of the objective
   train/lr, train/logit_scale (s = exp of the clamped log-scale), train/temperature (1 / s), train/grad_norm,
-  train/epoch, train/skipped_steps
+  train/epoch, train/skipped_steps, and train/imsep_weight when IMSep has an onset (loss.imsep_start_step)
   perf/samples_per_s (global), perf/samples_per_s_per_device, perf/data_wait_share, perf/step_time_s,
   perf/tflops_per_device (model FLOPs of alignclip.training.flops per second and device) and perf/mfu (that over the
   device's peak; only when the peak is known: a table for H100 / H200 / A100, or fast_path.peak_tflops),

@@ -293,7 +293,7 @@ class Trainer:
             outputs = engine(*c.to_device(batch))
             text = scale_text_gradient(outputs["text_embeds"], engine.module, opt.text_lr_scale)
             loss = c.objective(outputs["image_embeds"], text, outputs["log_logit_scale"],
-                               c.semantic_embeddings(batch, self.log))
+                               c.semantic_embeddings(batch, self.log), step=state.step)
             bad_term = self.nonfinite_term(loss)  # host sync (the one per micro-batch)
             if bad_term is not None:
                 self.apply_nonfinite_policy(f"non-finite loss term '{bad_term}' at epoch {state.epoch}, batch "
@@ -375,6 +375,8 @@ class Trainer:
             stats.update({"train/lr": s.lr, "train/logit_scale": host[n * k + i],
                           "train/temperature": host[n * k + n + i], "train/grad_norm": grad_norm,
                           "train/epoch": s.epoch, "train/skipped_steps": s.skipped_steps})
+            if self.components.objective.has_onset:  # the weight step s.step - 1 trained with
+                stats["train/imsep_weight"] = self.components.objective.weights_at(s.step - 1)["imsep"]
             out.append(stats)
         return out
 
