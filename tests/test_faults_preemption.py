@@ -100,6 +100,50 @@ def test_a_signal_reaching_a_training_worker_before_its_init_is_held_and_discard
     assert len(batches) == 2 and all(len(b["caption"]) == 16 for b in batches)
 
 
+_CRASH_WITH_A_LIVE_LOADER = """
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
+
+class Forever(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(1)
+
+def run():
+    loader = DataLoader(Forever(), batch_size=None, num_workers=2, worker_init_fn=ignore_preemption_signals)
+    with preemption_signals_blocked():
+        batches = iter(loader)
+    next(batches)
+    raise RuntimeError("a crash while the loader's iterator is alive")
+
+run()
+"""
+
+
+def test_a_crash_with_a_live_loader_iterator_exits_and_takes_its_workers_along():
+    """The iterator lives on in the traceback; its workers ignore the SIGTERM of multiprocessing's exit handler,
+    which then joined them forever (the process never ended). Killed at exit instead: exit 1 at once."""
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_WITH_A_LIVE_LOADER], env={**os.environ, **job_env()},
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)  # hang guard: before the fix, it never returned
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "a crash while the loader's iterator is alive" in output, output[-3000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("a worker outlived the crashed process")
+
+
 # ------------------------------------------------------------------------------- the trainer, heavy
 def _command(run_dir: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "alignclip.train",

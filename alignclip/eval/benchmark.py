@@ -6,11 +6,18 @@ on any device, then CLIP_benchmark's tasks with its metric definitions.
     retrieval:      zeroshot_retrieval (image_retrieval_recall@k, text_retrieval_recall@k)
 
 Any model with OpenCLIP's ``encode_image`` / ``encode_text`` works (ours, OpenCLIP's, an AlignedModel).
+
+Preemption (alignclip.training.preemption). The loaders' workers ignore the preemption signals and start with them
+blocked, like the training loader's: Slurm signals every process of the step, and a worker killed by it would fail
+the trainer (or the tool) with "DataLoader worker ... killed by signal" instead of letting it act. The trainer's
+periodic evaluation passes ``should_stop`` (its preemption flag, read locally): checked between batches of images
+and of texts, it ends the evaluation with ``EvaluationStopped`` and no figures, so the checkpoint is written
+promptly. The standalone tool has no handler: SIGTERM ends it, and its workers die with it (PDEATHSIG).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +28,16 @@ from alignclip.eval.datasets import ClassificationData, RetrievalData
 from alignclip.eval.linear_probe import linear_probe
 from alignclip.eval.retrieval import retrieval_metrics
 from alignclip.eval.zeroshot import build_classifier, zero_shot_classification
+from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
+
+TEXT_BATCH = 256  # encode_texts' default batch: encoding chunk by chunk gives the same embeddings
+
+StopCheck = Optional[Callable[[], bool]]
+
+
+class EvaluationStopped(Exception):
+    """``should_stop()`` turned true during an evaluation (a pending preemption): it ended early, without figures.
+    The message says how far it got ("after 3 of 40 image batches")."""
 
 
 def _captions_collate(batch):
@@ -31,59 +48,97 @@ def _captions_collate(batch):
 def _loader(dataset, batch_size: int, workers: int, collate=None) -> DataLoader:
     # an IterableDataset (webdataset) splits its shards over the workers itself
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=ignore_preemption_signals)
+
+
+def _batches_of(loader: DataLoader) -> str:
+    try:
+        return f" of {len(loader)}"
+    except TypeError:  # an IterableDataset without a length
+        return ""
 
 
 @torch.no_grad()
-def encode_images_and_labels(model, dataset, device: str, batch_size: int, workers: int,
-                             collate=None) -> tuple[np.ndarray, list]:
-    """Normalised image embeddings of every sample and the sample's second element (label or captions)."""
+def encode_images_and_labels(model, dataset, device: str, batch_size: int, workers: int, collate=None,
+                             should_stop: StopCheck = None) -> tuple[np.ndarray, list]:
+    """Normalised image embeddings of every sample and the sample's second element (label or captions).
+    Raises ``EvaluationStopped`` before the next batch once ``should_stop()`` is true."""
     model.eval()
     dtype = next(model.parameters()).dtype  # bf16 weights (a bf16 training engine) take bf16 pixels
-    images, targets = [], []
-    for pixels, target in _loader(dataset, batch_size, workers, collate):
+    loader = _loader(dataset, batch_size, workers, collate)
+    if should_stop and should_stop():
+        raise EvaluationStopped(f"after 0{_batches_of(loader)} image batches")  # no worker forked
+    with preemption_signals_blocked():  # the workers start here; each ignores the signals before unblocking
+        batches = iter(loader)
+    images, targets, stopped = [], [], False
+    for pixels, target in batches:
+        if should_stop and should_stop():  # a signal that came while this batch was read has set the flag
+            stopped = True
+            break
         images.append(model.encode_image(pixels.to(device, dtype), normalize=True).float().cpu())
         targets.extend(target.tolist() if torch.is_tensor(target) else target)
+    del batches  # stopped: the workers shut down now, before the trainer saves
+    if stopped:
+        raise EvaluationStopped(f"after {len(images)}{_batches_of(loader)} image batches")
     if not images:
         raise ValueError("the dataset yielded no sample")
     return torch.cat(images).numpy(), targets
 
 
+def _encode_texts(model, tokenizer, texts: Sequence[str], device: str, should_stop: StopCheck = None,
+                  what: str = "texts") -> np.ndarray:
+    """``encode_texts`` (same batches, same embeddings), raising ``EvaluationStopped`` between batches once
+    ``should_stop()`` is true: ImageNet's 1,000 classes x 80 templates alone are 313 batches."""
+    texts = list(texts)
+    parts = []
+    for start in range(0, len(texts), TEXT_BATCH):
+        if should_stop and should_stop():
+            raise EvaluationStopped(f"after {start} of {len(texts)} {what}")
+        parts.append(encode_texts(model, tokenizer, texts[start:start + TEXT_BATCH], TEXT_BATCH, device))
+    return np.concatenate(parts) if parts else encode_texts(model, tokenizer, [], TEXT_BATCH, device)
+
+
 def evaluate_classification(model, tokenizer, data: ClassificationData, device: str = "cpu",
-                            batch_size: int = 64, workers: int = 0,
-                            train: ClassificationData | None = None) -> dict[str, dict[str, float]]:
+                            batch_size: int = 64, workers: int = 0, train: ClassificationData | None = None,
+                            should_stop: StopCheck = None) -> dict[str, dict[str, float]]:
     """zeroshot_classification, plus linear_probe (fitted on ``train``) when a train split is given."""
-    weights = build_classifier(lambda texts: encode_texts(model, tokenizer, list(texts), device=device),
-                               data.classnames, data.templates)
-    image, labels = encode_images_and_labels(model, data.dataset, device, batch_size, workers)
+    weights = build_classifier(
+        lambda texts: _encode_texts(model, tokenizer, texts, device, should_stop, "class prompts"),
+        data.classnames, data.templates)
+    image, labels = encode_images_and_labels(model, data.dataset, device, batch_size, workers,
+                                             should_stop=should_stop)
     results = {"zeroshot_classification": zero_shot_classification(image, labels, weights)}
     if train is not None:
-        train_image, train_labels = encode_images_and_labels(model, train.dataset, device, batch_size, workers)
+        train_image, train_labels = encode_images_and_labels(model, train.dataset, device, batch_size, workers,
+                                                             should_stop=should_stop)
         results["linear_probe"] = linear_probe(train_image, train_labels, image, labels)
     return results
 
 
 def evaluate_retrieval(model, tokenizer, data: RetrievalData, device: str = "cpu", batch_size: int = 64,
-                       workers: int = 0, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
-    image, captions = encode_images_and_labels(model, data.dataset, device, batch_size, workers, _captions_collate)
+                       workers: int = 0, ks: Sequence[int] = (1, 5, 10),
+                       should_stop: StopCheck = None) -> dict[str, dict[str, float]]:
+    image, captions = encode_images_and_labels(model, data.dataset, device, batch_size, workers, _captions_collate,
+                                               should_stop)
     owner = np.array([i for i, caps in enumerate(captions) for _ in caps], dtype=np.int64)
-    text = encode_texts(model, tokenizer, [c for caps in captions for c in caps], device=device)
+    text = _encode_texts(model, tokenizer, [c for caps in captions for c in caps], device, should_stop, "captions")
     return {"zeroshot_retrieval": retrieval_metrics(image, text, owner, ks=ks)}
 
 
 def evaluate_benchmark(model, tokenizer, data: ClassificationData | RetrievalData, device: str = "cpu",
                        batch_size: int = 64, workers: int = 0, train: ClassificationData | None = None,
-                       ) -> dict[str, dict[str, float]]:
-    """CLIP_benchmark task name -> metrics for one dataset."""
+                       should_stop: StopCheck = None) -> dict[str, dict[str, float]]:
+    """CLIP_benchmark task name -> metrics for one dataset. With ``should_stop``, raises ``EvaluationStopped``
+    (between batches) once it returns true."""
     if isinstance(data, RetrievalData):
-        return evaluate_retrieval(model, tokenizer, data, device, batch_size, workers)
-    return evaluate_classification(model, tokenizer, data, device, batch_size, workers, train)
+        return evaluate_retrieval(model, tokenizer, data, device, batch_size, workers, should_stop=should_stop)
+    return evaluate_classification(model, tokenizer, data, device, batch_size, workers, train, should_stop)
 
 
-
-def evaluate_during_training(model, config) -> dict[str, dict[str, float]]:
+def evaluate_during_training(model, config, should_stop: StopCheck = None) -> dict[str, dict[str, float]]:
     """The ``eval`` section's dataset with the model being trained (rank 0, its device and dtype); the model's
-    train/eval mode is restored."""
+    train/eval mode is restored. ``should_stop``: the trainer's local read of its preemption flag; once true,
+    ``EvaluationStopped`` ends the evaluation (no figures) so the trainer reaches its checkpoint promptly."""
     from alignclip.eval.datasets import open_benchmark
     from alignclip.export import ImageTransform
     from alignclip.tokenizer import get_tokenizer
@@ -93,6 +148,7 @@ def evaluate_during_training(model, config) -> dict[str, dict[str, float]]:
     was_training = model.training
     try:
         return evaluate_benchmark(model, get_tokenizer(m.text.context_length), data,
-                                  str(next(model.parameters()).device), e.batch_size, e.workers)
+                                  str(next(model.parameters()).device), e.batch_size, e.workers,
+                                  should_stop=should_stop)
     finally:
         model.train(was_training)

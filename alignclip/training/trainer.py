@@ -232,6 +232,9 @@ class Trainer:
                     window.add(step.seconds, step.data_wait)
                     pending.append(step)
                     last = state.step == self.total_steps
+                    if cfg.eval.every_steps and (every(state.step, cfg.eval.every_steps) or last) and self.env.is_main:
+                        # before agree(): a signal that arrives during the evaluation ends it and saves this step
+                        result.eval = self.evaluate() or result.eval
                     preempted = self.preemption.agree()  # collective: every rank stops at the same step
                     if every(state.step, cfg.logging.log_every_steps) or last or preempted:
                         stats = self.log_step(pending, result, window)
@@ -240,10 +243,6 @@ class Trainer:
                         window, pending = ThroughputWindow(), []
                     if every(state.step, cfg.logging.gap_every_steps) or last:
                         result.gap = self.log_gap_metrics()
-                    if cfg.eval.every_steps and (every(state.step, cfg.eval.every_steps) or last) and self.env.is_main:
-                        from alignclip.eval.benchmark import evaluate_during_training
-
-                        result.eval = mon.evaluation(state.step, evaluate_during_training(self.components.model, cfg))
                     mon.advance(state.step, shown)
                     if preempted or every(state.step, cfg.checkpoint.every_steps) or last:
                         result.checkpoint = ckpt.save_checkpoint(self.engine, self.run_dir, state,
@@ -264,6 +263,20 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    def evaluate(self) -> dict[str, float]:
+        """The ``eval`` section at this step (rank 0), logged as eval/*; {} when a pending preemption stopped it
+        (at its next batch: the checkpoint follows at once)."""
+        from alignclip.eval.benchmark import EvaluationStopped, evaluate_during_training
+
+        try:
+            figures = evaluate_during_training(self.components.model, self.config,
+                                               should_stop=self.preemption.pending)
+        except EvaluationStopped as stop:
+            self.monitor.info(f"evaluation at step {self.state.step} stopped {stop}: preemption pending "
+                              f"({self.preemption.describe()}); no eval figures for this step")
+            return {}
+        return self.monitor.evaluation(self.state.step, figures)
 
     def log_step(self, pending: list[StepResult], result: RunResult, window: ThroughputWindow) -> dict[str, float]:
         """The log step: the window's losses read at once (collective), its last step's stats to TensorBoard."""
