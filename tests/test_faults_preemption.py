@@ -133,15 +133,19 @@ def test_a_crash_with_a_live_loader_iterator_exits_and_takes_its_workers_along()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1 and "a crash while the loader's iterator is alive" in output, output[-3000:]
-    deadline = time.monotonic() + 60
+    _assert_group_ends(proc.pid, "a worker outlived the crashed process")
+
+
+def _assert_group_ends(pgid: int, failure: str, within_s: float = 60) -> None:
+    """Wait (bounded) until no process of the group is left: the workers must not outlive their trainer."""
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
-            os.killpg(proc.pid, 0)
+            os.killpg(pgid, 0)
         except ProcessLookupError:
-            break
+            return
         time.sleep(0.05)
-    else:
-        pytest.fail("a worker outlived the crashed process")
+    pytest.fail(failure)
 
 
 # ------------------------------------------------------------------------------- the trainer, heavy
@@ -175,15 +179,7 @@ def test_process_group_signal_with_loader_workers_saves_exits_124_and_resumes_ex
     output, _ = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
     assert "killed by signal" not in output and "Traceback" not in output, output[-3000:]
-    deadline = time.monotonic() + 60  # the workers were shut down, none outlives the trainer
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("processes of the trainer's group are still alive after it exited")
+    _assert_group_ends(proc.pid, "processes of the trainer's group are still alive after it exited")
     saved = re.search(rf"preempted \({sig.name} received by this rank\): saved .*step_(\d+) at step (\d+)",
                       train_log.read_text())
     assert saved and 3 <= int(saved.group(2)) < STEPS, train_log.read_text()[-2000:]
