@@ -135,15 +135,16 @@ def _png(value: int) -> bytes:
     return out.getvalue()
 
 
-def _eval_folder(root: Path, corrupt: bool = False) -> Path:
+def _eval_folder(root: Path, dangling: bool = False) -> Path:
     """An ImageFolder of ITEMS images in two classes; item SIGNAL_ITEM (ImageFolder's sorted order), in batch 1,
-    is a FIFO (or, with ``corrupt``, bytes no decoder reads)."""
+    is a FIFO (or, with ``dangling``, a link to a file that is gone: an error, where an undecodable image would be
+    a counted skip)."""
     for c, name in enumerate(("a_bright", "b_dark")):  # sorted, as ImageFolder orders the classes
         (root / name).mkdir(parents=True)
         for i in range(ITEMS // 2):
             path = root / name / f"{i}.png"
             if c * ITEMS // 2 + i == SIGNAL_ITEM:
-                path.write_bytes(b"not a png") if corrupt else os.mkfifo(path)
+                path.symlink_to(root / "gone.png") if dangling else os.mkfifo(path)
             else:
                 path.write_bytes(_png(40 * i + 100 * c))
     return root / "a_bright" / f"{SIGNAL_ITEM}.png"
@@ -247,10 +248,10 @@ def test_preemption_during_the_periodic_evaluation_saves_at_that_step_exits_124_
 
 @pytest.mark.heavy
 def test_a_failing_evaluation_fails_the_run_at_once_with_no_process_left(tmp_path):
-    """An error in the periodic evaluation (an undecodable image) while the training loader's workers run: exit 1
-    with the error. Workers that ignore SIGTERM, kept alive by the traceback, used to hold the exit forever
+    """An error in the periodic evaluation (an image file that is gone) while the training loader's workers run:
+    exit 1 with the error. Workers that ignore SIGTERM, kept alive by the traceback, used to hold the exit forever
     (multiprocessing's exit handler terminate()s and joins them)."""
-    _eval_folder(tmp_path / "eval", corrupt=True)
+    _eval_folder(tmp_path / "eval", dangling=True)
     output = tmp_path / "run.out"
     proc = _popen(_train_command(tmp_path / "run", tmp_path / "data", tmp_path / "eval"), output)
     try:
@@ -258,7 +259,7 @@ def test_a_failing_evaluation_fails_the_run_at_once_with_no_process_left(tmp_pat
     finally:
         _kill_group(proc.pid)
     text = output.read_text()
-    assert proc.returncode == 1 and "DecodeError" in text, text[-3000:]
+    assert proc.returncode == 1 and "FileNotFoundError" in text, text[-3000:]
     assert _group_gone(proc.pid), "processes of the trainer's group outlived it"
 
 

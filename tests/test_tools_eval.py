@@ -157,18 +157,21 @@ WDS_SAMPLES = [(label, i) for label in range(len(CLASSES)) for i in range(4)]
 WDS_TEMPLATES = ["a photo of a {c} thing.", "it is {c}."]
 
 
-def _write_wds(root, kind: str, shards: int = 2, labels=None):
+def _write_wds(root, kind: str, shards: int = 2, labels=None, unreadable: tuple[int, ...] = (),
+               left_out: tuple[int, ...] = ()):
     """CLIP_benchmark's webdataset layout (ROOT/test/nshards.txt, 0.tar, ...; dataset_type, classnames, templates):
-    the pictures of WDS_SAMPLES, with their colour as class unless ``labels`` gives each sample's class."""
+    the pictures of WDS_SAMPLES, with their colour as class unless ``labels`` gives each sample's class; the
+    samples numbered in ``unreadable`` have a truncated PNG, those in ``left_out`` are not written."""
     import webdataset as wds
 
     (root / "test").mkdir(parents=True)
     order = list(range(len(WDS_SAMPLES)))
     for shard in range(shards):
         with wds.TarWriter(str(root / "test" / f"{shard}.tar")) as sink:
-            for n in order[shard::shards]:
+            for n in (n for n in order[shard::shards] if n not in left_out):
                 label, i = WDS_SAMPLES[n]
-                sample = {"__key__": f"s{shard}_{n:04d}", "png": _png_bytes(_picture(label, i))}
+                png = _png_bytes(_picture(label, i))
+                sample = {"__key__": f"s{shard}_{n:04d}", "png": png[:len(png) // 2] if n in unreadable else png}
                 if kind == "retrieval":
                     sample["txt"] = "\n".join(_captions(label, i))
                 else:
@@ -333,6 +336,61 @@ def test_our_metrics_equal_clip_benchmarks_own_evaluation(tmp_path, monkeypatch)
     assert 0.3 < our_cls["acc1"] < 0.7 and 0 < our_cls["mean_per_class_recall"] < 1
 
 
+def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
+    """One folder, Karpathy split and webdataset each with and without two images that do not decode: the
+    figures with them equal the figures without them, plus images_skipped (batch size 1: each image is encoded
+    alone, so the embeddings are the same to the bit)."""
+    import torch
+
+    from alignclip.config import load_config
+    from alignclip.eval.benchmark import evaluate_benchmark
+    from alignclip.eval.datasets import open_benchmark
+    from alignclip.export import ImageTransform
+    from alignclip.models import build_model
+    from alignclip.tokenizer import get_tokenizer
+
+    config = load_config("model/clip_tiny")
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    tokenizer, transform = get_tokenizer(config.model.text.context_length), ImageTransform(64)
+
+    def evaluate(kind, root, **kw):
+        train = open_benchmark(kind, root, "train", transform) if kind == "imagefolder" else None
+        return evaluate_benchmark(model, tokenizer, open_benchmark(kind, root, transform=transform, **kw),
+                                  batch_size=1, workers=2, train=train)
+
+    images = []
+    for name, bad in (("clean", False), ("damaged", True)):
+        for label in range(len(CLASSES)):
+            (tmp_path / name / CLASSES[label]).mkdir(parents=True)
+            for i in range(2):
+                _picture(label, i).save(tmp_path / name / CLASSES[label] / f"{i}.png")
+        if bad:
+            truncated = _png_bytes(_picture(1, 9))
+            (tmp_path / name / CLASSES[1] / "9_truncated.png").write_bytes(truncated[:len(truncated) // 2])
+            (tmp_path / name / CLASSES[2] / "9_not_an_image.jpg").write_bytes(b"<html>404</html>")
+        images = [{"filename": str(f.relative_to(tmp_path / name)), "split": "test",
+                   "sentences": [{"raw": c} for c in _captions(CLASSES.index(f.parent.name), int(f.stem[0]))]}
+                  for f in sorted((tmp_path / name).rglob("*.*"))]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"images": images}))
+        _write_wds(tmp_path / f"wds_{name}", "classification", **{"unreadable" if bad else "left_out": (3, 10)})
+    assert len(images) == 14
+
+    clean, damaged = evaluate("imagefolder", tmp_path / "clean"), evaluate("imagefolder", tmp_path / "damaged")
+    print("\nclean:", clean, "\ndamaged:", damaged)
+    assert damaged["zeroshot_classification"] == {**clean["zeroshot_classification"], "images_skipped": 2.0}
+    assert damaged["linear_probe"] == {**clean["linear_probe"], "images_skipped": 2.0, "train_images_skipped": 2.0}
+    assert "9_truncated.png" in caplog.text and "9_not_an_image.jpg" in caplog.text
+
+    clean, damaged = (evaluate("karpathy", tmp_path / name, annotations=tmp_path / f"{name}.json")
+                      for name in ("clean", "damaged"))
+    assert damaged["zeroshot_retrieval"] == {**clean["zeroshot_retrieval"], "images_skipped": 2.0}
+
+    clean, damaged = (evaluate("wds", tmp_path / f"wds_{name}") for name in ("clean", "damaged"))
+    assert damaged["zeroshot_classification"] == {**clean["zeroshot_classification"], "images_skipped": 2.0}
+    assert "s1_0003.png" in caplog.text and "s0_0010.png" in caplog.text
+
+
 def _train_with_tensorboard(rank, world_size, root: str):
     from alignclip.config import load_config
     from alignclip.training.loop import train
@@ -357,7 +415,7 @@ def test_tensorboard_has_config_gap_plots_eval_and_hparams(tmp_path):
 
     from tests.helpers.ranks import run_on_ranks
 
-    _write_wds(tmp_path / "wds_cls", "classification")
+    _write_wds(tmp_path / "wds_cls", "classification", unreadable=(5,))  # the periodic eval skips and counts it
     ((code, run_dir, final_eval),) = run_on_ranks(_train_with_tensorboard, 1, str(tmp_path))
     assert code == 0
     run_dir = Path(run_dir)
@@ -372,6 +430,7 @@ def test_tensorboard_has_config_gap_plots_eval_and_hparams(tmp_path):
     for task, metric in (("zeroshot_classification", "acc1"), ("zeroshot_classification", "mean_per_class_recall")):
         events = main_run.Scalars(f"eval/{task}/{metric}")
         assert [e.step for e in events] == [2, 4] and all(0 <= e.value <= 1 for e in events)
+    assert [e.value for e in main_run.Scalars("eval/zeroshot_classification/images_skipped")] == [1, 1]
     last = main_run.Scalars("eval/zeroshot_classification/acc1")[-1].value  # float32 in the event file
     assert final_eval["eval/zeroshot_classification/acc1"] == pytest.approx(last, abs=1e-6)
     config_text = [t for t in tags["tensors"] if t.startswith("config")]

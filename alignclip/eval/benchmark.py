@@ -13,18 +13,23 @@ the trainer (or the tool) with "DataLoader worker ... killed by signal" instead 
 periodic evaluation passes ``should_stop`` (its preemption flag, read locally): checked between batches of images
 and of texts, it ends the evaluation with ``EvaluationStopped`` and no figures, so the checkpoint is written
 promptly. The standalone tool has no handler: SIGTERM ends it, and its workers die with it (PDEATHSIG).
+
+Unreadable images (``alignclip.eval.datasets.Unreadable``) are dropped from their batch, named in a warning and
+counted: the task's metrics gain ``images_skipped`` (and the linear probe ``train_images_skipped``) when any was,
+so a figure computed on fewer images says so, in the JSON and in TensorBoard.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from alignclip.embeddings import encode_texts
-from alignclip.eval.datasets import ClassificationData, RetrievalData
+from alignclip.eval.datasets import ClassificationData, RetrievalData, Unreadable
 from alignclip.eval.linear_probe import linear_probe
 from alignclip.eval.retrieval import retrieval_metrics
 from alignclip.eval.zeroshot import build_classifier, zero_shot_classification
@@ -33,6 +38,7 @@ from alignclip.training.preemption import ignore_preemption_signals, preemption_
 TEXT_BATCH = 256  # encode_texts' default batch: encoding chunk by chunk gives the same embeddings
 
 StopCheck = Optional[Callable[[], bool]]
+log = logging.getLogger(__name__)
 
 
 class EvaluationStopped(Exception):
@@ -45,10 +51,22 @@ def _captions_collate(batch):
     return torch.stack(list(images)), [list(c) for c in captions]
 
 
+class _SkippingUnreadable:
+    """A collate function: (the readable samples collated, or None; the batch's ``Unreadable`` images)."""
+
+    def __init__(self, collate=None):
+        self.collate = collate or default_collate
+
+    def __call__(self, batch):
+        readable = [s for s in batch if not isinstance(s[0], Unreadable)]
+        return (self.collate(readable) if readable else None), [s[0] for s in batch if isinstance(s[0], Unreadable)]
+
+
 def _loader(dataset, batch_size: int, workers: int, collate=None) -> DataLoader:
     # an IterableDataset (webdataset) splits its shards over the workers itself
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, worker_init_fn=ignore_preemption_signals)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=_SkippingUnreadable(collate), persistent_workers=False,
+                      worker_init_fn=ignore_preemption_signals)
 
 
 def _batches_of(loader: DataLoader) -> str:
@@ -60,9 +78,10 @@ def _batches_of(loader: DataLoader) -> str:
 
 @torch.no_grad()
 def encode_images_and_labels(model, dataset, device: str, batch_size: int, workers: int, collate=None,
-                             should_stop: StopCheck = None) -> tuple[np.ndarray, list]:
-    """Normalised image embeddings of every sample and the sample's second element (label or captions).
-    Raises ``EvaluationStopped`` before the next batch once ``should_stop()`` is true."""
+                             should_stop: StopCheck = None) -> tuple[np.ndarray, list, list[Unreadable]]:
+    """Normalised image embeddings of every readable sample, the sample's second element (label or captions), and
+    the unreadable images skipped. Raises ``EvaluationStopped`` before the next batch once ``should_stop()`` is
+    true."""
     model.eval()
     dtype = next(model.parameters()).dtype  # bf16 weights (a bf16 training engine) take bf16 pixels
     loader = _loader(dataset, batch_size, workers, collate)
@@ -70,19 +89,31 @@ def encode_images_and_labels(model, dataset, device: str, batch_size: int, worke
         raise EvaluationStopped(f"after 0{_batches_of(loader)} image batches")  # no worker forked
     with preemption_signals_blocked():  # the workers start here; each ignores the signals before unblocking
         batches = iter(loader)
-    images, targets, stopped = [], [], False
-    for pixels, target in batches:
+    images, targets, skipped, stopped, done = [], [], [], False, 0
+    for readable, unreadable in batches:
         if should_stop and should_stop():  # a signal that came while this batch was read has set the flag
             stopped = True
             break
-        images.append(model.encode_image(pixels.to(device, dtype), normalize=True).float().cpu())
-        targets.extend(target.tolist() if torch.is_tensor(target) else target)
+        done += 1
+        skipped += unreadable
+        if readable is not None:
+            pixels, target = readable
+            images.append(model.encode_image(pixels.to(device, dtype), normalize=True).float().cpu())
+            targets.extend(target.tolist() if torch.is_tensor(target) else target)
     del batches  # stopped: the workers shut down now, before the trainer saves
     if stopped:
-        raise EvaluationStopped(f"after {len(images)}{_batches_of(loader)} image batches")
+        raise EvaluationStopped(f"after {done}{_batches_of(loader)} image batches")
+    if skipped:
+        log.warning("evaluation: %d unreadable image(s) skipped, e.g. %s", len(skipped),
+                    "; ".join(f"{u.source} ({u.reason})" for u in skipped[:3]))
     if not images:
-        raise ValueError("the dataset yielded no sample")
-    return torch.cat(images).numpy(), targets
+        raise ValueError(f"the dataset yielded no readable sample ({len(skipped)} unreadable)" if skipped
+                         else "the dataset yielded no sample")
+    return torch.cat(images).numpy(), targets, skipped
+
+
+def _with_skipped(metrics: dict[str, float], skipped: list, key: str = "images_skipped") -> dict[str, float]:
+    return {**metrics, key: float(len(skipped))} if skipped else metrics
 
 
 def _encode_texts(model, tokenizer, texts: Sequence[str], device: str, should_stop: StopCheck = None,
@@ -105,24 +136,25 @@ def evaluate_classification(model, tokenizer, data: ClassificationData, device: 
     weights = build_classifier(
         lambda texts: _encode_texts(model, tokenizer, texts, device, should_stop, "class prompts"),
         data.classnames, data.templates)
-    image, labels = encode_images_and_labels(model, data.dataset, device, batch_size, workers,
-                                             should_stop=should_stop)
-    results = {"zeroshot_classification": zero_shot_classification(image, labels, weights)}
+    image, labels, skipped = encode_images_and_labels(model, data.dataset, device, batch_size, workers,
+                                                      should_stop=should_stop)
+    results = {"zeroshot_classification": _with_skipped(zero_shot_classification(image, labels, weights), skipped)}
     if train is not None:
-        train_image, train_labels = encode_images_and_labels(model, train.dataset, device, batch_size, workers,
-                                                             should_stop=should_stop)
-        results["linear_probe"] = linear_probe(train_image, train_labels, image, labels)
+        train_image, train_labels, train_skipped = encode_images_and_labels(
+            model, train.dataset, device, batch_size, workers, should_stop=should_stop)
+        probe = _with_skipped(linear_probe(train_image, train_labels, image, labels), skipped)
+        results["linear_probe"] = _with_skipped(probe, train_skipped, "train_images_skipped")
     return results
 
 
 def evaluate_retrieval(model, tokenizer, data: RetrievalData, device: str = "cpu", batch_size: int = 64,
                        workers: int = 0, ks: Sequence[int] = (1, 5, 10),
                        should_stop: StopCheck = None) -> dict[str, dict[str, float]]:
-    image, captions = encode_images_and_labels(model, data.dataset, device, batch_size, workers, _captions_collate,
-                                               should_stop)
+    image, captions, skipped = encode_images_and_labels(model, data.dataset, device, batch_size, workers,
+                                                        _captions_collate, should_stop)
     owner = np.array([i for i, caps in enumerate(captions) for _ in caps], dtype=np.int64)
     text = _encode_texts(model, tokenizer, [c for caps in captions for c in caps], device, should_stop, "captions")
-    return {"zeroshot_retrieval": retrieval_metrics(image, text, owner, ks=ks)}
+    return {"zeroshot_retrieval": _with_skipped(retrieval_metrics(image, text, owner, ks=ks), skipped)}
 
 
 def evaluate_benchmark(model, tokenizer, data: ClassificationData | RetrievalData, device: str = "cpu",

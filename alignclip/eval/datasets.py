@@ -10,8 +10,10 @@
                  ('retrieval' or classification), ROOT/classnames.txt, ROOT/zeroshot_classification_templates.txt
 
 Classification data yields (image, class index) and carries class names and prompt templates; retrieval data
-yields (image, [captions]). Class names and the OpenAI templates for ImageNet-1k and CIFAR-10/100 ship with the
-package (``alignclip/eval/data``; the tables of CLIP_benchmark / OpenAI CLIP).
+yields (image, [captions]). An image that does not decode (corrupt, truncated, over the pixel limit) comes as an
+``Unreadable`` in the image's place, so that the evaluation counts and skips it as training does (CLIP_benchmark
+would stop at it); a missing file still raises. Class names and the OpenAI templates for ImageNet-1k and
+CIFAR-10/100 ship with the package (``alignclip/eval/data``; the tables of CLIP_benchmark / OpenAI CLIP).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from torch.utils.data import Dataset, IterableDataset
 
-from alignclip.data.images import load_rgb
+from alignclip.data.images import DecodeError, load_rgb
 
 KINDS = ("imagefolder", "cifar10", "cifar100", "karpathy", "wds")
 _DATA_DIR = Path(__file__).parent / "data"
@@ -36,6 +38,22 @@ _WNID = re.compile(r"n\d{8}")
 def shipped(table: str) -> dict[str, list[str]]:
     """``classnames`` or ``templates``: dataset name -> list, from the package data."""
     return json.loads((_DATA_DIR / f"{table}.json").read_text())
+
+
+class Unreadable(NamedTuple):
+    """Stands in for the image of a sample that does not decode: which file or shard member, and why."""
+    source: str
+    reason: str
+
+
+def decoded(source, transform: Callable | None = None, name: str = ""):
+    """The image at ``source`` (a path, or bytes with their ``name``) through ``transform``, or an ``Unreadable``
+    naming it."""
+    try:
+        img = load_rgb(source)
+    except DecodeError as err:
+        return Unreadable(name or str(source), str(err))
+    return transform(img) if transform else img
 
 
 @dataclass
@@ -82,15 +100,14 @@ class KarpathyCaptions(Dataset):
 
     def __getitem__(self, i: int):
         path, captions = self.items[i]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), captions
+        return decoded(path, self.transform), captions
 
 
 def _imagefolder(root: Path, transform) -> ClassificationData:
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(_need(root, "an ImageFolder root: one sub-folder of images per class")),
-                     transform=transform, loader=load_rgb)
+                     loader=functools.partial(decoded, transform=transform))
     if len(ds.classes) == 1000 and all(_WNID.fullmatch(c) for c in ds.classes):  # ImageNet val, sorted wnids
         return ClassificationData(ds, shipped("classnames")["imagenet1k"], shipped("templates")["imagenet1k"])
     return ClassificationData(ds, [c.replace("_", " ") for c in ds.classes], shipped("templates")["imagenet1k"])
@@ -133,8 +150,7 @@ def _wds(root: Path, split: str, transform):
     def image(sample):
         for ext in ("webp", "png", "jpg", "jpeg"):
             if ext in sample:
-                img = load_rgb(sample[ext])
-                return transform(img) if transform else img
+                return decoded(sample[ext], transform, f"{sample.get('__url__')}: {sample.get('__key__')}.{ext}")
         raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no webp/png/jpg image")
 
     if kind == "retrieval":
