@@ -25,10 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Files that take longest, longest first (measured on 2 cores; the rest keep their order after them). Only the
 # order changes: every test still runs, and a file missing from this list is simply scheduled later.
 LONGEST_FIRST = (
-    "test_launch_slurm", "test_train_distributed", "test_study_e2e", "test_train_step", "test_faults_checkpoint",
-    "test_launch_api", "test_faults_preemption", "test_tools_metrics", "test_data_remote", "test_data_mixing",
-    "test_losses_clamp", "test_tools_export", "test_perf_bench_step", "test_gpu_check", "test_perf_race",
-    "test_run_default", "test_tools_cli", "test_tools_eval", "test_packaging",
+    "test_launch_slurm", "test_study_e2e", "test_train_distributed", "test_faults_checkpoint",
+    "test_faults_preemption", "test_tools_metrics", "test_data_remote", "test_launch_api", "test_train_step",
+    "test_packaging", "test_tools_export", "test_run_default", "test_faults_eval_preemption", "test_perf_bench_step",
+    "test_gpu_check", "test_tools_eval", "test_train_resume_config", "test_losses_clamp", "test_perf_race",
+    "test_kernels_bench", "test_models", "test_tools_cli", "test_data_mixing",
 )
 
 
