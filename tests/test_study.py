@@ -76,6 +76,13 @@ def test_aggregate_and_report_layout():
     assert "probe colour top-1" in text and "| 0.850 ± 0.071 |" in text  # CLIP's probe: 0.8, 0.9
     assert "| AlignCLIP | +0.400 [+0.400, +0.400] * |" in text
     assert "![CDF](plots/val/cosine_cdf.png)" in text
+    # per seed: alignment, L2M, separability, zero-shot colour, I→T R@1 (no probe), in seed order
+    assert "### Per seed (0, 1)\n\n| variant | alignment | L2M | lin. separability | zero-shot colour top-1 | I→T R@1 |" \
+        in text
+    assert "| CLIP | 0.400 / 0.500 | 0.600 / 0.500 | 0.900 / 0.900 | 0.500 / 0.600 | 0.100 / 0.100 |" in text
+    del measurements["AlignCLIP"][1]  # a run that failed: its seed shows as missing
+    results["aggregate"] = aggregate(measurements, "CLIP")
+    assert "| AlignCLIP | 0.800 / – | 0.200 / – | 0.900 / – | 0.550 / – | 0.100 / – |" in markdown(results, {})
 
 
 def _study(**changes) -> dict:

@@ -3,7 +3,8 @@
 Layout follows Eslami & de Melo (2025, arXiv:2406.17639): Table 1's gap metrics (alignment, L2M, RMG, linear
 separability, uniformity), then the downstream tables (zero-shot top-1, retrieval R@1/5, linear probe), each as
 mean ± standard deviation over seeds per variant, and for every metric each variant's difference to the baseline
-with a 95 % t-interval over seeds, paired by seed (alignclip.study.stats).
+with a 95 % t-interval over seeds, paired by seed (alignclip.study.stats). A per-seed table of the headline
+metrics follows, since with few seeds a mean ± std hides a seed that failed outright.
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ def _cell(summary: dict) -> str:
     return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
 
 
+def per_seed_columns(gap_cols: list[tuple[str, str]], down_cols: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headline metrics for the per-seed table: alignment, L2M, separability, zero-shot top-1, I→T R@1."""
+    keep = {"gap/alignment_score", "gap/centroid_distance", "gap/linear_separability",
+            "retrieval/text_retrieval_recall@1"}
+    return [(c, mid) for c, mid in gap_cols + down_cols if mid in keep or c.startswith("zero-shot")]
+
+
 def _table(rows: list[str], columns: list[tuple[str, str]], cell) -> str:
     lines = ["| variant | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
@@ -115,12 +123,19 @@ def markdown(results: dict, plots: Mapping[str, str]) -> str:
         def diff_cell(row, mid, difference=difference):
             return difference.get(mid, {}).get(row, {}).get("text", "–")
 
+        def seed_cell(row, mid, values=agg["values"]):
+            per = values.get(mid, {}).get(row, {})
+            return " / ".join(f"{per[seed]:.3f}" if seed in per else "–" for seed in seeds)
+
         others = [v for v in variants if v != baseline]
         parts += [f"## Evaluation set `{eval_set}`", "", "### Modality gap (Table 1 layout)", "",
                   _table(variants, gap_cols, cell), "", "### Downstream", "", _table(variants, down_cols, cell), ""]
         if others:
             parts += [f"### Difference to {baseline} (95 % interval over seeds, paired)", "",
                       _table(others, gap_cols, diff_cell), "", _table(others, down_cols, diff_cell), ""]
+        if len(seeds) > 1:
+            parts += [f"### Per seed ({', '.join(map(str, seeds))})", "",
+                      _table(variants, per_seed_columns(gap_cols, down_cols), seed_cell), ""]
     if plots:
         parts += ["## Plots", ""]
         for caption, rel in plots.items():
