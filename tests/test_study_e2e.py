@@ -99,6 +99,8 @@ def test_tiny_study_trains_measures_and_reports(study):
     assert [s for s, _ in curves["gap/alignment_score"]][-1] == 16
     report = (out / "study_report.md").read_text()
     assert "### Modality gap (Table 1 layout)" in report and "### Difference to CLIP" in report
+    seeds = " / ".join(f"{values['AlignCLIP'][s]:.3f}" for s in ("0", "1"))
+    assert "### Per seed (0, 1)" in report and f"| AlignCLIP | {seeds} |" in report
     for png in ("plots/gen-val/cosine_cdf.png", "plots/gen-val/pca_projection.png", "plots/training_curves.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in report
     # each eval set (and its probe's train split) encoded once per model: two embedding folders per run

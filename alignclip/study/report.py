@@ -124,7 +124,7 @@ def markdown(results: dict, plots: Mapping[str, str]) -> str:
             return difference.get(mid, {}).get(row, {}).get("text", "–")
 
         def seed_cell(row, mid, values=agg["values"]):
-            per = values.get(mid, {}).get(row, {})
+            per = {int(seed): v for seed, v in values.get(mid, {}).get(row, {}).items()}  # JSON keys are str
             return " / ".join(f"{per[seed]:.3f}" if seed in per else "–" for seed in seeds)
 
         others = [v for v in variants if v != baseline]
