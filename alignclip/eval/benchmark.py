@@ -113,7 +113,7 @@ def encode_images_and_labels(model, dataset, device: str, batch_size: int, worke
 
 
 def _with_skipped(metrics: dict[str, float], skipped: list, key: str = "images_skipped") -> dict[str, float]:
-    return {**metrics, key: float(len(skipped))} if skipped else metrics
+    return {**metrics, key: len(skipped)} if skipped else metrics  # a count: 2 in the JSON and tables, not 2.0000
 
 
 def _encode_texts(model, tokenizer, texts: Sequence[str], device: str, should_stop: StopCheck = None,
