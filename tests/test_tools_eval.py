@@ -391,6 +391,41 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
     assert "s1_0003.png" in caplog.text and "s0_0010.png" in caplog.text
 
 
+def test_an_imagefolder_probe_fits_on_its_own_train_folder(tmp_path, capsys):
+    """An image folder is one split, so --linear-probe needs --probe-root: a probe fitted on the images it is
+    scored on measures nothing. The train folder's classes hold the next class's colour, so a probe fitted there
+    (and not on the evaluated folder) scores far below one."""
+    from alignclip.commands.evaluate import main
+    from tests.helpers.tiny import export_untrained, tiny_overrides
+
+    model = export_untrained(tmp_path / "m.safetensors", tiny_overrides("unused"))
+    for split, names, colour in (("val", CLASSES[:3], lambda k: k), ("train", CLASSES[:3], lambda k: (k + 1) % 3),
+                                 ("other", CLASSES[3:], lambda k: k)):
+        for k, name in enumerate(names):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                _picture(colour(k), i + 10 * (split == "train")).save(tmp_path / split / name / f"{i}.png")
+    base = ["--model", str(model), "--benchmark", "imagefolder", "--root", str(tmp_path / "val"), "--workers", "0",
+            "--out", str(tmp_path / "out")]
+    for extra, message in ((["--linear-probe"], "needs --probe-root"),
+                           (["--linear-probe", "--probe-root", str(tmp_path / "val")], "other than --root"),
+                           (["--probe-root", str(tmp_path / "train")], "give --linear-probe too")):
+        with pytest.raises(SystemExit) as stop:
+            main(base + extra)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, extra
+    assert main(base + ["--linear-probe", "--probe-root", str(tmp_path / "other")]) == 2
+    assert "has 3 classes (cyan, magenta, yellow), the evaluated split 3 (blue, green, red)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", str(model), "--benchmark", "karpathy", "--root", str(tmp_path), "--annotations", "x.json",
+              "--linear-probe", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "needs a classification dataset" in capsys.readouterr().err
+
+    assert main(base + ["--linear-probe", "--probe-root", str(tmp_path / "train")]) == 0
+    probe = json.loads((tmp_path / "out" / "imagefolder_m_linear_probe.json").read_text())["metrics"]
+    print("\nprobe fitted on the shifted train folder, scored on val:", probe)
+    assert probe["acc1"] < 0.5  # fitted on val itself, it would be near 1
+
+
 def _train_with_tensorboard(rank, world_size, root: str):
     from alignclip.config import load_config
     from alignclip.training.loop import train

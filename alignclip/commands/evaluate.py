@@ -3,6 +3,8 @@ dataset and task (its ``build`` command reads them), plus results.csv / results.
 
 Standard datasets (--benchmark KIND --root DIR; alignclip.eval.datasets), encoded through a DataLoader:
     alignclip-eval --model exported/m.safetensors --benchmark imagefolder --root /data/imagenet/val --out results/
+    alignclip-eval --model exported/m.safetensors --benchmark imagefolder --root /data/imagenet/val \
+        --linear-probe --probe-root /data/imagenet/train --out ...
     alignclip-eval --model exported/m.safetensors --benchmark cifar10 --root /data/cifar --linear-probe --out ...
     alignclip-eval --model exported/m.safetensors --benchmark karpathy --root /data/flickr30k/images \
         --annotations /data/flickr30k/dataset_flickr30k.json --out ...
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--annotations", default="", help="karpathy: the Karpathy-split JSON")
     bench.add_argument("--benchmark-split", default="test", help="split to evaluate (test, val)")
     bench.add_argument("--linear-probe", action="store_true",
-                       help="also fit a linear probe on the train split and score it on --benchmark-split")
+                       help="also fit a linear probe on the train split and score it on --benchmark-split "
+                            "(classification datasets)")
+    bench.add_argument("--probe-root", default="",
+                       help="imagefolder: the folder of the probe's train images (one folder holds one split); "
+                            "other kinds read their train split under --root")
     sets = parser.add_argument_group("the project's image-text sets")
     sets.add_argument("--probe-train", default="",
                       help="a set with the same tasks encoded from a train split: linear probes fit on it")
@@ -56,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.benchmark and not args.root:
         parser.error("--benchmark needs --root DIR")
+    if args.probe_root and not args.linear_probe:
+        parser.error("--probe-root is the linear probe's train folder: give --linear-probe too")
+    if args.linear_probe and args.benchmark == "karpathy":
+        parser.error("--linear-probe needs a classification dataset; karpathy is image-text retrieval")
+    if args.linear_probe and args.benchmark == "imagefolder" and (
+            not args.probe_root or Path(args.probe_root).resolve() == Path(args.root).resolve()):
+        # an image folder is one split: its "train" split would be the evaluated images themselves
+        parser.error("--linear-probe with imagefolder needs --probe-root DIR, a folder of train images other than "
+                     "--root (a probe fitted on the images it is scored on measures nothing)")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     return run_reporting_input_errors(PROG, lambda: _run(args))
@@ -97,7 +112,7 @@ def _run_benchmark(args) -> list[Path]:
         model = AlignedModel(model, load_aligner(args.aligner).to(device)).eval()
     transform = ImageTransform(config.model.vision.image_size)
     data = open_benchmark(args.benchmark, args.root, args.benchmark_split, transform, args.annotations)
-    train = open_benchmark(args.benchmark, args.root, "train", transform, args.annotations) \
+    train = open_benchmark(args.benchmark, args.probe_root or args.root, "train", transform, args.annotations) \
         if args.linear_probe else None
     results = evaluate_benchmark(model, get_tokenizer(config.model.text.context_length), data, str(device),
                                  args.batch_size, args.workers, train)

@@ -132,7 +132,12 @@ def _encode_texts(model, tokenizer, texts: Sequence[str], device: str, should_st
 def evaluate_classification(model, tokenizer, data: ClassificationData, device: str = "cpu",
                             batch_size: int = 64, workers: int = 0, train: ClassificationData | None = None,
                             should_stop: StopCheck = None) -> dict[str, dict[str, float]]:
-    """zeroshot_classification, plus linear_probe (fitted on ``train``) when a train split is given."""
+    """zeroshot_classification, plus linear_probe (fitted on ``train``) when a train split is given; the two
+    splits must have the same classes in the same order (the labels are indices into them)."""
+    if train is not None and train.classnames != data.classnames:
+        raise ValueError(f"the probe's train split has {len(train.classnames)} classes ({_first(train.classnames)}), "
+                         f"the evaluated split {len(data.classnames)} ({_first(data.classnames)}): the labels "
+                         "would not match")
     weights = build_classifier(
         lambda texts: _encode_texts(model, tokenizer, texts, device, should_stop, "class prompts"),
         data.classnames, data.templates)
@@ -157,12 +162,18 @@ def evaluate_retrieval(model, tokenizer, data: RetrievalData, device: str = "cpu
     return {"zeroshot_retrieval": _with_skipped(retrieval_metrics(image, text, owner, ks=ks), skipped)}
 
 
+def _first(names: Sequence[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
 def evaluate_benchmark(model, tokenizer, data: ClassificationData | RetrievalData, device: str = "cpu",
                        batch_size: int = 64, workers: int = 0, train: ClassificationData | None = None,
                        should_stop: StopCheck = None) -> dict[str, dict[str, float]]:
     """CLIP_benchmark task name -> metrics for one dataset. With ``should_stop``, raises ``EvaluationStopped``
     (between batches) once it returns true."""
     if isinstance(data, RetrievalData):
+        if train is not None:
+            raise ValueError("a linear probe needs a classification dataset; this one is image-text retrieval")
         return evaluate_retrieval(model, tokenizer, data, device, batch_size, workers, should_stop=should_stop)
     return evaluate_classification(model, tokenizer, data, device, batch_size, workers, train, should_stop)
 
