@@ -20,11 +20,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from alignclip.braces import brace_pattern_of
+from alignclip.errors import ConfigError  # noqa: F401  (re-exported: the config's callers catch it from here)
+from alignclip.fs import atomic_write
 from alignclip.paths import CONFIG_DIR  # noqa: F401  (re-exported: names resolve under it)
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and, where known, the file."""
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -442,8 +441,6 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...] | Any) -> No
             spellings.setdefault(canonical, set()).add(key.strip())
     for key, given in values.items():
         if len(given) > 1:
-            from alignclip.data.shards import brace_pattern_of
-
             pattern = brace_pattern_of(given)
             hint = (f"; these look like the shell's expansion of a brace pattern: quote it, "
                     f"{key}='{pattern}'" if pattern else "; give it once")
@@ -625,11 +622,7 @@ def save_config(config: Config, run_dir: str | Path) -> Path:
     """Write the fully resolved config into the run directory (atomically)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(config))
-    tmp.replace(target)
-    return target
+    return atomic_write(run_dir / "config.yaml", to_yaml(config))
 
 
 def parse_cli(argv: Optional[list[str]] = None, prog: str = "alignclip") -> tuple[Config, list[str]]:

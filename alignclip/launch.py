@@ -40,6 +40,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 from alignclip.config import (Config, ConfigError, check_repeated_overrides, load_config, override_key,
                               run_dir_of)
+from alignclip.fs import atomic_write
 from alignclip.paths import SLURM_DIR
 
 DEFAULT_ENV_FILE = SLURM_DIR / "env.sh"  # slurm/env.sh of the checkout, or the copy shipped in the wheel
@@ -303,9 +304,7 @@ def _write_manifest(path: Path, submitted: Iterable[Submitted]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [dict(job_id=s.job_id, run_dir=str(s.run.run_dir), config=s.run.config_path,
                     overrides=s.run.overrides) for s in submitted]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(records, indent=2) + "\n")
 
 
 def wait_slurm(job_ids: Iterable[str], timeout_s: float, poll_s: float = 2.0) -> None:

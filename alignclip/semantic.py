@@ -18,6 +18,7 @@ installs (384-d), so tests and the embedded default need no hub. The paper's mod
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from alignclip.fs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +100,11 @@ def read_sidecar(semantic_dir: str | Path, shard: str) -> dict[str, np.ndarray]:
 
 
 def write_sidecar(semantic_dir: str | Path, shard: str, keys: Sequence[str], embeddings: np.ndarray) -> Path:
-    import io
-
-    from alignclip.data.writer import atomic_write_bytes
-
     path = sidecar_path(semantic_dir, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, keys=np.asarray(list(keys), dtype=str), embeddings=embeddings.astype(STORAGE_DTYPE))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
