@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from alignclip.analysis.metrics import as_numpy
+from alignclip.prompts import build_classifier
 
 
 class CacheError(ValueError):
@@ -193,8 +194,6 @@ def task_arrays(tasks: dict, keys: list[str], image_captions: list[str], encode:
 
     arithmetic_text="caption": text_a / text_b are the source and target captions (the delta swaps one word in
     context); "word": the swapped words alone."""
-    from alignclip.eval.zeroshot import build_classifier
-
     index = {k: i for i, k in enumerate(keys)}
     labels_by_key = tasks.get("val_labels", {})
     zeroshot = {}

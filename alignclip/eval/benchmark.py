@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from alignclip.data.transforms import ImageTransform
 from alignclip.embeddings import encode_texts
 from alignclip.eval.datasets import ClassificationData, RetrievalData, Unreadable
 from alignclip.eval.linear_probe import linear_probe
@@ -183,7 +184,6 @@ def evaluate_during_training(model, config, should_stop: StopCheck = None) -> di
     train/eval mode is restored. ``should_stop``: the trainer's local read of its preemption flag; once true,
     ``EvaluationStopped`` ends the evaluation (no figures) so the trainer reaches its checkpoint promptly."""
     from alignclip.eval.datasets import open_benchmark
-    from alignclip.export import ImageTransform
     from alignclip.tokenizer import get_tokenizer
 
     e, m = config.eval, config.model
