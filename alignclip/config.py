@@ -4,7 +4,7 @@ The schema below is the single source of defaults. ``load_config`` merges a YAML
 ``defaults:`` files to inherit from, relative to itself) and a dotlist of overrides on top of it, in OmegaConf
 struct mode, so an unknown key or a value of the wrong type fails *before* anything is built, with a
 ``ConfigError`` that names the key and the file. ``python -m alignclip.config`` prints a resolved config and
-exits with code 2 on such an error.
+exits with code 2 on such an error (``alignclip.errors.run_command``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from alignclip.braces import brace_pattern_of
-from alignclip.errors import ConfigError  # noqa: F401  (re-exported: the config's callers catch it from here)
+from alignclip.errors import ConfigError, run_command
 from alignclip.fs import atomic_write
 from alignclip.paths import CONFIG_DIR  # noqa: F401  (re-exported: names resolve under it)
 
@@ -626,25 +625,22 @@ def save_config(config: Config, run_dir: str | Path) -> Path:
 
 
 def parse_cli(argv: Optional[list[str]] = None, prog: str = "alignclip") -> tuple[Config, list[str]]:
-    """``--config PATH key=value ...`` -> (config, overrides). On a config error: message on stderr, exit 2."""
+    """``--config PATH key=value ...`` -> (config, overrides); raises ``ConfigError`` (the entry point's
+    ``run_command`` reports it). ``--help`` and a malformed command line are argparse's (exit 2)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default=None, help="YAML file or a name under configs/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
     args = parser.parse_args(argv)
-    try:
-        check_repeated_overrides(args.overrides)
-        return load_config(args.config, args.overrides), list(args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    check_repeated_overrides(args.overrides)
+    return load_config(args.config, args.overrides), list(args.overrides)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    config, _ = parse_cli(argv, prog="python -m alignclip.config")
-    print(to_yaml(config), end="")
+def main(argv: Optional[list[str]] = None) -> int:
+    prog = "python -m alignclip.config"
+    return run_command(prog, lambda: print(to_yaml(parse_cli(argv, prog=prog)[0]), end=""))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -97,6 +97,8 @@ class CheckpointError(ConfigError):
     """No usable checkpoint in a run directory that has some: the run's input is broken, exit 2 like a config
     error (``python -m alignclip.train`` maps ConfigError to exit 2)."""
 
+    kind = "checkpoint error"
+
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed; the message names the path and the cause (e.g. no space left on device)."""
