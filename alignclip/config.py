@@ -10,7 +10,6 @@ exits with code 2 on such an error (``alignclip.errors.run_command``).
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from alignclip.braces import brace_pattern_of
+from alignclip.compat.config import MOVED_KEYS, move_old_keys, upgrade_saved_config, warn_moved_keys
 from alignclip.errors import ConfigError, run_command
 from alignclip.fs import atomic_write
 from alignclip.paths import CONFIG_DIR  # noqa: F401  (re-exported: names resolve under it)
@@ -219,17 +219,6 @@ class FastPathConfig:
     peak_tflops: float = 0.0
 
 
-# Keys that lived in ``train`` until the config was split by concern: still accepted (YAML files, command-line
-# overrides, an older run directory's config.yaml), mapped onto their new place with one deprecation warning.
-MOVED_KEYS: dict[str, str] = {
-    **{f"train.{key}": f"optim.{key}" for key in ("lr", "warmup_steps", "min_lr", "weight_decay", "beta1", "beta2",
-                                                   "eps", "grad_clip", "adamw_impl")},
-    "train.checkpoint_every_steps": "checkpoint.every_steps", "train.keep_checkpoints": "checkpoint.keep",
-    **{f"train.{key}": f"fast_path.{key}" for key in ("precision", "compile", "compile_mode", "sdpa",
-                                                       "channels_last", "peak_tflops")},
-}
-
-
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
@@ -317,34 +306,6 @@ def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = getattr(err, "msg", None) or str(err).splitlines()[0]
     return f"key '{key}': {msg}" if key else msg
-
-
-def move_old_keys(raw: DictConfig, source: str, moved: list[str]) -> DictConfig:
-    """Move the ``train.*`` keys of MOVED_KEYS in one YAML mapping onto their new section (in place); ``moved``
-    collects ``old -> new``. Old and new spelling of one key in the same mapping is an error naming both."""
-    train = raw.get("train") if isinstance(raw, DictConfig) else None
-    if not isinstance(train, DictConfig):
-        return raw
-    for old, new in MOVED_KEYS.items():
-        key, (section, name) = old.split(".", 1)[1], new.split(".")
-        if key not in train:
-            continue
-        value = train.pop(key)
-        if raw.get(section) is None:
-            raw[section] = {}
-        if name in raw[section]:
-            raise ConfigError(f"{source}: both '{old}' (the old name) and '{new}' are set; keep '{new}'")
-        raw[section][name] = value
-        moved.append(f"{old} -> {new}")
-    return raw
-
-
-def warn_moved_keys(moved: list[str], source: str) -> None:
-    """One deprecation warning per load, naming every old key used and its new name."""
-    if moved:
-        logging.getLogger("alignclip.config").warning(
-            "deprecated config keys in %s (the train section was split into train / optim / checkpoint / "
-            "fast_path): %s; accepted for now, please rename", source, ", ".join(moved))
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -571,11 +532,7 @@ def to_yaml(config: Config) -> str:
 
 def from_yaml_text(text: str) -> Config:
     """Rebuild a Config from a resolved YAML dump (a run directory's config.yaml, an export's metadata)."""
-    moved: list[str] = []
-    saved = move_old_keys(OmegaConf.create(text), "a saved config", moved)
-    if "model" in saved and "norm_eps" not in saved.model:  # saved before model.norm_eps: the old mixed eps
-        saved.model.norm_eps = None
-    warn_moved_keys(moved, "a saved config (written before the train section was split)")
+    saved = upgrade_saved_config(OmegaConf.create(text))
     cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
