@@ -19,20 +19,28 @@ class ConfigError(ValueError):
     kind = "config error"  # how run_command labels it
 
 
+# The modules of the ``train`` extra (pyproject.toml): a command that needs one says which extra to install.
+TRAIN_EXTRA = ("deepspeed", "sentence_transformers", "submitit", "tensorboard")
+
 # What a wrong path, format or file content raises in the library: the message names what was expected.
 INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
 
 
 def run_command(prog: str, body: Callable[[], int | None],
                 errors: tuple[type[Exception], ...] = INPUT_ERRORS) -> int:
-    """``body()``'s exit code (0 for None); a ``ConfigError`` or an input error -> one line on stderr and 2.
+    """``body()``'s exit code (0 for None); a ``ConfigError`` or an input error -> one line on stderr and 2, as is
+    a missing module of the ``train`` extra (the line says what to install).
 
     ``errors``: what counts as the user's input; a command whose body runs long computations (training) passes
     ``(ConfigError,)`` alone, so that a ValueError from a bug keeps its traceback."""
     try:
         return body() or 0
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        line = f"{prog}: error: {err}: this needs the training stack, pip install 'alignclip[train]'"
     except errors as err:  # ConfigError is a ValueError
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        kind = getattr(err, "kind", "error")
-        print(f"{prog}: {kind}: {message}".splitlines()[0], file=sys.stderr)
-        return 2
+        line = f"{prog}: {getattr(err, 'kind', 'error')}: {message}"
+    print(line.splitlines()[0], file=sys.stderr)
+    return 2

@@ -1,5 +1,7 @@
 """A light core: loading an exported model, the models, the tokenizer, the losses and the metrics import and run
-in a fresh interpreter where DeepSpeed, submitit, sentence-transformers and OpenCLIP cannot be imported."""
+in a fresh interpreter where DeepSpeed, submitit, sentence-transformers, TensorBoard and OpenCLIP cannot be
+imported (the core's dependencies of pyproject.toml: no ``train`` extra, no OpenCLIP); a training command there
+says in one line which extra to install."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import alignclip
 
-BLOCKED = ("deepspeed", "submitit", "sentence_transformers", "open_clip", "open_clip_train")
+BLOCKED = ("deepspeed", "submitit", "sentence_transformers", "tensorboard", "open_clip", "open_clip_train")
 
 CHILD = textwrap.dedent("""
     import importlib.abc, sys
@@ -21,7 +23,7 @@ CHILD = textwrap.dedent("""
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{{name}} is blocked: the light core must not need it")
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
             return None
 
     sys.meta_path.insert(0, Block())
@@ -50,6 +52,14 @@ CHILD = textwrap.dedent("""
     assert img.shape == txt.shape and img.shape[0] == 2, (img.shape, txt.shape)
     assert abs(float(alignment_loss(img, txt)) - (2 - 2 * alignment_score(img, txt))) < 1e-4
     assert get_tokenizer(77)("a cat")[0, :4].tolist() == [49406, 320, 2368, 49407]
+    # a training command without the train extra: one line naming the extra, exit 2
+    import contextlib, io
+    from alignclip.train import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--config", "experiment/embedded_default"])
+    assert code == 2 and err.getvalue().count("\\n") == 1, err.getvalue()
+    assert "pip install 'alignclip[train]'" in err.getvalue(), err.getvalue()
     print("ok", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
 """)
 
