@@ -33,7 +33,8 @@ from alignclip.embeddings import encode_texts
 from alignclip.eval.datasets import ClassificationData, RetrievalData, Unreadable
 from alignclip.eval.linear_probe import linear_probe
 from alignclip.eval.retrieval import retrieval_metrics
-from alignclip.eval.zeroshot import build_classifier, zero_shot_classification
+from alignclip.eval.zeroshot import zero_shot_classification
+from alignclip.prompts import build_classifier
 from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 TEXT_BATCH = 256  # encode_texts' default batch: encoding chunk by chunk gives the same embeddings

@@ -7,9 +7,6 @@ from typing import Sequence
 import numpy as np
 
 from alignclip.analysis.metrics import as_numpy, l2_normalize
-# the classifier's text side is built where the embedding cache needs it too (alignclip.prompts); named here as
-# part of zero-shot classification
-from alignclip.prompts import build_classifier, class_prompts, ensemble_class_embeddings  # noqa: F401
 
 
 def classification_metrics(logits, labels, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
