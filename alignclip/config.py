@@ -4,15 +4,13 @@ The schema below is the single source of defaults. ``load_config`` merges a YAML
 ``defaults:`` files to inherit from, relative to itself) and a dotlist of overrides on top of it, in OmegaConf
 struct mode, so an unknown key or a value of the wrong type fails *before* anything is built, with a
 ``ConfigError`` that names the key and the file. ``python -m alignclip.config`` prints a resolved config and
-exits with code 2 on such an error.
+exits with code 2 on such an error (``alignclip.errors.run_command``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,11 +18,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from alignclip.braces import brace_pattern_of
+from alignclip.compat.config import MOVED_KEYS, move_old_keys, upgrade_saved_config, warn_moved_keys
+from alignclip.errors import ConfigError, run_command
+from alignclip.fs import atomic_write
 from alignclip.paths import CONFIG_DIR  # noqa: F401  (re-exported: names resolve under it)
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and, where known, the file."""
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -225,17 +223,6 @@ class FastPathConfig:
     peak_tflops: float = 0.0
 
 
-# Keys that lived in ``train`` until the config was split by concern: still accepted (YAML files, command-line
-# overrides, an older run directory's config.yaml), mapped onto their new place with one deprecation warning.
-MOVED_KEYS: dict[str, str] = {
-    **{f"train.{key}": f"optim.{key}" for key in ("lr", "warmup_steps", "min_lr", "weight_decay", "beta1", "beta2",
-                                                   "eps", "grad_clip", "adamw_impl")},
-    "train.checkpoint_every_steps": "checkpoint.every_steps", "train.keep_checkpoints": "checkpoint.keep",
-    **{f"train.{key}": f"fast_path.{key}" for key in ("precision", "compile", "compile_mode", "sdpa",
-                                                       "channels_last", "peak_tflops")},
-}
-
-
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
@@ -323,34 +310,6 @@ def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = getattr(err, "msg", None) or str(err).splitlines()[0]
     return f"key '{key}': {msg}" if key else msg
-
-
-def move_old_keys(raw: DictConfig, source: str, moved: list[str]) -> DictConfig:
-    """Move the ``train.*`` keys of MOVED_KEYS in one YAML mapping onto their new section (in place); ``moved``
-    collects ``old -> new``. Old and new spelling of one key in the same mapping is an error naming both."""
-    train = raw.get("train") if isinstance(raw, DictConfig) else None
-    if not isinstance(train, DictConfig):
-        return raw
-    for old, new in MOVED_KEYS.items():
-        key, (section, name) = old.split(".", 1)[1], new.split(".")
-        if key not in train:
-            continue
-        value = train.pop(key)
-        if raw.get(section) is None:
-            raw[section] = {}
-        if name in raw[section]:
-            raise ConfigError(f"{source}: both '{old}' (the old name) and '{new}' are set; keep '{new}'")
-        raw[section][name] = value
-        moved.append(f"{old} -> {new}")
-    return raw
-
-
-def warn_moved_keys(moved: list[str], source: str) -> None:
-    """One deprecation warning per load, naming every old key used and its new name."""
-    if moved:
-        logging.getLogger("alignclip.config").warning(
-            "deprecated config keys in %s (the train section was split into train / optim / checkpoint / "
-            "fast_path): %s; accepted for now, please rename", source, ", ".join(moved))
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -446,8 +405,6 @@ def check_repeated_overrides(overrides: list[str] | tuple[str, ...] | Any) -> No
             spellings.setdefault(canonical, set()).add(key.strip())
     for key, given in values.items():
         if len(given) > 1:
-            from alignclip.data.shards import brace_pattern_of
-
             pattern = brace_pattern_of(given)
             hint = (f"; these look like the shell's expansion of a brace pattern: quote it, "
                     f"{key}='{pattern}'" if pattern else "; give it once")
@@ -579,11 +536,7 @@ def to_yaml(config: Config) -> str:
 
 def from_yaml_text(text: str) -> Config:
     """Rebuild a Config from a resolved YAML dump (a run directory's config.yaml, an export's metadata)."""
-    moved: list[str] = []
-    saved = move_old_keys(OmegaConf.create(text), "a saved config", moved)
-    if "model" in saved and "norm_eps" not in saved.model:  # saved before model.norm_eps: the old mixed eps
-        saved.model.norm_eps = None
-    warn_moved_keys(moved, "a saved config (written before the train section was split)")
+    saved = upgrade_saved_config(OmegaConf.create(text))
     cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
@@ -629,33 +582,26 @@ def save_config(config: Config, run_dir: str | Path) -> Path:
     """Write the fully resolved config into the run directory (atomically)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(config))
-    tmp.replace(target)
-    return target
+    return atomic_write(run_dir / "config.yaml", to_yaml(config))
 
 
 def parse_cli(argv: Optional[list[str]] = None, prog: str = "alignclip") -> tuple[Config, list[str]]:
-    """``--config PATH key=value ...`` -> (config, overrides). On a config error: message on stderr, exit 2."""
+    """``--config PATH key=value ...`` -> (config, overrides); raises ``ConfigError`` (the entry point's
+    ``run_command`` reports it). ``--help`` and a malformed command line are argparse's (exit 2)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default=None, help="YAML file or a name under configs/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
     args = parser.parse_args(argv)
-    try:
-        check_repeated_overrides(args.overrides)
-        return load_config(args.config, args.overrides), list(args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    check_repeated_overrides(args.overrides)
+    return load_config(args.config, args.overrides), list(args.overrides)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    config, _ = parse_cli(argv, prog="python -m alignclip.config")
-    print(to_yaml(config), end="")
+def main(argv: Optional[list[str]] = None) -> int:
+    prog = "python -m alignclip.config"
+    return run_command(prog, lambda: print(to_yaml(parse_cli(argv, prog=prog)[0]), end=""))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from alignclip.analysis.metrics import as_numpy
+from alignclip.prompts import build_classifier
 
 
 class CacheError(ValueError):
@@ -193,8 +194,6 @@ def task_arrays(tasks: dict, keys: list[str], image_captions: list[str], encode:
 
     arithmetic_text="caption": text_a / text_b are the source and target captions (the delta swaps one word in
     context); "word": the swapped words alone."""
-    from alignclip.eval.zeroshot import build_classifier
-
     index = {k: i for i, k in enumerate(keys)}
     labels_by_key = tasks.get("val_labels", {})
     zeroshot = {}
@@ -349,58 +348,58 @@ def tasks_from_files(classnames: str, templates: str, labels: str, task: str = "
                                  "keys": list(val_labels)}}, "val_labels": val_labels}
 
 
-def add_source_arguments(parser) -> None:
-    """The data-source flags every tool shares (used with an exported model; a cache needs none)."""
-    group = parser.add_argument_group("image-text set (when a source is an exported .safetensors model)")
-    group.add_argument("--data", default="generated", help="'generated' (the built-in set) or a shard spec")
-    group.add_argument("--split", default="val", choices=["val", "train"], help="split of the generated set")
-    group.add_argument("--folder", default="", help="folder of images (with --captions) instead of shards")
-    group.add_argument("--captions", default="", help="captions file: filename<TAB>caption per line")
-    group.add_argument("--tasks", default="", help="tasks JSON (zero-shot classes/templates/labels, arithmetic)")
-    group.add_argument("--classnames", default="", help="zero-shot from files: class names, one per line ...")
-    group.add_argument("--templates", default="", help="... prompt templates, one per line ({c} = the class) ...")
-    group.add_argument("--labels", default="", help="... and key<TAB>class name lines (keys as in the shards)")
-    group.add_argument("--limit", type=int, default=0, help="encode at most this many samples (0: all)")
-    group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--arithmetic-text", default="caption", choices=["caption", "word"],
-                       help="arithmetic deltas from whole captions or from the swapped words alone")
-    group.add_argument("--cache-dir", default="", help="save each encoded set here (<cache-dir>/<name>)")
-    group.add_argument("--trust-checkpoint", action="store_true",
-                       help="accept a training run or checkpoint directory as a source: it is exported first, which "
-                            "UNPICKLES its DeepSpeed state (torch.load runs code stored in the file); pass it only "
-                            "for checkpoints you wrote. Exported .safetensors and caches never unpickle")
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to encode a source that is an exported model (a cache needs none): the image-text set, its tasks, the
+    encoding and where to keep the result. The commands fill it from their shared flags
+    (``alignclip.commands.sources``)."""
+
+    data: str = "generated"  # 'generated' (the built-in set) or a shard spec
+    split: str = "val"
+    folder: str = ""  # images (with ``captions``) instead of shards
+    captions: str = ""
+    tasks: str = ""  # tasks JSON
+    classnames: str = ""  # zero-shot from files: the three together
+    templates: str = ""
+    labels: str = ""
+    limit: int = 0
+    batch_size: int = 64
+    arithmetic_text: str = "caption"
+    cache_dir: str = ""  # save each encoded set under <cache_dir>/<name>/<split>
+    trust_checkpoint: bool = False  # accept a run / checkpoint directory (exporting it unpickles DeepSpeed state)
+    device: str = "cpu"
 
 
-def resolve_source(source: str, args, name: str = "", split: str | None = None) -> EmbeddingSet:
+def resolve_source(source: str, options: SourceOptions, name: str = "", split: str | None = None) -> EmbeddingSet:
     """A cache directory / .npy (read), an exported .safetensors model, or a training run / checkpoint directory
-    (exported first, into --cache-dir or a temporary folder), encoded with the flags above."""
+    (exported first, into ``options.cache_dir`` or a temporary folder), encoded as ``options`` say."""
+    o = options
     p = Path(source)
     if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "mp_rank_00_model_states.pt").is_file()):
-        if not getattr(args, "trust_checkpoint", False):
+        if not o.trust_checkpoint:
             raise ValueError(f"{source} is a training run / checkpoint: reading it unpickles DeepSpeed state; export "
                              f"it with alignclip-export first, or pass --trust-checkpoint if you wrote it")
-        p = _export_on_the_fly(p, args, name)  # a training run or checkpoint: export it first
+        p = _export_on_the_fly(p, o.cache_dir, name)  # a training run or checkpoint: export it first
     if p.suffix == ".safetensors" and not p.is_file():
         raise FileNotFoundError(f"{source}: no such exported model (.safetensors)")
     if p.suffix != ".safetensors":
         return EmbeddingSet.load(p)
     extra = None
-    if args.classnames or args.templates or args.labels:
-        if not (args.classnames and args.templates and args.labels):
+    if o.classnames or o.templates or o.labels:
+        if not (o.classnames and o.templates and o.labels):
             raise ValueError("zero-shot from files needs all three of --classnames, --templates and --labels")
-        extra = tasks_from_files(args.classnames, args.templates, args.labels)
-    es = encode_with_model(p, args.data, split or args.split, args.folder, args.captions, args.tasks, args.limit,
-                           args.batch_size, args.arithmetic_text, device=getattr(args, "device", "cpu"),
-                           extra_tasks=extra)
-    if args.cache_dir:
-        es.save(Path(args.cache_dir) / (name or p.stem) / (split or args.split))
+        extra = tasks_from_files(o.classnames, o.templates, o.labels)
+    es = encode_with_model(p, o.data, split or o.split, o.folder, o.captions, o.tasks, o.limit, o.batch_size,
+                           o.arithmetic_text, device=o.device, extra_tasks=extra)
+    if o.cache_dir:
+        es.save(Path(o.cache_dir) / (name or p.stem) / (split or o.split))
     return es
 
 
-def _export_on_the_fly(checkpoint: Path, args, name: str) -> Path:
+def _export_on_the_fly(checkpoint: Path, cache_dir: str, name: str) -> Path:
     import tempfile
 
     from alignclip.export import export_checkpoint
 
-    folder = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="alignclip_export_"))
+    folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="alignclip_export_"))
     return export_checkpoint(checkpoint, folder / f"{name or checkpoint.name}.safetensors")

@@ -40,9 +40,12 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 from alignclip.config import (Config, ConfigError, check_repeated_overrides, load_config, override_key,
                               run_dir_of)
+from alignclip.errors import run_command
+from alignclip.fs import atomic_write
 from alignclip.paths import SLURM_DIR
 
 DEFAULT_ENV_FILE = SLURM_DIR / "env.sh"  # slurm/env.sh of the checkout, or the copy shipped in the wheel
+PROG = "python -m alignclip.launch"
 # How long a task that asked for a requeue waits for Slurm to kill it before giving up (Slurm's KillWait is
 # usually 30 s; a job that is still alive after this was not requeued).
 _REQUEUE_GRACE_S = 300
@@ -164,15 +167,13 @@ class TrainJob:
 
         # submitit's preemption signal takes the trainer's path: flag, agree, save together, exit 124.
         signal.signal(signal.SIGUSR2, lambda signum, frame: os.kill(os.getpid(), signal.SIGUSR1))
-        try:
-            train_main(["--config", self.config_path, *self.overrides])
-        except SystemExit as stop:
-            if stop.code not in (0, None):
-                if stop.code == REQUEUE_EXIT_CODE:
-                    self._requeue()  # returns only when the job is not requeued
-                # an Exception (not SystemExit), so that submitit records the failure as the job's result
-                raise RuntimeError(f"python -m alignclip.train exited with code {stop.code} "
-                                   f"(config {self.config_path}, overrides {self.overrides})") from None
+        code = train_main(["--config", self.config_path, *self.overrides])
+        if code != 0:
+            if code == REQUEUE_EXIT_CODE:
+                self._requeue()  # returns only when the job is not requeued
+            # an Exception, so that submitit records the failure as the job's result
+            raise RuntimeError(f"python -m alignclip.train exited with code {code} "
+                               f"(config {self.config_path}, overrides {self.overrides})")
         return str(run_dir_of(load_config(self.config_path, self.overrides)))
 
     def _requeue(self) -> None:
@@ -303,9 +304,7 @@ def _write_manifest(path: Path, submitted: Iterable[Submitted]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [dict(job_id=s.job_id, run_dir=str(s.run.run_dir), config=s.run.config_path,
                     overrides=s.run.overrides) for s in submitted]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(records, indent=2) + "\n")
 
 
 def wait_slurm(job_ids: Iterable[str], timeout_s: float, poll_s: float = 2.0) -> None:
@@ -339,10 +338,10 @@ def shell_env(config_path: str | Path, overrides: Sequence[str], environ: Mappin
     return "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in values.items())
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m alignclip.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("shell-env", "print the variables slurm/pretrain.sh sources"),
                        ("sbatch-args", "print the sbatch flags of the config's launch section, one per line"),
@@ -356,19 +355,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--max-requeues", type=int, required=True)
     args = parser.parse_args(argv)
     if args.command == "requeue":
-        raise SystemExit(0 if requeue_job(args.max_requeues) else 1)
-    try:
-        if args.command == "shell-env":
-            sys.stdout.write(shell_env(args.config, args.overrides))
-        elif args.command == "sbatch-args":
-            print("\n".join(sbatch_args(make_run(args.config, args.overrides).config)))
-        else:
-            s = submit(args.config, args.overrides, args.executor)
-            print(f"submitted job {s.job_id}: run dir {s.run.run_dir}")
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 0 if requeue_job(args.max_requeues) else 1
+    return run_command(PROG, lambda: _run(args), errors=(ConfigError,))
+
+
+def _run(args) -> None:
+    if args.command == "shell-env":
+        sys.stdout.write(shell_env(args.config, args.overrides))
+    elif args.command == "sbatch-args":
+        print("\n".join(sbatch_args(make_run(args.config, args.overrides).config)))
+    else:
+        s = submit(args.config, args.overrides, args.executor)
+        print(f"submitted job {s.job_id}: run dir {s.run.run_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

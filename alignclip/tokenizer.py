@@ -1,7 +1,8 @@
 """CLIP's byte-level BPE (vocabulary 49,408, context 77) as a fast Rust tokenizer, built offline.
 
-The merges come from ``bpe_simple_vocab_16e6.txt.gz``, which ships inside the ``open_clip`` package; only that data
-file is used. Ids equal OpenAI CLIP's: ``"a photo of a cat"`` -> 49406 320 1125 539 320 2368 49407, then 0-padding.
+The merges come from OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (MIT), shipped in ``alignclip/assets/`` with its
+licence (``LICENSE-CLIP``), byte for byte the file OpenAI's CLIP and OpenCLIP ship; no other package is needed.
+Ids equal OpenAI CLIP's: ``"a photo of a cat"`` -> 49406 320 1125 539 320 2368 49407, then 0-padding.
 Padding with 0 keeps end-of-text pooling (argmax of the ids) correct: 49407 is the largest id in every row.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -24,14 +24,13 @@ _PRETOKENIZE = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\
 _NUM_MERGES = 49152 - 256 - 2  # the first 48,894 merges of the file; with 2 x 256 byte symbols and 2 specials
 
 
+VOCAB_FILE = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+
+
 def default_vocab_path() -> Path:
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("CLIP's BPE file ships with the 'open-clip-torch' package: pip install open-clip-torch")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed open_clip package")
-    return path
+    if not VOCAB_FILE.is_file():
+        raise FileNotFoundError(f"{VOCAB_FILE} is missing: the alignclip installation is incomplete")
+    return VOCAB_FILE
 
 
 def _byte_symbols() -> list[str]:

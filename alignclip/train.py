@@ -16,23 +16,23 @@ import os
 import sys
 from typing import NoReturn, Optional
 
-from alignclip.config import ConfigError, parse_cli
+from alignclip.config import parse_cli
+from alignclip.errors import ConfigError, run_command
+
+PROG = "alignclip-train"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    config, _ = parse_cli(argv, prog="python -m alignclip.train")
-    from alignclip.training.checkpoint import CheckpointError
+def main(argv: Optional[list[str]] = None) -> int:
+    """The run's exit code; a config error, or no usable checkpoint in a run directory that has some
+    (``CheckpointError``, a ``ConfigError``), is one line on stderr and 2."""
+    return run_command(PROG, lambda: _train(argv), errors=(ConfigError,))  # any other error is a bug: traceback
+
+
+def _train(argv: Optional[list[str]]) -> int:
+    config, _ = parse_cli(argv, prog=PROG)
     from alignclip.training.trainer import train  # after the config check: a typo fails before torch loads
 
-    try:
-        result = train(config)
-    except CheckpointError as err:  # every checkpoint of the run directory failed verification
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    raise SystemExit(result.exit_code)
+    return train(config).exit_code
 
 
 def cli() -> NoReturn:
@@ -43,18 +43,12 @@ def cli() -> NoReturn:
     module teardown is skipped. With torch, DeepSpeed and transformers loaded it costs each rank 2-3 s of CPU, time
     that a preempted job spends inside the scheduler's grace period, and a C++ thread still joinable in a static
     destructor there can abort a rank that has finished (SIGABRT), which Slurm records as a failed step.
-    ``main`` itself only raises ``SystemExit``, so in-process callers (submitit's ``TrainJob``) keep their teardown.
+    ``main`` itself returns the code, so in-process callers (submitit's ``TrainJob``) keep their teardown.
     """
     try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # SystemExit("message"): Python prints it and exits 1
-        print(code, file=sys.stderr)
-        code = 1
+        code = main()
+    except SystemExit as stop:  # argparse: --help (0) or a malformed command line (2)
+        code = int(stop.code or 0)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

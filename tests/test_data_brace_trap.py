@@ -13,7 +13,7 @@ import pytest
 
 from alignclip import launch
 from alignclip.config import ConfigError, check_repeated_overrides
-from alignclip.data.shards import brace_pattern_of, expand_braces
+from alignclip.braces import brace_pattern_of, expand_braces
 
 PATTERN = "/data/cc12m/{00000..00003}.tar"
 

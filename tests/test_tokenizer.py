@@ -45,3 +45,21 @@ def test_short_context_and_decode_round_trip():
     ids = tok("a small red circle left of a large blue square")
     assert ids.shape == (1, 8) and ids[0, -1] == tok.eot_id
     assert get_tokenizer(77).decode(get_tokenizer(77)("A Red Square")[0].tolist()) == "a red square"
+
+
+def test_the_shipped_vocabulary_is_openais_file_with_its_licence():
+    """Our copy (alignclip/assets) is byte for byte the file the open_clip wheel ships (OpenAI's, sha256 as
+    published), gzip-compressed as it is there, and OpenAI's MIT licence sits beside it."""
+    import hashlib
+    from pathlib import Path
+
+    import open_clip
+
+    from alignclip.tokenizer import default_vocab_path
+
+    ours = default_vocab_path().read_bytes()
+    assert ours[:2] == b"\x1f\x8b"  # gzip
+    assert ours == (Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    assert hashlib.sha256(ours).hexdigest() == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    licence = (default_vocab_path().parent / "LICENSE-CLIP").read_text()
+    assert "MIT License" in licence and "Copyright (c) 2021 OpenAI" in licence

@@ -9,8 +9,8 @@ from alignclip.eval.arithmetic import arithmetic_queries, arithmetic_retrieval, 
 from alignclip.eval.linear_probe import linear_probe
 from alignclip.eval.results import write_result
 from alignclip.eval.retrieval import retrieval_metrics
-from alignclip.eval.zeroshot import (class_prompts, classification_metrics, ensemble_class_embeddings,
-                                     zero_shot_classification)
+from alignclip.eval.zeroshot import classification_metrics, zero_shot_classification
+from alignclip.prompts import class_prompts, ensemble_class_embeddings
 
 
 def test_prompt_ensemble_averages_normalised_templates():
@@ -278,7 +278,7 @@ def test_our_metrics_equal_clip_benchmarks_own_evaluation(tmp_path, monkeypatch)
     from alignclip.config import load_config
     from alignclip.embeddings import encode_texts
     from alignclip.eval.benchmark import evaluate_benchmark
-    from alignclip.eval.zeroshot import build_classifier
+    from alignclip.prompts import build_classifier
     from alignclip.eval.datasets import open_benchmark
     from alignclip.export import ImageTransform, load_model, save_exported, save_openclip
     from alignclip.models import build_model

@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from alignclip.commands.input_errors import run_reporting_input_errors
+from alignclip.errors import run_command
 
 PROG = "alignclip-distill"
 DEFAULT_RECIPES = ["mlp_cos:cos=1", "mlp_cos_clip_imsep:cos=1,clip=1,imsep=0.5"]
@@ -40,7 +40,7 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from alignclip.aligner.baselines import BASELINES
-    from alignclip.embeddings import add_source_arguments
+    from alignclip.commands.sources import add_source_arguments
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         recipes = [(r, *parse_recipe(r)) for r in args.recipe or DEFAULT_RECIPES]
     except ValueError as err:
         parser.error(str(err))
-    return run_reporting_input_errors(PROG, lambda: _run(args, recipes))
+    return run_command(PROG, lambda: _run(args, recipes))
 
 
 def _run(args, recipes) -> int:
@@ -82,7 +82,7 @@ def _run(args, recipes) -> int:
     from alignclip.aligner.compare import compare_methods, comparison_table, write_comparison
     from alignclip.aligner.mlp import AlignerShape, save_aligner
     from alignclip.aligner.train import AlignerTraining, train_aligner
-    from alignclip.embeddings import resolve_source
+    from alignclip.commands.sources import resolve_source
 
     fit_set = resolve_source(args.fit, args, split=args.fit_split)
     eval_set = resolve_source(args.eval or args.fit, args, split=args.eval_split)

@@ -17,14 +17,17 @@ a rerun (or a requeued array task) resumes.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from alignclip.errors import run_command
+
+PROG = "alignclip-embed-captions"
 
 
 def main(argv: list[str] | None = None) -> int:
     from alignclip.semantic import PAPER_MODEL
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("spec", help="shards: brace pattern, folder, or several joined with '::'")
     parser.add_argument("--out", required=True, help="sidecar folder (--mode sidecar) or new shard folder")
@@ -37,15 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-index", type=int, default=None, help="this task's part (default: Slurm array id)")
     parser.add_argument("--num-parts", type=int, default=None, help="number of parts (default: Slurm array size)")
     args = parser.parse_args(argv)
+    return run_command(PROG, lambda: _run(args))
 
+
+def _run(args) -> int:
     from alignclip.data.shards import expand_spec
     from alignclip.semantic import SemanticEncoder, embed_shards, select_part
 
-    try:
-        shards = select_part(expand_spec(args.spec), args.shard_index, args.num_parts)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    shards = select_part(expand_spec(args.spec), args.shard_index, args.num_parts)
     start = time.perf_counter()
     encoder = SemanticEncoder(args.model, args.device, args.batch_size)
     print(f"{len(shards)} shard(s); model {args.model} ({encoder.dim}-d) on {encoder.device}", flush=True)
@@ -60,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{done['shards']}/{len(shards)}] {result.shard}: {state} -> {result.output} ({rate:.0f}/s)",
               flush=True)
 
-    try:
-        embed_shards(shards, encoder, args.out, args.mode, args.text_key, args.semantic_key, progress)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    embed_shards(shards, encoder, args.out, args.mode, args.text_key, args.semantic_key, progress)
     print(f"embedded {done['samples']} captions in {done['shards'] - done['kept']} shard(s), kept {done['kept']}, "
           f"{time.perf_counter() - start:.1f} s")
     return 0

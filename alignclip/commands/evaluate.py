@@ -22,13 +22,13 @@ import argparse
 import json
 from pathlib import Path
 
-from alignclip.commands.input_errors import run_reporting_input_errors
+from alignclip.errors import run_command
 
 PROG = "alignclip-eval"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alignclip.embeddings import add_source_arguments
+    from alignclip.commands.sources import add_source_arguments
     from alignclip.eval.datasets import KINDS
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--root (a probe fitted on the images it is scored on measures nothing)")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
-    return run_reporting_input_errors(PROG, lambda: _run(args))
+    return run_command(PROG, lambda: _run(args))
 
 
 def _model_name(args) -> str:
@@ -126,7 +126,8 @@ def _run_sets(args) -> list[Path]:
     import numpy as np
 
     from alignclip.aligner.mlp import load_aligner
-    from alignclip.embeddings import EmbeddingSet, resolve_source
+    from alignclip.commands.sources import resolve_source
+    from alignclip.embeddings import EmbeddingSet
     from alignclip.eval.arithmetic import simat_score
     from alignclip.eval.results import write_result
     from alignclip.eval.suite import evaluate_set, write_results

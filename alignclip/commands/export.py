@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from alignclip.commands.input_errors import run_reporting_input_errors
+from alignclip.errors import run_command
 
 PROG = "alignclip-export"
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(export_checkpoint(args.checkpoint, args.out, format=args.format, allow_inexact=args.allow_inexact))
 
-    return run_reporting_input_errors(PROG, body)
+    return run_command(PROG, body)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from alignclip.commands.input_errors import run_reporting_input_errors
+from alignclip.errors import run_command
 
 PROG = "alignclip-gap"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alignclip.embeddings import add_source_arguments
+    from alignclip.commands.sources import add_source_arguments
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         if name not in dict(models) or not path:
             parser.error(f"--aligner expects NAME=PATH with NAME one of {sorted(dict(models))}, found {item!r}")
         aligners.append((name, path))
-    return run_reporting_input_errors(PROG, lambda: _run(args, models, aligners))
+    return run_command(PROG, lambda: _run(args, models, aligners))
 
 
 def _run(args, models, aligners) -> int:
     from alignclip.aligner.mlp import load_aligner
     from alignclip.analysis.gap import analyse_gap, check_same_data
-    from alignclip.embeddings import resolve_source
+    from alignclip.commands.sources import resolve_source
 
     pairs, sources = {}, {}
     for name, source in models:

@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from alignclip.errors import run_command
+
+PROG = "alignclip-make-shards"
+
 
 def _folder(args) -> int:
     from alignclip.data.writer import check_manifest, read_captions_file, write_folder_shards
@@ -95,7 +99,7 @@ def _validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignclip-make-shards", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     folder = sub.add_parser("folder", help="images + captions file -> shards")
@@ -125,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("samples_per_shard", "num_shards", "image_size"):
         if getattr(args, name, 1) < (0 if name == "num_shards" and args.command == "folder" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    try:
-        return {"folder": _folder, "generated": _generated, "validate": _validate}[args.command](args)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    command = {"folder": _folder, "generated": _generated, "validate": _validate}[args.command]
+    return run_command(PROG, lambda: command(args))
 

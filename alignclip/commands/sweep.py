@@ -16,12 +16,14 @@ import argparse
 import shlex
 import sys
 
-from alignclip.config import ConfigError
+from alignclip.errors import ConfigError, run_command
 from alignclip.launch import grid, make_sweep, parse_axis, submit_sweep, wait_slurm
+
+PROG = "alignclip-sweep"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", "-c", required=True, help="YAML file or a name under configs/")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -35,19 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=7 * 24 * 3600, help="with --wait")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every point")
     args = parser.parse_args(argv)
-    try:
-        if bool(args.grid) == bool(args.point):
-            raise ConfigError("give either --grid axes or --point entries (one of the two)")
-        points = grid(dict(parse_axis(a) for a in args.grid)) if args.grid else [shlex.split(p) for p in args.point]
-        if args.dry_run:
-            root, runs = make_sweep(args.config, points, args.overrides, args.sweep_dir)
-            for run in runs:
-                print(f"{run.run_dir}\t{' '.join(run.overrides)}")
-            return 0
-        submitted = submit_sweep(args.config, points, args.overrides, args.executor, args.sweep_dir)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    return run_command(PROG, lambda: _run(args))
+
+
+def _run(args) -> int:
+    if bool(args.grid) == bool(args.point):
+        raise ConfigError("give either --grid axes or --point entries (one of the two)")
+    points = grid(dict(parse_axis(a) for a in args.grid)) if args.grid else [shlex.split(p) for p in args.point]
+    if args.dry_run:
+        root, runs = make_sweep(args.config, points, args.overrides, args.sweep_dir)
+        for run in runs:
+            print(f"{run.run_dir}\t{' '.join(run.overrides)}")
+        return 0
+    submitted = submit_sweep(args.config, points, args.overrides, args.executor, args.sweep_dir)
     for s in submitted:
         print(f"job {s.job_id}\t{s.run.run_dir}")
     if args.wait:

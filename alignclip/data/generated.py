@@ -47,7 +47,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from alignclip.data.writer import ShardWriter, atomic_write_bytes, sample_key
+from alignclip.data.writer import ShardWriter, sample_key
+from alignclip.fs import atomic_write
 
 # The versions a config may ask for (data.generated.version). Change a version's rendering only with a new number,
 # so cached shards of another rendering are never reused (the cache folder is named after the version).
@@ -565,5 +566,5 @@ def ensure_generated(data_cfg) -> GeneratedDataset:
                 "classes": {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES),
                             **({"pattern": list(PATTERNS)} if g.version >= 2 else {})},
             }
-            atomic_write_bytes(dataset.tasks_path, json.dumps(tasks, indent=1).encode())
+            atomic_write(dataset.tasks_path, json.dumps(tasks, indent=1))
     return dataset

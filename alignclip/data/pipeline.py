@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from alignclip.data import images
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
+from alignclip.data.sidecars import read_sidecar, sidecar_path
 from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,6 @@ class ShardReader:
     def _read_shard(self, shard: str) -> Iterator[dict]:
         table = None
         if self.s.with_semantic and self.s.semantic_dir:
-            from alignclip.semantic import read_sidecar
-
             try:
                 table = read_sidecar(self.s.semantic_dir, shard)
             except FileNotFoundError as err:
@@ -397,8 +396,6 @@ def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool
     one; every rank probes the same shard, so they agree. ``optional`` (evaluation): only when the first shard's
     sidecar exists, so a validation split without embeddings still gives images and captions."""
     if data_cfg.semantic_dir:
-        from alignclip.semantic import sidecar_path
-
         if not optional or sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
             return True
     first = next(shardlib.iter_raw_samples(shards[0], policy=stream_policy(data_cfg)), None)

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import re
 import select
 import subprocess
 import tarfile
@@ -31,55 +30,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from alignclip.braces import expand_braces
+from alignclip.errors import ConfigError
+from alignclip.fs import atomic_write
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- spec parsing
-def expand_braces(pattern: str) -> list[str]:
-    """``a/{000..002}.tar`` -> a/000.tar a/001.tar a/002.tar (zero padding kept); ``{x,y}`` -> both; nested ok."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    head, body, tail = pattern[:match.start()], match.group(1), pattern[match.end():]
-    numeric = _RANGE.match(body)
-    if numeric:
-        lo, hi = numeric.group(1), numeric.group(2)
-        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    else:
-        choices = body.split(",")
-    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
-
-
-def brace_pattern_of(values: Sequence[str]) -> str | None:
-    """The brace pattern whose expansion gives ``values``, when they look like one: the same head and tail around
-    consecutive integers of one width (``a/00000.tar a/00001.tar`` -> ``a/{00000..00001}.tar``) or around a list
-    of words (``a/x.tar a/y.tar`` -> ``a/{x,y}.tar``). None otherwise. Used to explain a shell-expanded override."""
-    if len(values) < 2 or len(set(values)) < len(values):
-        return None
-    head = os.path.commonprefix(list(values))
-    tail = os.path.commonprefix([v[len(head):][::-1] for v in values])[::-1]
-    if any(c.isdigit() for c in head[-1:]):  # keep a range's leading digits inside the braces (00012 -> 0001|2)
-        head = head.rstrip("0123456789")
-    if any(c.isdigit() for c in tail[:1]):
-        tail = tail.lstrip("0123456789")
-    middles = [v[len(head):len(v) - len(tail)] for v in values]
-    if not (head or tail) or not all(middles):
-        return None
-    padded = any(len(m) > 1 and m.startswith("0") for m in middles)
-    if all(m.isdigit() for m in middles) and (not padded or len({len(m) for m in middles}) == 1):
-        numbers = [int(m) for m in middles]
-        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-            return f"{head}{{{middles[0]}..{middles[-1]}}}{tail}"
-    if all("," not in m and "/" not in m for m in middles):
-        return f"{head}{{{','.join(middles)}}}{tail}"
-    return None
-
-
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -91,8 +49,6 @@ def expand_spec(spec: str) -> list[str]:
 def source_weights(text: str, sources: int, key: str = "data.weights") -> list[float]:
     """``'1::0.5'`` -> [1.0, 0.5]: one upsampling factor per ``'::'`` source of ``data.train`` (OpenCLIP's
     ``--train-data-upsampling-factors``: each shard of a source is drawn with its source's factor as weight)."""
-    from alignclip.config import ConfigError
-
     try:
         weights = [float(w) for w in text.split("::")]
     except ValueError:
@@ -166,9 +122,7 @@ def check_enough_shards(shards: Sequence[str], world_size: int, num_workers: int
     """Plain lists give each reader whole shards, so there must be at least one shard per (rank, worker)."""
     readers = world_size * max(num_workers, 1)
     if len(shards) < readers:
-        from alignclip.config import ConfigError
-
-        raise ConfigError(
+            raise ConfigError(
             f"key '{spec_key}' names {len(shards)} shard(s) but {world_size} rank(s) x {max(num_workers, 1)} "
             f"worker(s) (key 'data.workers') = {readers} readers each need at least one: lower 'data.workers', "
             f"set 'data.resampled=true', or write more, smaller shards (tools/make_shards.py)")
@@ -481,9 +435,8 @@ def count_samples(shards: Sequence[str], policy: StreamPolicy = StreamPolicy(), 
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"samples": n, "shards": len(shards), "first": shards[0] if shards else ""}))
-            os.replace(tmp, cache)
+            first = shards[0] if shards else ""
+            atomic_write(cache, json.dumps({"samples": n, "shards": len(shards), "first": first}))
         except OSError as err:
             log.warning("data: cannot cache the sample count in %s: %s", cache, err)
     return n, f"reading the {len(shards)} shards" + (f" (cached in {cache})" if cache is not None else "")

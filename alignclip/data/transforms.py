@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from alignclip.data.images import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRAIN_CROP_SCALE = (0.9, 1.0)
@@ -127,3 +129,18 @@ def normalize_on_device(images: torch.Tensor, dtype: torch.dtype = torch.float32
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """The inverse, to [0, 1] floats (for plots and pixel checks)."""
     return images * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+
+
+class ImageTransform:
+    """PIL image(s) -> float [3, H, W] (or [b, 3, H, W] for a list): the evaluation transform of the data
+    pipeline (centre crop, bicubic resize, CLIP mean/std)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, images):
+        many = isinstance(images, (list, tuple))
+        arrays = [np.asarray(eval_transform(to_rgb(img), self.image_size))
+                  for img in (images if many else [images])]
+        batch = normalize_batch(arrays)
+        return batch if many else batch[0]

@@ -7,26 +7,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-
-def _tmp_name(path: Path) -> Path:
-    """A private temporary name next to ``path`` (unique across processes and hosts sharing a file system)."""
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from alignclip.fs import atomic_write, replace_durably, temp_path
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -44,7 +32,7 @@ class ShardWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _tmp_name(self.path)
+        self._tmp = temp_path(self.path)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.count = 0
 
@@ -64,7 +52,7 @@ class ShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        os.replace(self._tmp, self.path)
+        replace_durably(self._tmp, self.path)
         write_stats(self.path, self.count)
 
     def abort(self) -> None:
@@ -85,7 +73,7 @@ def write_stats(shard: str | Path, count: int, failed: int = 0) -> None:
     """img2dataset's per-shard ``NNNNN_stats.json`` (the fields the pipeline reads: ``successes``)."""
     shard = Path(shard)
     stats = {"count": count + failed, "successes": count, "failed_to_download": 0, "failed_to_resize": failed}
-    atomic_write_bytes(shard.with_name(shard.stem + "_stats.json"), json.dumps(stats, indent=1).encode())
+    atomic_write(shard.with_name(shard.stem + "_stats.json"), json.dumps(stats, indent=1))
 
 
 def shard_name(index: int, prefix: str = "") -> str:
@@ -169,7 +157,7 @@ def check_manifest(out_dir: str | Path, manifest: dict, overwrite: bool) -> bool
     existing = sorted(out_dir.glob("*.tar")) if out_dir.is_dir() else []
     if overwrite:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True))
         return True
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -182,7 +170,7 @@ def check_manifest(out_dir: str | Path, manifest: dict, overwrite: bool) -> bool
         raise FileExistsError(f"{out_dir} already holds {len(existing)} shard(s) not written by this tool; "
                               f"pass --overwrite to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True))
     return False
 
 

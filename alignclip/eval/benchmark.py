@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from alignclip.data.transforms import ImageTransform
 from alignclip.embeddings import encode_texts
 from alignclip.eval.datasets import ClassificationData, RetrievalData, Unreadable
 from alignclip.eval.linear_probe import linear_probe
 from alignclip.eval.retrieval import retrieval_metrics
-from alignclip.eval.zeroshot import build_classifier, zero_shot_classification
+from alignclip.eval.zeroshot import zero_shot_classification
+from alignclip.prompts import build_classifier
 from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 TEXT_BATCH = 256  # encode_texts' default batch: encoding chunk by chunk gives the same embeddings
@@ -183,7 +185,6 @@ def evaluate_during_training(model, config, should_stop: StopCheck = None) -> di
     train/eval mode is restored. ``should_stop``: the trainer's local read of its preemption flag; once true,
     ``EvaluationStopped`` ends the evaluation (no figures) so the trainer reaches its checkpoint promptly."""
     from alignclip.eval.datasets import open_benchmark
-    from alignclip.export import ImageTransform
     from alignclip.tokenizer import get_tokenizer
 
     e, m = config.eval, config.model

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
-from ..config import ModelConfig
+from ..config import CONFIG_DIR, ModelConfig, load_config
+from ..errors import run_command
 from .contrastive import ContrastiveModel, count_parameters
 from .layers import ImageStem, TextStem, Trunk
 
@@ -45,20 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     """Build each model config named (default: every file under configs/model) and print its size."""
     import argparse
 
-    from ..config import CONFIG_DIR, ConfigError, load_config
-
     parser = argparse.ArgumentParser(prog="python -m alignclip.models",
                                      description="Build each model config and print its parameter count.")
     parser.add_argument("configs", nargs="*", help="model config files or names (default: every configs/model/*.yaml)")
     args = parser.parse_args(argv)
     paths = args.configs or sorted(str(p) for p in (CONFIG_DIR / "model").glob("*.yaml"))
+    models = []
+    code = run_command("python -m alignclip.models", lambda: models.extend(load_config(p).model for p in paths))
+    if code:
+        return code
     print(f"{'config':<28} {'arch':<11} {'parameters':>14}  {'token table':>12}")
-    for path in paths:
-        try:
-            cfg = load_config(path).model
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
+    for path, cfg in zip(paths, models):
         model = build_model(cfg)
         table = model.text_stem.token_embed.weight.numel()
         name = path.rsplit("/", 1)[-1].removesuffix(".yaml")

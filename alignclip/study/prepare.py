@@ -27,7 +27,8 @@ def prepare_data(config: Config) -> Config:
     print(f"data: generated shards in {dataset.root} ({time.perf_counter() - started:.1f} s)", flush=True)
     if not build_objective(config.loss).needs_semantic or config.data.semantic_dir:
         return config
-    from alignclip.semantic import SemanticEncoder, embed_shards, sidecar_path
+    from alignclip.data.sidecars import sidecar_path
+    from alignclip.semantic import SemanticEncoder, embed_shards
 
     model_tag = Path(config.loss.semantic_model).name.replace("/", "_")
     semantic_dir = dataset.root / f"semantic-{model_tag}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from alignclip.fs import atomic_write
 from alignclip.launch import TrainJob, make_executor, make_run, wait_slurm
 from alignclip.study.prepare import prepare_data
 from alignclip.study.spec import StudySpec, run_overrides, write_variant_config
@@ -50,9 +51,7 @@ def mark_done(run_dir: Path) -> None:
 
     latest = find_latest(run_dir)
     record = {"checkpoint": latest.name if latest else None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = run_dir / (DONE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(run_dir / DONE_FILE)
+    atomic_write(run_dir / DONE_FILE, json.dumps(record) + "\n")
 
 
 def is_done(run_dir: Path) -> bool:
@@ -127,7 +126,7 @@ def measure_run(spec: StudySpec, run_dir: Path, seed: int) -> dict:
         # the metric's own split seed: the same for every run
         out[eval_set.name] = measure_set(es, seed=0, train=train)
     folder.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write(cached, json.dumps(out, indent=1) + "\n")
     return out
 
 

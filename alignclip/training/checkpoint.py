@@ -28,11 +28,12 @@ across 1 changes the group layout, which the saved optimizer state cannot follow
 names the key before anything is loaded, like another world size, rather than calling the checkpoint unusable.
 
 Atomicity: every rank writes into ``step_X.tmp/``; after a barrier rank 0 renames it to ``step_X/`` (a rename is
-atomic on POSIX) and then replaces ``latest`` by writing ``latest.tmp`` and renaming it. A crash at any point
-leaves either the previous ``latest`` (pointing at a complete directory) or the new one; a stale ``*.tmp`` is
-removed at the start of a run (``resume``) and by the next save (saves are collective, so none is in progress
-then). A failed write names the path and says "no space left on device" when the disk is full, and removes its
-partial ``.tmp``. The file system must be shared by all ranks (as on a Slurm cluster).
+atomic on POSIX) and then replaces ``latest`` by writing a temporary and renaming it; files and folders are
+fsynced first (``alignclip.fs``). A crash at any point leaves either the previous ``latest`` (pointing at a
+complete directory) or the new one; a stale ``*.tmp`` is removed at the start of a run (``resume``) and by the
+next save (saves are collective, so none is in progress then). A failed write names the path and says "no space
+left on device" when the disk is full, and removes its partial ``.tmp``. The file system must be shared by all
+ranks (as on a Slurm cluster).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from alignclip.config import ConfigError, saved_text_lr_scale
+from alignclip.fs import atomic_write, publish_dir
 from alignclip.training.optim import group_settings, restore_group_settings, splits_text_groups
 from alignclip.training.preemption import any_rank
 
@@ -96,6 +97,8 @@ class CheckpointError(ConfigError):
     """No usable checkpoint in a run directory that has some: the run's input is broken, exit 2 like a config
     error (``python -m alignclip.train`` maps ConfigError to exit 2)."""
 
+    kind = "checkpoint error"
+
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed; the message names the path and the cause (e.g. no space left on device)."""
@@ -116,23 +119,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------- RNG
@@ -219,8 +205,7 @@ def write_manifest(folder: Path) -> None:
     digests = _shared_digests(folder, names)
     if _rank() == 0:
         files = {n: {"size": (folder / n).stat().st_size, "sha256": digests[n]} for n in names}
-        _write_atomic(folder / MANIFEST, (json.dumps({"algorithm": "sha256", "files": files}, indent=1)
-                                          + "\n").encode())
+        atomic_write(folder / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
 
 
 def verify_manifest(checkpoint: Path) -> Optional[str]:
@@ -267,17 +252,14 @@ def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int)
         torch.save(capture_rng(), tmp / RNG_FILE.format(rank=rank))
         _barrier()  # every rank's files are in tmp
         if rank == 0:
-            _write_atomic(tmp / STATE_FILE, (json.dumps(asdict(state), indent=2) + "\n").encode())
+            atomic_write(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
         _barrier()
         write_manifest(tmp)  # last: it covers every other file
         if rank == 0:
-            _fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. preempted right after a periodic save)
                 shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync_dir(root)
-            _write_atomic(root / LATEST, (name + "\n").encode())
-            _fsync_dir(root)
+            publish_dir(tmp, final)
+            atomic_write(root / LATEST, name + "\n")
             prune(root, keep)
     except Exception as err:
         message = describe_write_error(err, tmp)  # before the clean-up: it reads the free space left
@@ -418,9 +400,7 @@ def to_universal(checkpoint: Path) -> Path:
             raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed ({' '.join(cmd)}):\n"
                                f"{out.stderr[-3000:]}")
         shutil.copy2(checkpoint / STATE_FILE, tmp / STATE_FILE)
-        _fsync_dir(tmp)
-        tmp.rename(target)
-        _fsync_dir(target.parent)
+        publish_dir(tmp, target)
     _barrier()
     return target
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from alignclip.config import Config, ConfigError
+from alignclip.fs import atomic_write
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,5 @@ def build_deepspeed_config(config: Config, world_size: int, device: str = "cpu")
 
 def write_deepspeed_config(ds_config: dict, run_dir: str | Path) -> Path:
     """Write the dict that ``deepspeed.initialize`` receives into the run directory (atomically)."""
-    target = Path(run_dir) / "deepspeed_config.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
-    tmp.replace(target)
-    return target
+    text = json.dumps(ds_config, indent=2, sort_keys=True) + "\n"
+    return atomic_write(Path(run_dir) / "deepspeed_config.json", text)

@@ -242,14 +242,19 @@ def counted_flops(fn, *args, **kwargs) -> tuple[float, object]:
     return float(counter.get_total_flops()), result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """``python -m alignclip.training.flops CONFIG [key=value ...]``: the per-sample FLOP table of a config."""
     import sys
 
     from alignclip.config import parse_cli
+    from alignclip.errors import run_command
 
+    prog = "python -m alignclip.training.flops"
     args = sys.argv[1:] if argv is None else argv
-    config, _ = parse_cli(["--config", *args], prog="python -m alignclip.training.flops")
+    return run_command(prog, lambda: print_table(parse_cli(["--config", *args], prog=prog)[0]))
+
+
+def print_table(config) -> None:
     flops = step_flops(config)
     print(f"{config.model.arch}, global batch {flops.notes['global_batch']}: FLOPs per sample of one training step")
     print(flops.table())
@@ -258,4 +263,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

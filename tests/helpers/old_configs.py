@@ -10,7 +10,7 @@ def to_old_layout(text: str) -> str:
     """A resolved config dump as the code before the split wrote it: optim / checkpoint / fast_path keys in train."""
     from omegaconf import OmegaConf
 
-    from alignclip.config import MOVED_KEYS
+    from alignclip.compat.config import MOVED_KEYS
 
     raw = OmegaConf.to_container(OmegaConf.create(text))
     for key in NEWER_KEYS:  # keys added after the split: an old dump never had them (their defaults apply)
