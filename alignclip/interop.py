@@ -301,14 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m alignclip.interop SPEC``: the overrides that train from that model (model.init_from)."""
     import sys
 
-    from alignclip.commands.input_errors import run_reporting_input_errors
+    from alignclip.errors import run_command
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m alignclip.interop MODEL  (prints the overrides to fine-tune from MODEL)",
               file=sys.stderr)
         return 2
-    return run_reporting_input_errors("alignclip.interop", lambda: print(" ".join(describe_overrides(args[0]))))
+    return run_command("alignclip.interop", lambda: print(" ".join(describe_overrides(args[0]))))
 
 
 if __name__ == "__main__":
