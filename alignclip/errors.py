@@ -17,6 +17,7 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and, where known, the file."""
 
     kind = "config error"  # how run_command labels it
+    listing = False  # True: the lines after the first list the causes, and run_command prints them too
 
 
 # The modules of the ``train`` extra (pyproject.toml): a command that needs one says which extra to install.
@@ -29,7 +30,8 @@ INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirec
 def run_command(prog: str, body: Callable[[], int | None],
                 errors: tuple[type[Exception], ...] = INPUT_ERRORS) -> int:
     """``body()``'s exit code (0 for None); a ``ConfigError`` or an input error -> one line on stderr and 2, as is
-    a missing module of the ``train`` extra (the line says what to install).
+    a missing module of the ``train`` extra (the line says what to install). The line is the message's first; an
+    error whose ``listing`` is true (every checkpoint that failed to verify) keeps its list below it.
 
     ``errors``: what counts as the user's input; a command whose body runs long computations (training) passes
     ``(ConfigError,)`` alone, so that a ValueError from a bug keeps its traceback."""
@@ -42,5 +44,7 @@ def run_command(prog: str, body: Callable[[], int | None],
     except errors as err:  # ConfigError is a ValueError
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         line = f"{prog}: {getattr(err, 'kind', 'error')}: {message}"
-    print(line.splitlines()[0], file=sys.stderr)
+        if not getattr(err, "listing", False):
+            line = line.splitlines()[0]
+    print(line, file=sys.stderr)
     return 2

@@ -132,3 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     command = {"folder": _folder, "generated": _generated, "validate": _validate}[args.command]
     return run_command(PROG, lambda: command(args))
 
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -97,7 +97,7 @@ class CheckpointError(ConfigError):
     """No usable checkpoint in a run directory that has some: the run's input is broken, exit 2 like a config
     error (``python -m alignclip.train`` maps ConfigError to exit 2)."""
 
-    kind = "checkpoint error"
+    kind, listing = "checkpoint error", True
 
 
 class CheckpointWriteError(OSError):
