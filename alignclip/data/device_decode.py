@@ -51,12 +51,12 @@ def pack(items: list[torch.Tensor | CompressedCrop], image_size: int, shared: bo
     lengths = [len(item.data) if isinstance(item, CompressedCrop) else 0 for item in items]
     offsets = torch.zeros(len(items) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(np.cumsum(lengths), dtype=torch.int64)
-    out = {"image": torch.zeros((len(items), 3, image_size, image_size), dtype=torch.uint8),
+    out = {"image": T.empty_batch(len(items), image_size, shared).zero_(),
            "jpeg": torch.empty(int(offsets[-1]), dtype=torch.uint8),
            "jpeg_offsets": offsets, "crop": torch.zeros((len(items), 4), dtype=torch.int64)}
     if shared:
-        for tensor in out.values():
-            tensor.share_memory_()
+        for name in ("jpeg", "jpeg_offsets", "crop"):
+            out[name].share_memory_()
     jpeg = out["jpeg"].numpy()
     for i, item in enumerate(items):
         if isinstance(item, CompressedCrop):
