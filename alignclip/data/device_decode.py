@@ -8,7 +8,7 @@ and handed over as its bytes plus its crop box in full-size pixels; every other 
 CMYK JPEG, transparency) is decoded and cropped in the worker as with ``decode: cpu`` and travels as pixels. A
 batch then holds:
 
-* ``image``: uint8 [b, 3, S, S], the worker-decoded rows filled, the others zero;
+* ``image``: uint8 [k, 3, S, S], the k worker-decoded rows, in batch order (k = 0 when all are JPEGs);
 * ``jpeg``: uint8 [n], the JPEG bytes of the other rows, concatenated; ``jpeg_offsets``: int64 [b + 1], row ``i``'s
   bytes are ``jpeg[offsets[i]:offsets[i + 1]]`` (empty for worker-decoded rows); ``crop``: int64 [b, 4], each row's
   box (left, top, right, bottom).
@@ -51,7 +51,8 @@ def pack(items: list[torch.Tensor | CompressedCrop], image_size: int, shared: bo
     lengths = [len(item.data) if isinstance(item, CompressedCrop) else 0 for item in items]
     offsets = torch.zeros(len(items) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(np.cumsum(lengths), dtype=torch.int64)
-    out = {"image": T.empty_batch(len(items), image_size, shared).zero_(),
+    pixels = [item for item in items if not isinstance(item, CompressedCrop)]
+    out = {"image": T.empty_batch(len(pixels), image_size, shared),
            "jpeg": torch.empty(int(offsets[-1]), dtype=torch.uint8),
            "jpeg_offsets": offsets, "crop": torch.zeros((len(items), 4), dtype=torch.int64)}
     if shared:
@@ -62,8 +63,8 @@ def pack(items: list[torch.Tensor | CompressedCrop], image_size: int, shared: bo
         if isinstance(item, CompressedCrop):
             jpeg[offsets[i]:offsets[i + 1]] = np.frombuffer(item.data, np.uint8)
             out["crop"][i] = torch.tensor(item.box)
-        else:
-            out["image"][i].copy_(item)
+    for row, item in zip(out["image"], pixels):
+        row.copy_(item)
     return out
 
 
@@ -72,12 +73,16 @@ def device_images(batch: dict, device: torch.device | str) -> torch.Tensor:
     (``decode: gpu``), else ``batch["image"]`` as it is (the caller moves it)."""
     if "jpeg" not in batch:
         return batch["image"]
-    images = batch["image"].to(device, non_blocking=True, copy=True)  # filled below: never the batch's own tensor
     offsets = batch["jpeg_offsets"].tolist()
     rows = [i for i in range(len(offsets) - 1) if offsets[i + 1] > offsets[i]]
-    if not rows:
-        return images
-    decoded = decode_jpegs([batch["jpeg"][offsets[i]:offsets[i + 1]] for i in rows], torch.device(device))
+    if not rows:  # every image decoded in the workers: the batch is complete
+        return batch["image"]
+    device = torch.device(device)
+    images = T.empty_batch(len(offsets) - 1, batch["image"].shape[-1], device=device)
+    others = [i for i in range(len(offsets) - 1) if offsets[i + 1] == offsets[i]]
+    if others:
+        images[others] = batch["image"].to(device, non_blocking=True)
+    decoded = decode_jpegs([batch["jpeg"][offsets[i]:offsets[i + 1]] for i in rows], device)
     boxes = batch["crop"].tolist()
     for i, pixels in zip(rows, decoded):
         images[i] = T.resize_crop(pixels, tuple(boxes[i]), images.shape[-1])

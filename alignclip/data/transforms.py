@@ -144,11 +144,11 @@ def stack_uint8(images: list[np.ndarray] | list[torch.Tensor], shared: bool = Fa
     return tensor
 
 
-def empty_batch(batch: int, size: int, shared: bool = False) -> torch.Tensor:
+def empty_batch(batch: int, size: int, shared: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
     """An uninitialised uint8 [b, 3, size, size] training batch, channels-last in memory (NHWC, as ``resize_crop``
     returns crops, so filling a row is a plain copy); ``.to(device)``, pinning and ``normalize_on_device`` keep the
     layout, which is also what ``fast_path.channels_last`` asks of the model's input."""
-    tensor = torch.empty((batch, size, size, 3), dtype=torch.uint8)
+    tensor = torch.empty((batch, size, size, 3), dtype=torch.uint8, device=device)
     if shared:
         tensor.share_memory_()
     return tensor.permute(0, 3, 1, 2)
