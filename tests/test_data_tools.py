@@ -122,5 +122,8 @@ def test_bench_data_stages_and_plan_arithmetic_on_tiny_shards(tmp_path):
     rate = bench_data.h100_samples_per_s()
     assert rate == pytest.approx(0.4 * 989.4e12 / step_flops(load_config("experiment/cc12m_alignclip")).total)
     assert bench_data.workers_per_gpu({"read": 0.5, "decode": 0.5}, 2500.0) == (1000.0, 3)
+    runs = [dict.fromkeys(bench_data.STAGES, v) for v in (3.0, 1.0, 2.0)]
+    assert bench_data.median_stages(runs) == dict.fromkeys(bench_data.STAGES, 2.0)
+    assert bench_data.median_stages(runs + [{"error": "boom"}]) == {"error": "boom"}
     before = bench_data.extract_commit("HEAD", tmp_path / "before")
     assert (Path(before) / "alignclip" / "data" / "pipeline.py").is_file()

@@ -15,8 +15,9 @@ Every measurement runs in a fresh process (clean CPU accounting, one thread, OMP
    scale and draw its crop, tokenise, pack the bytes), ``before`` (the ``--before-commit`` checkout, extracted with
    ``git archive`` into a temporary folder: PIL decode in draft mode, one PIL crop + resize call) and
    ``openclip`` (webdataset's tar reader as open_clip_train uses it, PIL decode, its training transform, which
-   also converts to float and normalises, its tokenizer per sample, ``torch.stack``). The ratio of the totals,
-   ours / before, is the figure the CPU path is held to (<= 0.5).
+   also converts to float and normalises, its tokenizer per sample, ``torch.stack``), in ``--stage-rounds``
+   rounds (each runs every case once; the median per stage is printed). The ratio of the totals, ours / before,
+   is the figure the CPU path is held to (<= 0.5).
 2. **Loaders** with 0, 1, 2 workers: samples/s between the first and the last batch, seconds to the first batch,
    CPU ms per sample over all processes (workers included), bytes per batch handed over. Our uint8 batches are
    normalised in the benchmark's process (on the device in training), counted; ``ours gpu`` hands over JPEG bytes,
@@ -324,6 +325,14 @@ def extract_commit(commit: str, out: Path) -> str:
     return str(out)
 
 
+def median_stages(runs: list[dict]) -> dict:
+    """Per stage, the median over runs (an error when any run failed)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {name: float(np.median([r[name] for r in runs])) for name in STAGES}
+
+
 def _print_stages(rows: dict[str, dict]) -> None:
     print(f"{'stage (CPU ms/sample, 1 thread)':34s}" + "".join(f"{case:>11s}" for case in rows))
     for name in (*STAGES, "total"):
@@ -345,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stage-samples", type=int, default=512, help="samples per stage breakdown")
+    parser.add_argument("--stage-rounds", type=int, default=3, help="rounds of stage breakdowns (median)")
     parser.add_argument("--plan-sizes", nargs="*", default=list(PLAN_SIZES), choices=list(PLAN_SIZES),
                         help="stored image sizes of the plan table (none: no plan table)")
     parser.add_argument("--dir", default="", help="keep the shards here (default: a temporary folder)")
@@ -388,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.image_size}, {cores} CPU(s); load average {os.getloadavg()[0]:.2f}"
               + (f"; before = {args.before_checkout or args.before_commit}" if before else "") + "\n")
 
-        # 1. stages, each pipeline with its own code, one after the other
+        # 1. stages, each pipeline with its own code; rounds of the cases one after the other, median per stage
         cases = [("ours", ""), ("ours gpu", "")] + ([("before", before)] if before else []) + [("openclip", "")]
         n = min(args.stage_samples, total)
-        stages = {case: stages_in_subprocess("ours" if case == "before" else case, spec, n, args.image_size,
-                                             args.batch_size, path) for case, path in cases}
+        rounds = [{case: stages_in_subprocess("ours" if case == "before" else case, spec, n, args.image_size,
+                                              args.batch_size, path) for case, path in cases}
+                  for _ in range(args.stage_rounds)]
+        stages = {case: median_stages([r[case] for r in rounds]) for case, _ in cases}
+        print(f"(median of {args.stage_rounds} round(s), each running every case once, in this order)")
         _print_stages(stages)
         if "before" in stages and "error" not in stages["before"] and "error" not in stages["ours"]:
             ours_ms, before_ms = (sum(stages[c][s] for s in STAGES) for c in ("ours", "before"))
