@@ -4,8 +4,9 @@ Train: RandomResizedCrop(image_size, scale=(0.9, 1.0), ratio=(3/4, 4/3)) as torc
 crop the box (whole pixels of the full-size image), then resize the crop to image_size x image_size with the
 antialiased bicubic filter (Keys' cubic, a = -0.5, widened by the downscale factor, clamped at the crop's edges),
 then CLIP mean/std (as OpenCLIP's training preset). ``train_pixels`` does it from image bytes: JPEGs decode at the
-smallest DCT scale that keeps the crop >= image_size (``images.decode_for_crop``) and the resize is torch's uint8
-kernel (``resize_crop``), within 2 levels of the float reference (tests/test_data_transforms.py).
+smallest power-of-two DCT scale that keeps the crop >= image_size (``images.decode_for_crop``) and the resize is
+torch's uint8 kernel (``resize_crop``): within 4 levels (mean < 0.3) of a float64 reference of that definition
+without DCT scaling, mean < 1.5 levels with it (tests/test_data_transforms.py).
 Eval: resize the short side to image_size and centre-crop, bicubic, in one PIL ``resize(box=...)`` call.
 Training batches leave the workers as uint8 (``stack_uint8``) and are normalised with CLIP mean/std on the device
 (``normalize_on_device``); evaluation batches are normalised on the host (``normalize_batch``), with the same
@@ -86,7 +87,7 @@ def resize_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int) 
 
 def hwc_as_chw(pixels: np.ndarray) -> torch.Tensor:
     """A decoder's uint8 HWC array as a [3, H, W] tensor view, no copy."""
-    if not pixels.flags.writeable:  # torch warns on read-only arrays; these are only ever read
+    if not pixels.flags.writeable:  # PIL's arrays are read-only, which torch.from_numpy warns about
         pixels = pixels.copy()
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
