@@ -147,7 +147,7 @@ def decode_for_crop(data: bytes, box_of: Callable[[int, int], Box], out_size: in
             need = _min_decoded_size(size, box, out_size)
             img.draft("RGB", (need["min_width"], need["min_height"]))
         img.load()
-        pixels = np.asarray(to_rgb(img))
+        pixels = np.array(to_rgb(img))  # writable (asarray of a PIL image is read-only): torch takes it as is
     except (DecodeError, FileNotFoundError):
         raise
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ...
