@@ -386,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         per_shard = args.samples // args.shards
         start = time.perf_counter()
         existing = [out / f"{i:05d}.tar" for i in range(args.shards)]
-        if args.dir and all(p.exists() for p in existing):  # reuse shards written by an earlier run
+        reused = bool(args.dir) and all(p.exists() for p in existing)
+        if reused:  # shards written by an earlier run
             mean_bytes = float(np.mean([len(r["jpg"]) for r in _raw_samples(str(existing[0]), 10**9)]))
         else:
             mean_bytes = write_bench_shards(out, args.shards, per_shard, args.source_size)
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         total = per_shard * args.shards
         cores = os.cpu_count() or 1
         print(f"{total} samples of {args.source_size}-px JPEG (mean {mean_bytes / 1024:.1f} KiB) in {args.shards} "
-              f"shards, written in {time.perf_counter() - start:.1f} s; batch {args.batch_size}, crop to "
+              f"shards, {'reused' if reused else 'written'} in {time.perf_counter() - start:.1f} s; batch {args.batch_size}, crop to "
               f"{args.image_size}, {cores} CPU(s); load average {os.getloadavg()[0]:.2f}"
               + (f"; before = {args.before_checkout or args.before_commit}" if before else "") + "\n")
 
