@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -143,21 +145,28 @@ def test_eval_transform_centre_crops_the_short_side():
 
 
 def test_decode_check_fails_exactly_where_decoding_fails():
+    from alignclip.data import device_decode
+
     good = _jpeg(512, 384)
-    cases = {"good": good, "truncated": good[: len(good) * 2 // 3], "garbage": b"\xff\xd8\xff" + b"x" * 500,
-             "empty": b""}
+    # extraneous bytes before the end marker: libjpeg warns (strict simplejpeg refuses), PIL decodes it
+    at_sos = good.find(b"\xff\xda")
+    cases = {"good": good, "extraneous bytes": good[:at_sos] + b"\x00" * 5 + good[at_sos:],
+             "truncated": good[: len(good) * 2 // 3], "garbage": b"\xff\xd8\xff" + b"x" * 500, "empty": b""}
+    draws = T.crop_draws(np.random.default_rng(0))
+    decoders = {"load_rgb": lambda d: images.load_rgb(d, min_size=224), "check_decodable": images.check_decodable,
+                "train_pixels": lambda d: T.train_pixels(d, 224, draws),
+                "gpu worker": lambda d: device_decode.compressed_crop(d, draws) or T.train_pixels(d, 224, draws)}
+    with pytest.raises(ValueError, match="extraneous bytes"):  # so the PIL route of decode_for_crop is what runs
+        simplejpeg.decode_jpeg(cases["extraneous bytes"], "RGB")
     for name, data in cases.items():
-        try:
-            images.load_rgb(data, min_size=224)
-            decodes = True
-        except images.DecodeError:
-            decodes = False
-        try:
-            images.check_decodable(data)
-            checks = True
-        except images.DecodeError:
-            checks = False
-        assert decodes == checks == (name == "good"), name
+        verdicts = {}
+        for decoder, decode in decoders.items():
+            try:
+                decode(data)
+                verdicts[decoder] = True
+            except images.DecodeError:
+                verdicts[decoder] = False
+        assert set(verdicts.values()) == {name in ("good", "extraneous bytes")}, (name, verdicts)
     # Draft decoding of a large JPEG keeps both sides >= the size asked for.
     big = images.load_rgb(_jpeg(1024, 800), min_size=224)
     assert big.mode == "RGB" and min(big.size) >= 224 and big.size[0] < 1024
