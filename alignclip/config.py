@@ -159,6 +159,9 @@ class DataConfig:
     io_retries: int = 2
     # Images with more pixels are skipped (counted as too_large_image, named in the log); 0 = no limit of ours
     max_image_pixels: int = 100_000_000
+    # Where training JPEGs are decoded, cropped and resized: cpu (the loader workers) or gpu (the trainer's device,
+    # nvJPEG: workers only read, check and tokenise; other formats still decode in the workers). docs/data.md
+    decode: str = "cpu"
     cache_dir: str = ""  # where generated shards go; "" = $ALIGNCLIP_CACHE/generated (~/.cache/alignclip/generated)
     generated: GeneratedDataConfig = field(default_factory=GeneratedDataConfig)
 
@@ -299,6 +302,7 @@ CHOICES = {
     "fast_path.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.nonfinite": ("stop", "skip"),
+    "data.decode": ("cpu", "gpu"),
     "optim.adamw_impl": ("auto", "fused", "foreach", "loop"),
     "deepspeed.zero_stage": (0, 1, 2),
     "launch.executor": ("slurm", "local"),

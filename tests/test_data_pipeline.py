@@ -14,6 +14,7 @@ from PIL import Image
 from alignclip.config import ConfigError, load_config
 from alignclip.data import build_eval_batch, build_train_loader
 from alignclip.data import generated as G
+from alignclip.data import images as images_mod
 from alignclip.data.shards import expand_spec
 from alignclip.data.transforms import denormalize, normalize_on_device
 from alignclip.data.writer import ShardWriter
@@ -222,3 +223,114 @@ def test_two_real_ranks_split_the_epoch_and_sum_their_counts(eight_shards):
     assert sorted(results[0]["keys"] + results[1]["keys"]) == [f"{i:09d}" for i in range(128)]
     assert results[0]["total"] == results[1]["total"]
     assert results[0]["total"]["samples_read"] == sum(r["local"]["samples_read"] for r in results) == 128
+
+
+# ------------------------------------------------------------------------------------- data.decode: gpu
+def _encoded(kind: str, rng: np.random.Generator) -> bytes:
+    """Web images of each kind the loader meets, 40-70 px, non-square, photo-like noise on colour fields."""
+    width, height = int(rng.integers(40, 70)), int(rng.integers(40, 70))
+    base = np.asarray(Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((width, height)))
+    rgb = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    if kind == "png_alpha":
+        alpha = np.linspace(0, 255, width, dtype=np.uint8)[None].repeat(height, 0)
+        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(buf, format="PNG")
+    elif kind == "corrupt":
+        Image.fromarray(rgb).save(buf, format="JPEG")
+        return buf.getvalue()[: len(buf.getvalue()) // 2]
+    else:
+        mode, fmt = {"jpeg": ("RGB", "JPEG"), "progressive": ("RGB", "JPEG"), "webp": ("RGB", "WEBP"),
+                     "cmyk": ("CMYK", "JPEG"), "grey": ("L", "JPEG")}[kind]
+        Image.fromarray(rgb).convert(mode).save(buf, format=fmt, quality=90, progressive=kind == "progressive")
+    return buf.getvalue()
+
+
+MIXED_KINDS = ("jpeg", "jpeg", "progressive", "png_alpha", "jpeg", "webp", "cmyk", "jpeg", "grey", "corrupt")
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory) -> Path:
+    """4 shards x 10 samples: YCbCr JPEGs (baseline and progressive), a PNG with alpha, a WebP, a CMYK and a
+    greyscale JPEG, and a truncated JPEG; captions with duplicates and non-ASCII text."""
+    out = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(11)
+    for shard in range(4):
+        with ShardWriter(out / f"{shard:05d}.tar") as writer:
+            for i, kind in enumerate(MIXED_KINDS):
+                key = f"{shard}{i:03d}"
+                writer.write(key, {"png" if kind == "png_alpha" else "webp" if kind == "webp" else "jpg":
+                                   _encoded(kind, rng), "txt": f"{kind} n°{i % 3} — ein Bild"})
+    return out
+
+
+def _gpu_decoded(batches: list[dict]) -> list[torch.Tensor]:
+    from alignclip.data.device_decode import device_images
+
+    return [device_images(b, "cpu") for b in batches]
+
+
+def test_gpu_decode_on_cpu_tensors_gives_the_cpu_paths_batches_and_counts(mixed_shards):
+    config = _config(str(mixed_shards), **{"train.global_batch_size": 4, "data.samples_per_epoch": 32})
+    cpu_loader = build_train_loader(config, 0, 1, 0)
+    cpu = list(cpu_loader)
+    gpu_loader = build_train_loader(_config(str(mixed_shards), **{"train.global_batch_size": 4,
+                                                                  "data.samples_per_epoch": 32,
+                                                                  "data.decode": "gpu"}), 0, 1, 0)
+    gpu = list(gpu_loader)
+    assert [b["key"] for b in gpu] == [b["key"] for b in cpu] and len(gpu) == 8
+    assert gpu_loader.stats() == cpu_loader.stats() and cpu_loader.stats()["corrupt_image"] >= 1
+    carried = {"jpeg": 0, "pixels": 0}
+    for batch, reference in zip(gpu, cpu):
+        lengths = batch["jpeg_offsets"].diff().tolist()
+        for key, length in zip(batch["key"], lengths):
+            kind = MIXED_KINDS[int(key[1:])]
+            assert (length > 0) == (kind in ("jpeg", "progressive")), kind  # other kinds decode in the worker
+            carried["jpeg" if length else "pixels"] += 1
+        in_worker = [i for i, length in enumerate(lengths) if length == 0]  # their pixels travel, in batch order
+        assert torch.equal(batch["image"], reference["image"][in_worker])
+    assert carried["jpeg"] and carried["pixels"]
+    # The device path (here: torchvision's decoder on CPU tensors) gives the CPU path's pixels.
+    for a, decoded in zip(cpu, _gpu_decoded(gpu)):
+        assert decoded.dtype == torch.uint8 and decoded.shape == a["image"].shape
+        assert torch.equal(decoded, a["image"])  # both libjpeg-turbo, islow IDCT, fancy upsampling, no DCT scaling here
+    assert all(torch.equal(a["text"], b["text"]) for a, b in zip(cpu, gpu))
+
+
+def test_gpu_decode_resumes_exactly_with_2_workers(mixed_shards):
+    config = _config(str(mixed_shards), **{"train.global_batch_size": 4, "data.samples_per_epoch": 32,
+                                           "data.decode": "gpu"})
+    full = _epoch(config, epoch=1)
+    for start in (3, 4):
+        resumed = _epoch(config, epoch=1, start_batch=start)
+        assert [b["key"] for b in resumed] == [b["key"] for b in full[start:]]
+        for a, b in zip(full[start:], resumed):
+            assert all(torch.equal(a[k], b[k]) for k in ("image", "jpeg", "jpeg_offsets", "crop", "text"))
+        assert all(torch.equal(x, y) for x, y in zip(_gpu_decoded(full[start:]), _gpu_decoded(resumed)))
+
+
+def test_device_decode_falls_back_image_by_image_when_the_batched_decoder_refuses():
+    from alignclip.data import device_decode
+
+    rng = np.random.default_rng(3)
+    good = _encoded("jpeg", rng)
+    encoded = [torch.frombuffer(bytearray(good), dtype=torch.uint8), torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    with pytest.raises(images_mod.DecodeError):  # neither decoder takes garbage: a clear error, not a silent hole
+        device_decode.decode_jpegs(encoded, torch.device("cpu"))
+    decoded = device_decode.decode_jpegs(encoded[:1], torch.device("cpu"))
+    assert torch.equal(decoded[0].permute(1, 2, 0), torch.from_numpy(np.array(images_mod.load_rgb(good))))
+
+
+def test_the_trainer_decodes_a_gpu_batch_where_the_model_runs(mixed_shards):
+    from types import SimpleNamespace
+
+    from alignclip.training.components import Components
+    from alignclip.training.fast_path import resolve_fast_path
+
+    base = {"train.global_batch_size": 4, "data.samples_per_epoch": 8, "data.workers": 0}
+    cpu = _epoch(_config(str(mixed_shards), **base))
+    gpu = _epoch(_config(str(mixed_shards), **base, **{"data.decode": "gpu"}))
+    host = SimpleNamespace(device=torch.device("cpu"), input_dtype=torch.float32,
+                           fast=resolve_fast_path(_config(str(mixed_shards)), "cpu"))
+    for a, b in zip(cpu, gpu):
+        images, tokens = Components.to_device(host, b)
+        assert torch.equal(images, normalize_on_device(a["image"])) and torch.equal(tokens, a["text"])

@@ -103,3 +103,27 @@ def test_captions_files_are_read_by_column_name(tmp_path, suffix):
     bad.write_text("url,caption\nhttp://x,y\n")
     with pytest.raises(ValueError, match="no image column"):
         read_captions_file(bad)
+
+
+def test_bench_data_stages_and_plan_arithmetic_on_tiny_shards(tmp_path):
+    """tools/bench_data.py's pieces at a tiny size: each pipeline's stages are measured with its own code, the
+    earlier commit is extracted read-only, and the plan's workers per GPU follow from the FLOP model's H100 rate."""
+    import bench_data  # tools/ is on the tests' path (pyproject: pythonpath)
+
+    from alignclip.config import load_config
+    from alignclip.training.flops import step_flops
+
+    bench_data.write_bench_shards(tmp_path, 1, 6, 48, 40)
+    spec = str(tmp_path / "00000.tar")
+    for case in ("ours", "ours gpu"):
+        stages = bench_data.stage_breakdown(case, spec, 6, 32, 4)
+        assert list(stages) == list(bench_data.STAGES) and all(v >= 0 for v in stages.values())
+    assert bench_data.stage_breakdown("ours gpu", spec, 6, 32, 4)["crop + resize"] == 0.0  # on the device
+    rate = bench_data.h100_samples_per_s()
+    assert rate == pytest.approx(0.4 * 989.4e12 / step_flops(load_config("experiment/cc12m_alignclip")).total)
+    assert bench_data.workers_per_gpu({"read": 0.5, "decode": 0.5}, 2500.0) == (1000.0, 3)
+    runs = [dict.fromkeys(bench_data.STAGES, v) for v in (3.0, 1.0, 2.0)]
+    assert bench_data.median_stages(runs) == dict.fromkeys(bench_data.STAGES, 2.0)
+    assert bench_data.median_stages(runs + [{"error": "boom"}]) == {"error": "boom"}
+    before = bench_data.extract_commit("HEAD", tmp_path / "before")
+    assert (Path(before) / "alignclip" / "data" / "pipeline.py").is_file()

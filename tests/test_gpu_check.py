@@ -173,3 +173,15 @@ def test_cpu_smoke_runs_every_cpu_capable_row(tmp_path):
     data = rows["data path, 1 worker(s)"]["figures"]
     assert data["step_samples_per_s"] == step["samples_per_s"]  # fed from the step row
     assert data["workers_per_gpu"] == math.ceil(step["samples_per_s"] / data["samples_per_s_per_worker"])
+
+
+def test_device_decode_row_runs_the_device_path_on_cpu_tensors_and_matches_the_cpu_path():
+    row = rows_lib.device_decode_row(1e4, samples=8, shards=1, source_size=40, image_size=32, batch=4, workers=1,
+                                     device="cpu")
+    figures = row.figures
+    assert row.check == "data decode gpu" and row.verdict == INFO and not row.correctness
+    assert figures["max_abs_diff"] == 0 and figures["device_samples_per_s"] > 0  # libjpeg-turbo on both sides
+    assert figures["workers_per_gpu"] == math.ceil(1e4 / figures["worker_samples_per_s"])
+    groups = dict(gpu_check.plan(gpu_check.parse_args([]), gpus=1))
+    assert groups["data"]["device_decode"] and "device_decode" not in dict(
+        gpu_check.plan(gpu_check.parse_args(["--cpu-smoke"]), gpus=1))["data"]

@@ -13,6 +13,8 @@ Rows (docs/performance.md, "GPU readiness check"):
   step ...          ViT-B/16 AlignCLIP training steps (bf16, ZeRO-1, fused AdamW, SDPA), compile off and on:
                     samples/s, MFU, peak memory, GFLOP per sample
   data path         decoded samples/s per loader worker, and the workers a GPU needs at the measured step rate
+  data decode gpu   data.decode=gpu: nvJPEG decode + crop samples/s, memory, pixels vs the CPU path, workers a GPU
+                    needs when they only read, check and tokenise
 
 Exit code: 0 when every correctness row holds, 1 otherwise, 2 without a GPU (or on bad arguments). Each group of
 rows runs in a fresh child process (its own CUDA context, allocator and compile caches) with a timeout taken from
@@ -69,8 +71,9 @@ def run_group(name: str, kwargs: dict) -> list[Row]:
         return rows_lib.loss_group(**kwargs)
     if name in ("step_eager", "step_compiled"):
         return [rows_lib.step_row(**kwargs)]
-    if name == "data":
-        return [rows_lib.data_row(**kwargs)]
+    if name == "data":  # the loader's workers; with device_decode also data.decode=gpu's device side
+        device_decode = kwargs.pop("device_decode", False)
+        return [rows_lib.data_row(**kwargs)] + ([rows_lib.device_decode_row(**kwargs)] if device_decode else [])
     raise ValueError(f"unknown group {name!r}")
 
 
@@ -193,7 +196,7 @@ def plan(args, gpus: int) -> list[tuple[str, dict]]:
                   "steps": args.step_steps, "warmup": args.step_warmup, "device": "cuda",
                   "peak_tflops": args.peak_tflops}) for name, compiled in steps],
         ("data", {"gpus": gpus, "samples": 512, "shards": 4, "source_size": 256, "image_size": 224, "batch": 64,
-                  "workers": 1}),
+                  "workers": 1, "device_decode": True}),
     ]
     return groups
 

@@ -472,3 +472,56 @@ def data_row(step_samples_per_s: Optional[float], *, gpus: int = 1, samples: int
         result += (f"{step_samples_per_s:.0f} samples/s per GPU needs {needed} worker(s) per GPU: {needed * gpus} "
                    f"for {gpus} GPU(s) on {cores} cores")
     return Row(f"data path, {workers} worker(s)", verdict, result, figures=figures)
+
+
+# Device-decoded pixels (nvJPEG) against the workers' libjpeg-turbo ones, in 0..255 levels: nvJPEG's IDCT and
+# chroma upsampling differ from libjpeg's islow IDCT and fancy upsampling by a level or two; more means a decoder
+# or crop mismatch.
+DEVICE_DECODE_MEAN_LEVELS = 1.0
+
+
+def device_decode_row(step_samples_per_s: Optional[float], *, gpus: int = 1, samples: int = 512, shards: int = 4,
+                      source_size: int = 256, image_size: int = 224, batch: int = 64, workers: int = 1,
+                      device: str = "cuda") -> Row:
+    """``data.decode: gpu``: samples/s of the device's batched decode + crop + resize (alignclip.data.device_decode,
+    nvJPEG on CUDA), its peak memory, its pixels against the CPU path's on the same batches, and the workers a GPU
+    needs when they only read, check and tokenise (the plan table's gpu column, docs/data.md)."""
+    import torch
+
+    import bench_data
+    from alignclip.config import load_config
+    from alignclip.data import build_train_loader
+    from alignclip.data.device_decode import device_images
+
+    dev = torch.device(device)
+    per_shard = max(1, samples // shards)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_decode_") as tmp:
+        bench_data.write_bench_shards(Path(tmp), shards, per_shard, source_size)
+        spec = str(Path(tmp) / f"{{00000..{shards - 1:05d}}}.tar")
+        overrides = [f"data.train={spec}", "data.workers=0", f"data.samples_per_epoch={per_shard * shards}",
+                     f"train.global_batch_size={batch}", f"model.vision.image_size={image_size}"]
+        cpu = list(build_train_loader(load_config(None, overrides), 0, 1, 0))
+        gpu = list(build_train_loader(load_config(None, overrides + ["data.decode=gpu"]), 0, 1, 0))
+        workers_side = bench_data.run_case("ours", spec, workers, per_shard * shards, batch, image_size, "gpu")
+    device_images(gpu[0], dev)  # warm-up: nvJPEG handles, kernels
+    _sync(dev)
+    start = time.perf_counter()
+    peak = _peak_mib(dev, lambda: [device_images(b, dev) for b in gpu])
+    seconds = time.perf_counter() - start
+    rate = sum(len(b["key"]) for b in gpu) / seconds
+    diffs = [(device_images(g, dev).cpu().int() - c["image"].int()).abs() for g, c in zip(gpu, cpu)]
+    mean_diff = float(torch.cat([d.flatten() for d in diffs]).float().mean())
+    max_diff = int(max(int(d.max()) for d in diffs))
+    per_worker = workers_side["rate"] / max(workers, 1)
+    needed = math.ceil(step_samples_per_s / per_worker) if step_samples_per_s else None
+    figures = {"device_samples_per_s": rate, "peak_mib": peak, "mean_abs_diff": mean_diff, "max_abs_diff": max_diff,
+               "worker_samples_per_s": per_worker, "worker_cpu_ms_per_sample": workers_side["cpu_ms"],
+               "workers_per_gpu": needed, "step_samples_per_s": step_samples_per_s, "gpus": gpus,
+               "source_size": source_size, "image_size": image_size, "batch": batch}
+    result = (f"device decode + crop {rate:.0f} samples/s, peak {peak or 0:.0f} MiB; vs CPU path mean "
+              f"{mean_diff:.2f} / max {max_diff} levels; workers {per_worker:.0f} samples/s each "
+              f"({workers_side['cpu_ms']:.2f} CPU ms/sample)")
+    if needed is not None:
+        result += f"; {step_samples_per_s:.0f} samples/s per GPU needs {needed} worker(s) per GPU"
+    verdict = WARN if mean_diff > DEVICE_DECODE_MEAN_LEVELS else INFO
+    return Row("data decode gpu", verdict, result, figures=figures)

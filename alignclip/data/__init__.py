@@ -2,7 +2,8 @@
 
 Entry points: ``build_train_loader`` (one epoch of one rank's batches, known length, exact resume via
 ``start_batch``), ``build_eval_batch`` (a fixed held-out batch), ``iter_eval_batches`` (a whole split, in order);
-``load_rgb`` (``alignclip.data.images``) is the one image decoder for training, the shard tools and evaluation.
+``load_rgb`` (``alignclip.data.images``) is the one image decoder for the shard tools and evaluation, and decides
+for training too (whose JPEGs take libjpeg-turbo directly, or the GPU with ``data.decode: gpu``).
 See docs/data.md.
 """
 

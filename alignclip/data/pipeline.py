@@ -18,7 +18,8 @@ How an epoch is laid out (all of it a pure function of (data.train, train.seed, 
 * **Shuffle.** Raw (undecoded) samples pass a shuffle buffer of ``data.shuffle_buffer`` per reader; the buffer is
   drained at the end of each pass, so a pass never mixes with the next.
 * **Batches.** Images travel as uint8 ``[b, 3, S, S]``; ``transforms.normalize_on_device`` applies CLIP's
-  mean/std where the model runs.
+  mean/std where the model runs. With ``data.decode: gpu`` JPEGs travel compressed with their crop boxes and
+  ``device_decode.device_images`` decodes them there (the samples, crops and resume are the same).
 * **Augmentation.** Every sample leaving the buffer consumes the same fixed number of uniforms from the
   reader's augmentation generator (seeded by (seed, epoch, reader)), valid or not, decoded or skipped; so the
   crops of a batch depend only on its position in the epoch.
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from alignclip.data import images
+from alignclip.data import device_decode, images
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
 from alignclip.data.sidecars import read_sidecar, sidecar_path
@@ -79,6 +80,7 @@ class ReaderSettings:
     with_semantic: bool = False
     semantic_dim: int = 0  # the embedding width every sample must have (0: not checked)
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
+    decode: str = "cpu"  # where JPEGs are decoded: cpu (the workers) | gpu (the trainer's device, device_decode)
     io: shardlib.StreamPolicy = field(default_factory=shardlib.StreamPolicy)
     # Weighted sources (resampled only): each shard's source index and the sources' upsampling factors
     shard_sources: tuple[int, ...] = ()
@@ -276,8 +278,10 @@ class ShardReader:
                     skipped_valid += 1
                     invalid_in_a_row = 0
                     continue
-                image = images.load_rgb(sample.image, self.s.max_image_pixels, min_size=self.s.image_size)
-                pixels = T.train_transform(image, self.s.image_size, draws)
+                pixels = (device_decode.compressed_crop(sample.image, draws, self.s.max_image_pixels)
+                          if self.s.decode == "gpu" else None)
+                if pixels is None:
+                    pixels = T.train_pixels(sample.image, self.s.image_size, draws, self.s.max_image_pixels)
             except images.DecodeError as err:
                 self.errors.add(image_skip_kind(err), f"{sample.where}: {err}")
                 invalid_in_a_row += 1
@@ -296,11 +300,14 @@ class ShardReader:
                 if batches_done == self.quota - self.skip:
                     return
 
-    def _collate(self, batch: list[tuple[_Sample, np.ndarray]], tokenizer) -> dict:
+    def _collate(self, batch: list[tuple[_Sample, np.ndarray | torch.Tensor | device_decode.CompressedCrop]],
+                 tokenizer) -> dict:
         samples = [s for s, _ in batch]
         captions = [s.caption for s in samples]
+        pixels, shared = [p for _, p in batch], get_worker_info() is not None
         out = {
-            "image": T.stack_uint8([p for _, p in batch], shared=get_worker_info() is not None),
+            **(device_decode.pack(pixels, self.s.image_size, shared) if self.s.decode == "gpu"
+               else {"image": T.stack_uint8(pixels, shared)}),
             "text": tokenizer(captions),
             "caption": captions,
             "key": [s.key for s in samples],
@@ -429,7 +436,8 @@ def reader_settings(config, shards: list[str], rank: int, world_size: int, epoch
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer, image_keys=_split_keys(data.image_key),
         text_key=data.text_key, semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
         with_semantic=_probe_semantic(shards, data), max_image_pixels=data.max_image_pixels,
-        semantic_dim=0 if data.semantic_dir else _probe_semantic_dim(shards, data), io=stream_policy(data))
+        semantic_dim=0 if data.semantic_dir else _probe_semantic_dim(shards, data), io=stream_policy(data),
+        decode=data.decode)
 
 
 class TrainLoader:

@@ -66,7 +66,9 @@ class Components:
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (in the input dtype) and tokens on the device: asynchronous copies from pinned batches,
         channels-last images when the fast path says so."""
-        return (images_to_device(batch["image"], self.device, self.input_dtype, self.fast),
+        from alignclip.data.device_decode import device_images  # data.decode=gpu: JPEGs decoded here
+
+        return (images_to_device(device_images(batch, self.device), self.device, self.input_dtype, self.fast),
                 tokens_to_device(batch["text"], self.device, self.fast))
 
     def semantic_embeddings(self, batch: dict, log=None) -> Optional[torch.Tensor]:
