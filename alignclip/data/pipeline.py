@@ -459,9 +459,11 @@ class TrainData:
     source_weights: tuple[float, ...] = ()
 
 
-def plan_train_data(config, layout: BatchLayout) -> TrainData:
+def plan_train_data(config, layout: BatchLayout, at_start: bool = True) -> TrainData:
     """Resolve ``data.train`` once: expand the spec, check it against the world, count the epoch, probe the
-    caption embeddings. Config errors name the key."""
+    caption embeddings. Config errors name the key. ``at_start``: too few shards for the readers is a config error
+    at the start of a run; in a later epoch a folder that lost shards is not (readers without a shard read from the
+    whole list)."""
     from alignclip.config import ConfigError
 
     spec = resolve_spec(config.data, "train")
@@ -476,9 +478,7 @@ def plan_train_data(config, layout: BatchLayout) -> TrainData:
             raise ConfigError("key 'data.weights' mixes sources by resampling: set 'data.resampled=true' (and "
                               "'data.samples_per_epoch')")
         weights = shardlib.source_weights(config.data.weights, len(sources))
-    if not config.data.resampled:
-        # at start too few shards is a config error; in a later epoch a folder that lost shards is not (readers
-        # without a shard read from the whole list), and later epochs reuse this plan
+    if not config.data.resampled and at_start:
         shardlib.check_enough_shards(shards, layout.world_size, config.data.workers)
     epoch = plan_epoch(config, layout, shards, spec)
     data = config.data
@@ -590,7 +590,7 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
     """The training batches of one epoch for ``rank`` (see the module docstring for the layout). ``data``: the
     run plan's ``TrainData`` (resolved here when not given). ``pin_memory``: the run plan's fast path decides it
     (``alignclip.training.fast_path``); not given, ``data.pin_memory`` as set (null: off)."""
-    data = data or plan_train_data(config, batch_layout(config, world_size))
+    data = data or plan_train_data(config, batch_layout(config, world_size), at_start=epoch == 0)
     plan = data.epoch
     if not 0 <= start_batch <= plan.batches_per_epoch:
         raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
