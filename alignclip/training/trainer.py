@@ -293,6 +293,8 @@ class Trainer:
                  f"{layout.global_batch} = {layout.micro_batch} x {layout.accumulation} x {env.world_size}, "
                  f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
                  f"zero stage {self.config.deepspeed.zero_stage}; plan in {plan.run_dir / 'plan.yaml'}")
+        if env.is_main:  # the whole plan in train.log (the console gets the lines above and below)
+            mon.log.info("plan:\n" + plan.describe().rstrip())
         mon.info(f"data: {plan.data.epoch.samples_per_epoch} samples per epoch in {len(plan.data.shards)} shards; "
                  f"caption embeddings: {plan.semantic.source}"
                  + (f" ({plan.semantic.width} wide)" if plan.semantic.width else ""))
