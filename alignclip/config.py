@@ -157,6 +157,9 @@ class DataConfig:
     # re-opens of a shard that fails before its first sample; then it is counted and skipped
     io_timeout_s: float = 60.0
     io_retries: int = 2
+    # Seconds the trainer waits for one batch from the loader's workers before it saves and exits 124 (a stalled
+    # data source); 0 = no limit. Needs data.workers > 0 (DataLoader's timeout)
+    loader_timeout_s: float = 0.0
     # Images with more pixels are skipped (counted as too_large_image, named in the log); 0 = no limit of ours
     max_image_pixels: int = 100_000_000
     # Where training JPEGs are decoded, cropped and resized: cpu (the loader workers) or gpu (the trainer's device,
@@ -180,6 +183,13 @@ class TrainConfig:
     # stop | skip: what a non-finite loss, or an optimizer step DeepSpeed skips on an overflowing gradient, does
     nonfinite: str = "stop"
     max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skips in a row
+    # Resuming with a key that changes the data order (batch sizes, seed, data spec, loss recipe) changed:
+    # refuse (exit 2 naming each key, old -> new) | carry (continue at the same number of samples seen in the
+    # epoch, in the new layout). A changed model is always refused (docs/training.md, "Changing a run").
+    resume_changes: str = "refuse"
+    # Seconds a collective (gradient all-reduce, the per-step agreement, a checkpoint barrier) may wait for the
+    # other ranks before this rank gives up (a lost peer: exit 124, requeue) instead of hanging.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -303,6 +313,7 @@ CHOICES = {
     "train.device": ("auto", "cuda", "cpu"),
     "train.nonfinite": ("stop", "skip"),
     "data.decode": ("cpu", "gpu"),
+    "train.resume_changes": ("refuse", "carry"),
     "optim.adamw_impl": ("auto", "fused", "foreach", "loop"),
     "deepspeed.zero_stage": (0, 1, 2),
     "launch.executor": ("slurm", "local"),
@@ -469,7 +480,7 @@ RANGES: dict[str, Range] = {
     "loss.imsep_start_step": NON_NEGATIVE, "loss.imsep_ramp_steps": NON_NEGATIVE,
     "data.samples_per_epoch": NON_NEGATIVE, "data.workers": NON_NEGATIVE, "data.shuffle_buffer": NON_NEGATIVE,
     "data.prefetch_factor": POSITIVE, "data.io_timeout_s": POSITIVE, "data.io_retries": NON_NEGATIVE,
-    "data.max_image_pixels": NON_NEGATIVE,
+    "data.max_image_pixels": NON_NEGATIVE, "data.loader_timeout_s": NON_NEGATIVE,
     "data.generated.num_shards": POSITIVE, "data.generated.samples_per_shard": POSITIVE,
     "data.generated.image_size": POSITIVE, "data.generated.val_samples": NON_NEGATIVE,
     "data.generated.seed": NON_NEGATIVE, "data.generated.version": Range(1, True, 3, True),
@@ -479,7 +490,7 @@ RANGES: dict[str, Range] = {
     "train.seed": NON_NEGATIVE,  # numpy seeds are unsigned
     "train.epochs": POSITIVE, "train.max_steps": NON_NEGATIVE,
     "train.global_batch_size": POSITIVE, "train.micro_batch_size": NON_NEGATIVE,
-    "train.max_skipped_steps": NON_NEGATIVE,
+    "train.max_skipped_steps": NON_NEGATIVE, "train.collective_timeout_s": POSITIVE,
     "optim.lr": POSITIVE, "optim.warmup_steps": NON_NEGATIVE, "optim.min_lr": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE, "optim.beta1": UNIT_OPEN, "optim.beta2": UNIT_OPEN, "optim.eps": POSITIVE,
     "optim.grad_clip": NON_NEGATIVE, "optim.text_lr_scale": Range(0, False, 1, True),

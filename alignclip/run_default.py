@@ -100,7 +100,7 @@ def side_by_side(names: list[str], figures: dict[str, dict], sets: dict, walls: 
 
 def run_one(config_path: Path, overrides: list[str], run_dir: Path) -> tuple[object, Config]:
     from alignclip.study.prepare import prepare_data
-    from alignclip.training.loop import train
+    from alignclip.training.trainer import train
 
     config = load_config(config_path, overrides + [f"run_dir={run_dir}"])
     config = prepare_data(config)

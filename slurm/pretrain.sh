@@ -12,9 +12,11 @@
 # (`python -m alignclip.launch sbatch-args`), so `launch.nodes=4 launch.timeout_min=120` replaces sbatch flags.
 #
 # In the job: one srun task per GPU runs `python -m alignclip.train`. Output goes to sbatch's --output file AND is
-# appended to <run_dir>/logs/slurm-<job>.out. Preemption: the batch shell traps TERM, USR1, USR2 and INT (as sent by
-# `scancel -b` or `scancel --full`) and forwards them to the job step, whose trainers save a checkpoint and exit
-# with REQUEUE_EXIT_CODE; the job then requeues itself (`python -m alignclip.launch requeue`, the same routine as
+# appended to <run_dir>/logs/slurm-<job>.out. Preemption: the batch shell traps TERM, USR1, USR2, INT and HUP (as
+# sent by `scancel -b` or `scancel --full`) and forwards them to the job step, whose trainers save a checkpoint and
+# exit with REQUEUE_EXIT_CODE. The trainers exit with it too after any cause outside the model (a data source that
+# failed, a killed loader worker, a loader timeout, a lost peer: saved at the last completed step whenever the
+# ranks still can); the job then requeues itself (`python -m alignclip.launch requeue`, the same routine as
 # submitit jobs use) and the requeued job resumes from <run_dir>, which is stable.
 #
 # Environment knobs: ALIGNCLIP_ROOT (the repository; default: this script's parent folder), ALIGNCLIP_PYTHON
@@ -71,7 +73,7 @@ mkdir -p "$RUN_DIR/logs"
 LOG="$RUN_DIR/logs/slurm-${SLURM_JOB_ID}.out"
 # tee ignores the preemption signals: `scancel --full` signals every child of the batch shell, and a dead tee
 # would take the job's output (and, through SIGPIPE, the shell) with it.
-exec > >(trap '' TERM USR1 USR2 INT; exec tee -a "$LOG") 2>&1
+exec > >(trap '' TERM USR1 USR2 INT HUP; exec tee -a "$LOG") 2>&1
 
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 export MASTER_ADDR MASTER_PORT
@@ -87,7 +89,7 @@ forward() {
     echo "[pretrain] $(date -Is) batch shell received SIG$1: forwarding it to the job step"
     scancel --signal="$1" "$SLURM_JOB_ID" || echo "[pretrain] scancel --signal=$1 failed"
 }
-for sig in TERM USR1 USR2 INT; do
+for sig in TERM USR1 USR2 INT HUP; do
     # shellcheck disable=SC2064
     trap "forward $sig" "$sig"
 done
@@ -111,7 +113,7 @@ if [ "$rc" -gt 128 ]; then  # the last wait was interrupted just as the step end
 fi
 set -e
 # The step is over: nothing to forward any more (and `scontrol requeue` itself TERMs this shell).
-trap '' TERM USR1 USR2 INT
+trap '' TERM USR1 USR2 INT HUP
 
 if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ]; then
     if "$PYTHON" -m alignclip.launch requeue --max-requeues "$MAX_REQUEUES"; then

@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 from tests.helpers import REPO_ROOT
 from tests.helpers.launch import job_env, trainer_state
 from tests.helpers.tiny import export_untrained, scalar_events, tiny_overrides
-from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, ignore_preemption_signals
+from alignclip.distributed.process import ignore_preemption_signals
+from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 
 TIMEOUT_S = 300  # hang guard only
 IMAGE_SIZE = 32

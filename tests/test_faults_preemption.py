@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from tests.helpers import REPO_ROOT
 from tests.helpers.launch import final_weights, job_env, job_overrides, max_weight_difference, trainer_state
-from alignclip.training.preemption import (PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, PreemptionFlag,
-                                           ignore_preemption_signals)
+from alignclip.distributed.process import PREEMPTION_SIGNALS, ignore_preemption_signals
+from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 
 STEPS = 30
 TIMEOUT_S = 300  # hang guard only
@@ -43,8 +43,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_the_trainer_handler_covers_term_usr1_usr2_and_int():
-    assert set(PREEMPTION_SIGNALS) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT}
+def test_the_trainer_handler_covers_term_usr1_usr2_int_and_hup():
+    assert set(PREEMPTION_SIGNALS) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP}
     flag = PreemptionFlag()
     try:
         for sig in PREEMPTION_SIGNALS:
@@ -103,7 +103,7 @@ def test_a_signal_reaching_a_training_worker_before_its_init_is_held_and_discard
 _CRASH_WITH_A_LIVE_LOADER = """
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
+from alignclip.distributed.process import ignore_preemption_signals, preemption_signals_blocked
 
 class Forever(IterableDataset):
     def __iter__(self):
@@ -164,7 +164,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_process_group_signal_with_loader_workers_saves_exits_124_and_resumes_exactly(uninterrupted, tmp_path, sig):
     """``kill -SIG -- -PGID``: the trainer and its two loader workers all get the signal."""
     run_dir, cache = tmp_path / "run", uninterrupted[1]

@@ -17,7 +17,7 @@ def _run(name: str, argv: list[str]) -> None:
 
 def _train_tiny(rank, world_size, root: str):
     from alignclip.config import load_config
-    from alignclip.training.loop import train
+    from alignclip.training.trainer import train
 
     steps = {}
     for name, cfg in (("clip", "model/clip_tiny"), ("alignclip", "model/alignclip_tiny")):

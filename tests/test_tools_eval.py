@@ -428,7 +428,7 @@ def test_an_imagefolder_probe_fits_on_its_own_train_folder(tmp_path, capsys):
 
 def _train_with_tensorboard(rank, world_size, root: str):
     from alignclip.config import load_config
-    from alignclip.training.loop import train
+    from alignclip.training.trainer import train
 
     config = load_config("model/alignclip_tiny", [
         "name=tb", f"output_dir={root}/runs", "data.train=generated", f"data.cache_dir={root}/data",

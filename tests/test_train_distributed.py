@@ -118,7 +118,8 @@ def _online_semantic_steps(rank: int, world_size: int, overrides: list[str]):
     from alignclip.training import trainer
 
     run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
-    batches = run.epoch_batches()
+    run.feed.start_epoch()  # this epoch's loader, as the loop starts it
+    batches = run.feed.batches
     stats = run.read_stats([run.train_step(batches) for _ in range(3)])
     encoder = type(run.components.semantic_encoder).__name__
     run.close()
@@ -145,7 +146,8 @@ def _stored_scale_after_steps(rank: int, world_size: int, overrides: list[str]):
 
     run = trainer.Trainer(load_config(None, overrides), setup_distributed_env())
     before = stored_logit_scale(run.engine)
-    batches = run.epoch_batches()
+    run.feed.start_epoch()  # this epoch's loader, as the loop starts it
+    batches = run.feed.batches
     for _ in range(2):
         run.train_step(batches)
     module = float(run.engine.module.logit_scale.detach().float().max())

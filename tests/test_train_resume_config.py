@@ -67,9 +67,10 @@ def _resume_loop(rank: int, world_size: int, overrides: list[str]):
     from alignclip.config import load_config
     from alignclip.distributed.env import setup_distributed_env
     from alignclip.training.components import build_components
+    from alignclip.training.plan import plan_step
 
     config = load_config(None, overrides)
-    engine = build_components(config, setup_distributed_env()).engine
+    engine = build_components(plan_step(config, setup_distributed_env())).engine
     warnings: list[str] = []
     try:
         ckpt.resume(engine, config.run_dir, 1, warn=warnings.append, text_lr_scale=config.optim.text_lr_scale)

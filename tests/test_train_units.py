@@ -14,9 +14,11 @@ from torch import nn
 from alignclip.config import ConfigError, load_config
 from alignclip.distributed.env import detect, expand_nodelist, port_for_job, setup_distributed_env, tasks_on_node
 from alignclip.training import checkpoint as ckpt
-from alignclip.training.deepspeed_config import batch_layout, build_deepspeed_config, write_deepspeed_config
+from alignclip.distributed.layout import batch_layout
+from alignclip.training.deepspeed_config import build_deepspeed_config, write_deepspeed_config
 from alignclip.training.optim import build_optimizer, param_groups, scale_text_gradient
-from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, any_rank
+from alignclip.distributed.process import any_rank
+from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from alignclip.training.schedule import lr_at, set_lr
 
 

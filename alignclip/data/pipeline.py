@@ -49,11 +49,25 @@ from alignclip.data import device_decode, images
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
 from alignclip.data.sidecars import read_sidecar, sidecar_path
-from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
+from alignclip.distributed.layout import BatchLayout, batch_layout
+from alignclip.distributed.process import ignore_preemption_signals, preemption_signals_blocked
 
 log = logging.getLogger(__name__)
 
 _MAX_INVALID_IN_A_ROW = 100_000  # a reader that finds nothing usable in this many samples has no data at all
+# torch's own RuntimeErrors for a worker that died (SIGKILL, OOM) and for DataLoader(timeout=...)
+_LOADER_FAILURES = ("exited unexpectedly", "killed by signal", "DataLoader timed out")
+
+
+class DataSourceError(RuntimeError):
+    """The data source failed after training started: every reader exhausted by I/O errors (no shard yields a
+    sample), a loader worker killed, a loader timeout. Outside the model: the trainer saves its last completed step
+    and exits 124. The message's last line is the cause (a worker's error arrives wrapped in torch's traceback)."""
+
+    @property
+    def cause(self) -> str:
+        lines = [line.strip() for line in str(self).splitlines() if line.strip()]
+        return lines[-1].split("DataSourceError: ", 1)[-1] if lines else "data source failed"
 
 
 @dataclass
@@ -237,8 +251,8 @@ class ShardReader:
                         empty_draws = 0
                         yield sample
                     if empty_draws > 10 * len(self.s.shards) + 100:  # drawn again and again, never a sample
-                        raise RuntimeError(f"data: no usable sample in {empty_draws} resampled shards; counts "
-                                           f"{self.errors.counts}")
+                        raise DataSourceError(f"data: no usable sample in {empty_draws} resampled shards; "
+                                              f"counts {self.errors.counts}")
             yield from shuffled(endless(), self.s.shuffle_buffer, self._shuffle_rng)
             return
         borrowing = False
@@ -258,8 +272,8 @@ class ShardReader:
                 log.warning("data: rank %d reader %d: no usable sample in its shards %s; reading from all %d "
                             "shards instead", self.s.rank, self.reader, self._pass_shards(0), len(self.s.shards))
             elif usable == 0:  # wrapping again would loop forever
-                raise RuntimeError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in any "
-                                   f"of the {len(self.s.shards)} shards; counts {self.errors.counts}")
+                raise DataSourceError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in "
+                                      f"any of the {len(self.s.shards)} shards; counts {self.errors.counts}")
 
     def __iter__(self) -> Iterator[dict]:
         from alignclip.tokenizer import get_tokenizer
@@ -344,24 +358,17 @@ class EpochPlan:
     accumulation_steps: int = 1
 
 
-def plan_epoch(config, world_size: int, shards: list[str], spec: str = "") -> EpochPlan:
-    """Per-rank batch size and the number of batches per epoch, identical on every rank."""
+def plan_epoch(config, layout: BatchLayout, shards: list[str], spec: str = "") -> EpochPlan:
+    """Per-rank batch size and the number of batches per epoch, identical on every rank (the batch split is
+    ``layout``'s, written once in ``alignclip.distributed.layout``)."""
     from alignclip.config import ConfigError
 
-    train, data = config.train, config.data
-    if train.global_batch_size % world_size:
-        raise ConfigError(f"key 'train.global_batch_size' ({train.global_batch_size}) must be divisible by the "
-                          f"world size ({world_size})")
-    per_rank = train.micro_batch_size or train.global_batch_size // world_size
-    accumulation = train.global_batch_size // (per_rank * world_size)
-    if accumulation < 1 or accumulation * per_rank * world_size != train.global_batch_size:
-        raise ConfigError(f"key 'train.micro_batch_size' ({train.micro_batch_size}) x world size ({world_size}) must "
-                          f"divide 'train.global_batch_size' ({train.global_batch_size})")
-    samples = data.samples_per_epoch or epoch_samples(data, spec, shards)
-    batches = samples // (per_rank * world_size) // accumulation * accumulation
+    per_rank, accumulation = layout.micro_batch, layout.accumulation
+    samples = config.data.samples_per_epoch or epoch_samples(config.data, spec, shards)
+    batches = samples // (per_rank * layout.world_size) // accumulation * accumulation
     if batches == 0:
         raise ConfigError(f"{samples} samples per epoch ('data.samples_per_epoch' or counted from 'data.train') is "
-                          f"less than one global batch ('train.global_batch_size' = {train.global_batch_size})")
+                          f"less than one global batch ('train.global_batch_size' = {layout.global_batch})")
     return EpochPlan(per_rank, batches, samples, accumulation)
 
 
@@ -425,19 +432,64 @@ def _split_keys(keys: str) -> tuple[str, ...]:
     return tuple(k.strip().lower() for k in keys.split(";") if k.strip())
 
 
-def reader_settings(config, shards: list[str], rank: int, world_size: int, epoch: int, start_batch: int,
-                    plan: EpochPlan) -> ReaderSettings:
-    data = config.data
-    return ReaderSettings(
-        shards=shards, seed=config.train.seed, epoch=epoch, rank=rank, world_size=world_size,
-        num_readers=max(data.workers, 1), batch_size=plan.per_rank_batch,
-        batches_per_epoch=plan.batches_per_epoch, start_batch=start_batch,
+def reader_settings(config, data: "TrainData", rank: int, world_size: int, epoch: int,
+                    start_batch: int) -> ReaderSettings:
+    cfg = config.data
+    settings = ReaderSettings(
+        shards=list(data.shards), seed=config.train.seed, epoch=epoch, rank=rank, world_size=world_size,
+        num_readers=max(cfg.workers, 1), batch_size=data.epoch.per_rank_batch,
+        batches_per_epoch=data.epoch.batches_per_epoch, start_batch=start_batch,
         image_size=config.model.vision.image_size, context_length=config.model.text.context_length,
-        resampled=data.resampled, shuffle_buffer=data.shuffle_buffer, image_keys=_split_keys(data.image_key),
-        text_key=data.text_key, semantic_key=data.semantic_key, semantic_dir=data.semantic_dir,
-        with_semantic=_probe_semantic(shards, data), max_image_pixels=data.max_image_pixels,
-        semantic_dim=0 if data.semantic_dir else _probe_semantic_dim(shards, data), io=stream_policy(data),
-        decode=data.decode)
+        resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, image_keys=_split_keys(cfg.image_key),
+        text_key=cfg.text_key, semantic_key=cfg.semantic_key, semantic_dir=cfg.semantic_dir,
+        with_semantic=data.with_semantic, max_image_pixels=cfg.max_image_pixels,
+        semantic_dim=data.semantic_dim, io=stream_policy(cfg), decode=cfg.decode)
+    if data.source_weights:
+        settings.shard_sources, settings.source_weights = data.shard_sources, data.source_weights
+    return settings
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training data, resolved once per run (the run plan holds it): the shard list, the epoch's length in
+    batches, whether the samples carry precomputed caption embeddings and their width."""
+
+    spec: str
+    shards: tuple[str, ...]
+    epoch: EpochPlan
+    with_semantic: bool
+    semantic_dim: int  # 0: not checked (a sidecar folder, or no embedding found in the first shard)
+    shard_sources: tuple[int, ...] = ()  # the '::' source of each shard, with data.weights
+    source_weights: tuple[float, ...] = ()
+
+
+def plan_train_data(config, layout: BatchLayout, at_start: bool = True) -> TrainData:
+    """Resolve ``data.train`` once: expand the spec, check it against the world, count the epoch, probe the
+    caption embeddings. Config errors name the key. ``at_start``: too few shards for the readers is a config error
+    at the start of a run; in a later epoch a folder that lost shards is not (readers without a shard read from the
+    whole list)."""
+    from alignclip.config import ConfigError
+
+    spec = resolve_spec(config.data, "train")
+    try:
+        sources = shardlib.expand_sources(spec)
+    except FileNotFoundError as err:
+        raise ConfigError(f"key 'data.train': {err}") from err
+    shards = [shard for source in sources for shard in source]
+    weights: list[float] = []
+    if config.data.weights:
+        if not config.data.resampled:
+            raise ConfigError("key 'data.weights' mixes sources by resampling: set 'data.resampled=true' (and "
+                              "'data.samples_per_epoch')")
+        weights = shardlib.source_weights(config.data.weights, len(sources))
+    if not config.data.resampled and at_start:
+        shardlib.check_enough_shards(shards, layout.world_size, config.data.workers)
+    epoch = plan_epoch(config, layout, shards, spec)
+    data = config.data
+    return TrainData(spec=spec, shards=tuple(shards), epoch=epoch, with_semantic=_probe_semantic(shards, data),
+                     semantic_dim=0 if data.semantic_dir else _probe_semantic_dim(shards, data),
+                     shard_sources=tuple(i for i, source in enumerate(sources) for _ in source) if weights else (),
+                     source_weights=tuple(weights))
 
 
 class TrainLoader:
@@ -445,12 +497,13 @@ class TrainLoader:
     iterating yields batches ``start_batch .. len() - 1``. ``stats()`` gives the skip counters so far."""
 
     def __init__(self, settings: ReaderSettings, plan: EpochPlan, num_workers: int, pin_memory: bool = False,
-                 prefetch_factor: int = 4):
+                 prefetch_factor: int = 4, timeout_s: float = 0.0):
         self.settings = settings
         self.plan = plan
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.timeout_s = timeout_s if num_workers else 0.0  # DataLoader's timeout needs workers
         self._reader_stats: dict[int, dict[str, int]] = {}
         self.batches_yielded = 0
 
@@ -473,10 +526,21 @@ class TrainLoader:
         dataset = ShardBatches(self.settings)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False, worker_init_fn=ignore_preemption_signals)
+                            persistent_workers=False, worker_init_fn=ignore_preemption_signals,
+                            timeout=self.timeout_s)
         with preemption_signals_blocked():  # the workers start here; each ignores the signals before unblocking
             batches = iter(loader)
-        for batch in batches:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DataSourceError:
+                raise
+            except RuntimeError as err:
+                if not any(text in str(err) for text in _LOADER_FAILURES):
+                    raise
+                raise DataSourceError(f"data: {str(err).splitlines()[0]}") from err
             stats = batch.pop("_stats")
             self._reader_stats[stats.pop("reader")] = stats
             self.batches_yielded += 1
@@ -525,37 +589,19 @@ def resolve_spec(data_cfg, split: str) -> str:
     return spec
 
 
-def build_train_loader(config, rank: int, world_size: int, epoch: int, start_batch: int = 0) -> TrainLoader:
-    """The training batches of one epoch for ``rank`` (see the module docstring for the layout)."""
-    from alignclip.config import ConfigError
-
-    spec = resolve_spec(config.data, "train")
-    try:
-        sources = shardlib.expand_sources(spec)
-    except FileNotFoundError as err:
-        raise ConfigError(f"key 'data.train': {err}") from err
-    shards = [shard for source in sources for shard in source]
-    weights: list[float] = []
-    if config.data.weights:
-        if not config.data.resampled:
-            raise ConfigError("key 'data.weights' mixes sources by resampling: set 'data.resampled=true' (and "
-                              "'data.samples_per_epoch')")
-        weights = shardlib.source_weights(config.data.weights, len(sources))
-    if not config.data.resampled and epoch == 0:
-        # At start (the trainer sizes epochs with an epoch-0 loader) too few shards is a config error; in a later
-        # epoch a folder that lost shards is not: readers without a shard read from the whole list.
-        shardlib.check_enough_shards(shards, world_size, config.data.workers)
-    plan = plan_epoch(config, world_size, shards, spec)
+def build_train_loader(config, rank: int, world_size: int, epoch: int, start_batch: int = 0,
+                       data: Optional[TrainData] = None, pin_memory: Optional[bool] = None) -> TrainLoader:
+    """The training batches of one epoch for ``rank`` (see the module docstring for the layout). ``data``: the
+    run plan's ``TrainData`` (resolved here when not given). ``pin_memory``: the run plan's fast path decides it
+    (``alignclip.training.fast_path``); not given, ``data.pin_memory`` as set (null: off)."""
+    data = data or plan_train_data(config, batch_layout(config, world_size), at_start=epoch == 0)
+    plan = data.epoch
     if not 0 <= start_batch <= plan.batches_per_epoch:
         raise ValueError(f"start_batch {start_batch} outside the epoch's 0..{plan.batches_per_epoch} batches")
-    settings = reader_settings(config, shards, rank, world_size, epoch, start_batch, plan)
-    if weights:
-        settings.shard_sources = tuple(i for i, source in enumerate(sources) for _ in source)
-        settings.source_weights = tuple(weights)
-    # data.pin_memory null: pinned when CUDA exists, so the trainer's copies can be non_blocking (training.fast_path)
-    pin_memory = config.data.pin_memory if config.data.pin_memory is not None else torch.cuda.is_available()
-    return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=pin_memory,
-                       prefetch_factor=config.data.prefetch_factor)
+    settings = reader_settings(config, data, rank, world_size, epoch, start_batch)
+    pin = bool(config.data.pin_memory) if pin_memory is None else pin_memory
+    return TrainLoader(settings, plan, num_workers=config.data.workers, pin_memory=pin,
+                       prefetch_factor=config.data.prefetch_factor, timeout_s=config.data.loader_timeout_s)
 
 
 def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: int = 0) -> Iterator[dict]:

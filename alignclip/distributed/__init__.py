@@ -1,1 +1,3 @@
-"""Cross-rank helpers: the one feature gather (``gather``) and rank set-up (``env``)."""
+"""Cross-rank helpers: rank set-up (``env``), process plumbing (``process``: signals, worker shielding,
+rank / world / barrier / any-rank), the batch split over ranks (``layout``) and the one feature gather
+(``gather``)."""

@@ -16,12 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from alignclip.distributed.process import rank_and_world
 
 
 def _gather(x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ on any device, then CLIP_benchmark's tasks with its metric definitions.
 
 Any model with OpenCLIP's ``encode_image`` / ``encode_text`` works (ours, OpenCLIP's, an AlignedModel).
 
-Preemption (alignclip.training.preemption). The loaders' workers ignore the preemption signals and start with them
+Preemption (alignclip.distributed.process). The loaders' workers ignore the preemption signals and start with them
 blocked, like the training loader's: Slurm signals every process of the step, and a worker killed by it would fail
 the trainer (or the tool) with "DataLoader worker ... killed by signal" instead of letting it act. The trainer's
 periodic evaluation passes ``should_stop`` (its preemption flag, read locally): checked between batches of images
@@ -33,9 +33,9 @@ from alignclip.embeddings import encode_texts
 from alignclip.eval.datasets import ClassificationData, RetrievalData, Unreadable
 from alignclip.eval.linear_probe import linear_probe
 from alignclip.eval.retrieval import retrieval_metrics
+from alignclip.distributed.process import ignore_preemption_signals, preemption_signals_blocked
 from alignclip.eval.zeroshot import zero_shot_classification
 from alignclip.prompts import build_classifier
-from alignclip.training.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 TEXT_BATCH = 256  # encode_texts' default batch: encoding chunk by chunk gives the same embeddings
 

@@ -10,6 +10,8 @@ Layout (docs/training.md)::
             rng_state_rank<R>.pt        torch / CUDA / numpy / python RNG states of rank R, plain tensors and
                                         numbers only (loads with ``torch.load(weights_only=True)``)
             trainer_state.json          TrainerState below (JSON)
+            config.yaml                 the resolved config this checkpoint was trained with (the resume
+                                        checks compare it with the new one: alignclip.training.plan)
             manifest.json               size and SHA-256 of every other file (written last)
 
 A run resumed at another world size (``deepspeed.universal_checkpoint=true``) first converts its checkpoint into
@@ -54,14 +56,15 @@ import torch
 import torch.distributed as dist
 
 from alignclip.config import ConfigError, saved_text_lr_scale
+from alignclip.distributed.process import any_rank, barrier, rank, world_size
 from alignclip.fs import atomic_write, publish_dir
 from alignclip.training.optim import group_settings, restore_group_settings, splits_text_groups
-from alignclip.training.preemption import any_rank
 
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"  # the config the checkpoint trained with (alignclip.training.parts.Checkpointer)
 LEGACY_RNG = "rng_rank{rank}.pt"  # pickled RNG states of checkpoints written before manifests existed
 RNG_FILE = "rng_state_rank{rank}.pt"
 _HASH_CHUNK = 8 << 20
@@ -112,13 +115,6 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_SUBDIR
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # ----------------------------------------------------------------------------------------------------- RNG
@@ -180,10 +176,6 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _files_of(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -191,10 +183,10 @@ def _files_of(folder: Path) -> list[str]:
 def _shared_digests(folder: Path, names: list[str]) -> dict[str, str]:
     """Digests of ``names`` under ``folder``; file i is hashed by rank i mod world and the results are gathered
     (collective when the world has > 1 rank)."""
-    mine = {n: file_digest(folder / n) for n in names[_rank()::_world()]}
-    if _world() == 1:
+    mine = {n: file_digest(folder / n) for n in names[rank()::world_size()]}
+    if world_size() == 1:
         return mine
-    gathered: list = [None] * _world()
+    gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, mine)
     return {k: v for part in gathered for k, v in part.items()}
 
@@ -203,7 +195,7 @@ def write_manifest(folder: Path) -> None:
     """Collective: size and SHA-256 of every file in ``folder`` into ``folder/manifest.json`` (rank 0, atomic)."""
     names = _files_of(folder)
     digests = _shared_digests(folder, names)
-    if _rank() == 0:
+    if rank() == 0:
         files = {n: {"size": (folder / n).stat().st_size, "sha256": digests[n]} for n in names}
         atomic_write(folder / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
 
@@ -237,25 +229,29 @@ def verify_manifest(checkpoint: Path) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- save
-def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int) -> Path:
-    """Collective: every rank calls it at the same step. Returns the final checkpoint directory."""
+def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int,
+                    extra: Optional[dict[str, bytes]] = None) -> Path:
+    """Collective: every rank calls it at the same step. Returns the final checkpoint directory. ``extra``: more
+    files (name -> bytes) rank 0 writes beside the trainer state, covered by the manifest (the run's config)."""
     root = checkpoints_dir(run_dir)
     name = step_name(state.step)
     tmp, final = root / (name + ".tmp"), root / name
-    rank = _rank()
+    me = rank()
     try:
-        if rank == 0:
+        if me == 0:
             root.mkdir(parents=True, exist_ok=True)
             remove_stale(root)  # left by a crash during an earlier save
-        _barrier()
+        barrier()
         engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-        torch.save(capture_rng(), tmp / RNG_FILE.format(rank=rank))
-        _barrier()  # every rank's files are in tmp
-        if rank == 0:
+        torch.save(capture_rng(), tmp / RNG_FILE.format(rank=me))
+        barrier()  # every rank's files are in tmp
+        if me == 0:
             atomic_write(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
-        _barrier()
+            for file_name, data in (extra or {}).items():
+                atomic_write(tmp / file_name, data)
+        barrier()
         write_manifest(tmp)  # last: it covers every other file
-        if rank == 0:
+        if me == 0:
             if final.exists():  # the same step saved again (e.g. preempted right after a periodic save)
                 shutil.rmtree(final)
             publish_dir(tmp, final)
@@ -263,10 +259,10 @@ def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int)
             prune(root, keep)
     except Exception as err:
         message = describe_write_error(err, tmp)  # before the clean-up: it reads the free space left
-        if rank == 0:
+        if me == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space a partial save took
         raise CheckpointWriteError(message) from err
-    _barrier()
+    barrier()
     return final
 
 
@@ -390,7 +386,7 @@ def to_universal(checkpoint: Path) -> Path:
     """Collective: DeepSpeed's universal form of ``checkpoint`` (any world size can load it), converted once by
     rank 0 into ``<name>_universal/`` (complete or absent, like every checkpoint) with the trainer state copied."""
     target = checkpoint.with_name(checkpoint.name + UNIVERSAL_SUFFIX)
-    if _rank() == 0 and not (target / STATE_FILE).is_file():
+    if rank() == 0 and not (target / STATE_FILE).is_file():
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
@@ -399,9 +395,11 @@ def to_universal(checkpoint: Path) -> Path:
         if out.returncode != 0:
             raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed ({' '.join(cmd)}):\n"
                                f"{out.stderr[-3000:]}")
-        shutil.copy2(checkpoint / STATE_FILE, tmp / STATE_FILE)
+        for name in (STATE_FILE, CONFIG_FILE):
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / name)
         publish_dir(tmp, target)
-    _barrier()
+    barrier()
     return target
 
 
@@ -427,7 +425,7 @@ def load_checkpoint(engine, checkpoint: Path, world_size: int, universal: bool =
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {source}")
     if state.world_size == world_size:  # other world sizes: the ranks keep their fresh seeds
-        rng = load_rng(source, _rank())
+        rng = load_rng(source, rank())
         if rng is not None:
             restore_rng(rng)
     if state.accumulation != accumulation:  # the same number of steps into the epoch
@@ -448,9 +446,9 @@ def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False
     """
     warn = warn or _warn
     root = checkpoints_dir(run_dir)
-    if _rank() == 0 and root.is_dir():
+    if rank() == 0 and root.is_dir():
         remove_stale(root)
-    _barrier()
+    barrier()
     ordered = candidates(root)
     failures = []
     for checkpoint in ordered:
@@ -462,21 +460,19 @@ def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False
             except CheckpointError as err:
                 problem = str(err)
         if problem is None:
-            check_world_size(state, checkpoint, world_size, universal)
-            check_text_lr_scale(state, checkpoint, text_lr_scale)
-            try:
+            try:  # load_checkpoint checks the world size and the group layout first (the plan did for the newest)
                 state = load_checkpoint(engine, checkpoint, world_size, universal, accumulation, text_lr_scale)
             except (CheckpointWorldSizeError, ConfigChangeError):
                 raise
             except Exception as err:  # DeepSpeed / torch errors: name the checkpoint and what was said
-                problem = f"{checkpoint}: loading failed on rank {_rank()}: {type(err).__name__}: {err}"
+                problem = f"{checkpoint}: loading failed on rank {rank()}: {type(err).__name__}: {err}"
         if not any_rank(problem is not None):
             if failures:
                 warn(f"WARNING: resuming from {checkpoint}, an OLDER checkpoint, because "
                      f"{len(failures)} newer one(s) failed verification or loading")
             return checkpoint, state
         failures.append(problem or f"{checkpoint}: failed on another rank")
-        if problem is not None or _rank() == 0:
+        if problem is not None or rank() == 0:
             warn(f"WARNING: checkpoint {checkpoint} is unusable: {failures[-1]}; trying the next older one")
     if not ordered:
         return None

@@ -1,15 +1,17 @@
 """What a training step runs on, built in one place for the trainer, ``tools/bench_step.py`` and the OpenCLIP race.
 
 ``init_process_group`` is the one process-group set-up (idempotent: a launcher or a test may have made the group),
-``build_components`` the one engine assembly: the model with the fast path's switches, AdamW over its parameter
-groups, the DeepSpeed engine (compiled when the fast path says so) and the objective.
+``build_components`` the one engine assembly from a ``StepPlan`` (``alignclip.training.plan``: device, batch layout,
+fast path and DeepSpeed config, resolved there once): the model with the fast path's switches, AdamW over its
+parameter groups, the DeepSpeed engine (compiled when the fast path says so) and the objective.
 """
 
 from __future__ import annotations
 
+import datetime
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -18,9 +20,12 @@ from torch import nn
 
 from alignclip.config import Config
 from alignclip.distributed.env import DistEnv
-from alignclip.training.deepspeed_config import BatchLayout, batch_layout, build_deepspeed_config, resolve_device
-from alignclip.training.fast_path import (FastPath, compile_engine, images_to_device, prepare_model,
-                                          resolve_fast_path, tokens_to_device)
+from alignclip.distributed.layout import BatchLayout
+from alignclip.training.deepspeed_config import resolve_device
+from alignclip.training.fast_path import FastPath, compile_engine, images_to_device, prepare_model, tokens_to_device
+
+if TYPE_CHECKING:
+    from alignclip.training.plan import StepPlan
 
 
 def seed_everything(seed: int) -> None:
@@ -32,7 +37,8 @@ def seed_everything(seed: int) -> None:
 def init_process_group(config: Config, env: DistEnv) -> torch.device:
     """This rank's device, with the process group DeepSpeed needs (nccl on CUDA, gloo on CPU) made unless it
     exists. ``env`` comes from ``alignclip.distributed.env.setup_distributed_env`` (which exported the torchrun
-    variables that ``init_distributed`` reads)."""
+    variables that ``init_distributed`` reads). Every collective of the group gives up after
+    ``train.collective_timeout_s`` (a lost peer ends the run, exit 124, instead of hanging it)."""
     import deepspeed
 
     device_type = resolve_device(config.train.device)
@@ -40,7 +46,8 @@ def init_process_group(config: Config, env: DistEnv) -> torch.device:
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=config.train.collective_timeout_s))
     return torch.device(device_type, env.local_rank) if device_type == "cuda" else torch.device("cpu")
 
 
@@ -88,18 +95,17 @@ class Components:
         return self.semantic_encoder.encode(list(batch["caption"])).to(self.device).float()
 
 
-def build_components(config: Config, env: DistEnv, model: Optional[nn.Module] = None) -> Components:
+def build_components(plan: "StepPlan", model: Optional[nn.Module] = None) -> Components:
     """The process group, then the model (``model`` if given, e.g. the race's, else built from ``config.model``
-    with the same initial weights on every rank), AdamW, the DeepSpeed engine, the objective. Afterwards the
-    random streams are per rank, for anything random in the step."""
+    with the same initial weights on every rank), AdamW, the DeepSpeed engine, the objective, all as ``plan``
+    says. Afterwards the random streams are per rank, for anything random in the step."""
     from alignclip.losses import build_objective
     from alignclip.models import build_model
     from alignclip.training.engine import initialize_engine
     from alignclip.training.optim import build_optimizer
 
-    layout = batch_layout(config, env.world_size)  # fails naming the keys before anything is built
+    config, env, fast = plan.config, plan.env, plan.fast
     device = init_process_group(config, env)
-    fast = resolve_fast_path(config, device.type)
     if model is None:
         seed_everything(config.train.seed)  # the same initial weights on every rank
         model = build_model(config.model)
@@ -108,11 +114,10 @@ def build_components(config: Config, env: DistEnv, model: Optional[nn.Module] = 
 
             init_weights(model, config.model)
     model = prepare_model(model, fast)
-    ds_config = build_deepspeed_config(config, env.world_size, device.type)
     engine = compile_engine(initialize_engine(model, build_optimizer(model, config.optim, fast.adamw_impl),
-                                              ds_config), fast)
+                                              plan.ds_config), fast)
     seed_everything(config.train.seed + 1_000_003 * env.rank)
     objective = build_objective(config.loss).to(device)
     input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-    return Components(config=config, env=env, device=device, layout=layout, fast=fast, ds_config=ds_config,
-                      engine=engine, objective=objective, input_dtype=input_dtype)
+    return Components(config=config, env=env, device=device, layout=plan.layout, fast=fast,
+                      ds_config=plan.ds_config, engine=engine, objective=objective, input_dtype=input_dtype)

@@ -1,29 +1,21 @@
 """The DeepSpeed config, derived from the project config (never a hand-kept JSON that can disagree with it).
 
-Batch sizes: micro-batch (per device) x gradient accumulation x world size = global batch. ``train.micro_batch_size``
-0 means no accumulation (micro = global / world). Precision (``fast_path.precision``): ``auto`` is bf16 on CUDA and fp32 on CPU (DeepSpeed
-refuses fp16 on CPU; bf16 works there but is slow). The optimizer and the lr are ours (``optim``, ``schedule``),
+Batch sizes: ``alignclip.distributed.layout`` (micro-batch x accumulation x world = global batch). Precision
+(``fast_path.precision``): ``auto`` is bf16 on CUDA and fp32 on CPU (DeepSpeed refuses fp16 on CPU; bf16 works
+there but is slow). The optimizer and the lr are ours (``optim``, ``schedule``),
 so the dict has no "optimizer" or "scheduler" section.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alignclip.config import Config, ConfigError
+from alignclip.distributed.layout import BatchLayout, batch_layout
 from alignclip.fs import atomic_write
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    global_batch: int
-    micro_batch: int  # per device, per forward
-    accumulation: int
-    world_size: int
 
 
 def resolve_device(train_device: str) -> str:
@@ -40,26 +32,9 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def batch_layout(config: Config, world_size: int) -> BatchLayout:
-    """Split ``train.global_batch_size`` over ranks and accumulation steps; errors name the keys to change."""
-    global_batch, micro = config.train.global_batch_size, config.train.micro_batch_size
-    if micro == 0:
-        if global_batch % world_size:
-            raise ConfigError(
-                f"key 'train.global_batch_size' ({global_batch}) is not divisible by the world size ({world_size}); "
-                f"choose a multiple of {world_size}, or set 'train.micro_batch_size' so that micro x accumulation "
-                f"x world = global")
-        micro = global_batch // world_size
-    if global_batch % (micro * world_size):
-        raise ConfigError(
-            f"key 'train.global_batch_size' ({global_batch}) must equal 'train.micro_batch_size' ({micro}) x "
-            f"gradient accumulation x world size ({world_size}); {global_batch} is not a multiple of "
-            f"{micro * world_size}")
-    return BatchLayout(global_batch, micro, global_batch // (micro * world_size), world_size)
-
-
-def build_deepspeed_config(config: Config, world_size: int, device: str = "cpu") -> dict:
-    layout = batch_layout(config, world_size)
+def build_deepspeed_config(config: Config, world_size: int, device: str = "cpu",
+                           layout: BatchLayout | None = None) -> dict:
+    layout = layout or batch_layout(config, world_size)
     precision = resolve_precision(config.fast_path.precision, device)
     ds = config.deepspeed
     zero = {"stage": ds.zero_stage, "contiguous_gradients": True,

@@ -30,7 +30,9 @@ FLOPs, the table of docs/performance.md).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from alignclip.config import Config, LossConfig, ModelConfig
 
@@ -177,7 +179,36 @@ _LOSS_IMPLS = {
 }
 
 
+def encoder_width(model: str) -> int:
+    """The output width of a sentence-transformers model folder, from its module configs (no weights loaded):
+    the last Dense layer's out_features, else the Pooling layer's word_embedding_dimension; 0 when unknown."""
+    from alignclip.semantic import resolve_model  # sentence-transformers is not imported by it
+
+    try:
+        folder = Path(resolve_model(model))
+        modules = json.loads((folder / "modules.json").read_text())
+    except (ImportError, OSError, ValueError):
+        return 0
+    width = 0
+    for module in modules:
+        path = folder / module.get("path", "") / "config.json"
+        kind = module.get("type", "")
+        try:
+            if kind.endswith("Pooling"):
+                width = int(json.loads(path.read_text())["word_embedding_dimension"])
+            elif kind.endswith("Dense"):
+                width = int(json.loads(path.read_text())["out_features"])
+        except (OSError, ValueError, KeyError):
+            return 0
+    return width
+
+
 def semantic_dim_of(loss: LossConfig) -> int:
+    """E_s's width for ``loss.semantic_model``: read from the encoder's files (``encoder_width``); the table of known
+    names only when they are not on this machine (a hub name not downloaded yet), then 768."""
+    width = encoder_width(loss.semantic_model)
+    if width:
+        return width
     name = loss.semantic_model.lower().rstrip("/")
     for key, dim in SEMANTIC_DIMS.items():
         if name.endswith(key):

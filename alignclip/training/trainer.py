@@ -1,18 +1,24 @@
-"""The trainer: DeepSpeed engine, exact resume, preemption, monitoring. ``train(config)`` runs one job.
+"""The trainer: a run resolved once into a plan, its parts built once, and the loop. ``train(config)`` runs one job.
 
-Reading order: ``Trainer.train`` (the loop, one screen) -> ``Trainer.train_step`` (one optimizer step over its
-accumulation micro-batches) -> ``Trainer.__init__`` (everything built before the first step; the engine itself comes
-from ``components.build_components``, shared with the benchmarks).
+Reading order: ``Trainer.train`` (the loop, top to bottom: batches, stop check, step, the parts) -> ``Stepper.train_step``
+(one optimizer step over its accumulation micro-batches) -> ``Trainer.__init__`` (the plan, the lock, the engine,
+the resume, the parts). What is decided and checked before anything is built is ``alignclip.training.plan``; when
+each part runs is the part's own business (``alignclip.training.parts``).
 
 Host-device synchronisation. A step reads the device only where correctness needs it:
   * per micro-batch, ONE read of the loss terms' non-finite flags (MAX-reduced over ranks in the same call): the
     ``train.nonfinite`` policy must decide before ``backward`` whether this batch's gradient is replaced by zero,
     and every rank must take the same branch (the gradient all-reduce would otherwise mix a NaN into all ranks);
-  * per step, the preemption agreement (one all-reduce): every rank must stop at the same step;
+  * per step, the stop agreement (one all-reduce of [signal received, data source failed]): every rank stops at
+    the same step;
   * DeepSpeed's skipped-step counter is a host integer (DeepSpeed reads its overflow flag inside ``engine.step``
     anyway, for its own skip decision), so checking it costs nothing.
 Losses, the temperature and the gradient norm stay on the device and are read at log steps only, all steps of the
 window in one reduction and one read (``read_stats``); the progress bar's loss is the last log step's.
+
+Exits (``RunResult.exit_code``): 0 finished; 124 (``REQUEUE_EXIT_CODE``) stopped by a cause outside the model (a
+preemption signal, a data source that failed, a lost peer) with the last completed step saved whenever the ranks
+can still save together.
 """
 
 from __future__ import annotations
@@ -22,19 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from alignclip.config import Config, config_hash, run_dir_of, save_config, with_saved_norm_eps
+from alignclip.config import Config
 from alignclip.distributed.env import DistEnv, setup_distributed_env
+from alignclip.distributed.process import any_rank, is_lost_peer
 from alignclip.losses.temperature import clamp_logit_scale_
 from alignclip.training import checkpoint as ckpt
+from alignclip.training import parts
 from alignclip.training.components import Components, build_components, init_process_group
-from alignclip.training.deepspeed_config import batch_layout, write_deepspeed_config
-from alignclip.training.monitor import Monitor, memory_gb
+from alignclip.training.deepspeed_config import write_deepspeed_config
+from alignclip.training.monitor import Monitor
 from alignclip.training.optim import scale_text_gradient
+from alignclip.training.plan import RunPlan, carried_position, record_config, resolve_plan, write_plan
 from alignclip.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from alignclip.training.run_lock import RunLock, RunLockedError
 from alignclip.training.schedule import lr_at, set_lr
 
 
@@ -74,220 +83,22 @@ class StepResult:
         return float(value) if value is not None else float("nan")
 
 
-class ThroughputWindow:
-    """Time and data-wait accumulated since the last log line, for throughput figures."""
+class Stepper:
+    """The optimizer step over built ``components``: the trainer's, and the benchmarks' (``Stepper(components,
+    total_steps)``: no run directory, data, monitor or checkpoints) -- the same ``train_step``."""
 
-    def __init__(self):
-        self.steps, self.seconds, self.wait = 0, 0.0, 0.0
-
-    def add(self, seconds: float, wait: float) -> None:
-        self.steps, self.seconds, self.wait = self.steps + 1, self.seconds + seconds, self.wait + wait
-
-    def rates(self, global_batch: int, world_size: int, flops_per_sample: float,
-              peak_tflops: Optional[float]) -> dict[str, float]:
-        if not self.steps or self.seconds <= 0:
-            return {}
-        samples_per_s = self.steps * global_batch / self.seconds
-        per_device = samples_per_s / world_size
-        rates = {"perf/samples_per_s": samples_per_s, "perf/samples_per_s_per_device": per_device,
-                 "perf/data_wait_share": self.wait / self.seconds, "perf/step_time_s": self.seconds / self.steps}
-        if flops_per_sample:
-            # model FLOPs (no recompute) per second and device; MFU only where the device's peak is known
-            tflops = per_device * flops_per_sample / 1e12
-            rates["perf/tflops_per_device"] = tflops
-            if peak_tflops:
-                rates["perf/mfu"] = tflops / peak_tflops
-        return rates
-
-
-# throughput on the console's progress bar, as of the last log step
-_BAR_RATES = {"samples/s": "perf/samples_per_s", "TFLOP/s/dev": "perf/tflops_per_device", "mfu": "perf/mfu"}
-
-
-def every(step: int, period: int) -> bool:
-    """Periodic actions; a period of 0 means only at the end (and, for checkpoints, on preemption)."""
-    return period > 0 and step % period == 0
-
-
-class Trainer:
-    """One training job over a run directory: ``Trainer(config, env).train()``, or ``train_step`` by hand.
-
-    ``Trainer.over(components, total_steps)`` is the bare step (no run directory, data, monitor or checkpoints)
-    that the OpenCLIP race times: the same ``train_step`` as a run."""
-
-    def __init__(self, config: Config, env: Optional[DistEnv] = None):
-        from alignclip.data import build_eval_batch, build_train_loader
-        from alignclip.training.flops import step_flops
-        from alignclip.training.peaks import peak_tflops
-
-        env = env or setup_distributed_env()
-        layout = batch_layout(config, env.world_size)  # fails early, naming the keys, before any process group
-        device = init_process_group(config, env)
-        self.preemption = PreemptionFlag(device=device)  # early: a signal during set-up must not kill the job
-        try:
-            run_dir = run_dir_of(config)
-            from alignclip.training.deepspeed_config import build_deepspeed_config
-
-            ds_config = build_deepspeed_config(config, env.world_size, device.type)
-            if env.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_deepspeed_config(ds_config, run_dir)
-            dist.barrier()
-            # the data spec and a checkpoint's world size and optimizer group layout are checked before the
-            # (possibly large) model is built
-            latest = ckpt.find_latest(run_dir)
-            legacy_eps = False
-            if latest is not None:
-                saved = ckpt.read_state(latest)
-                ckpt.check_world_size(saved, latest, env.world_size, config.deepspeed.universal_checkpoint)
-                ckpt.check_text_lr_scale(saved, latest, config.optim.text_lr_scale)
-                config, legacy_eps = with_saved_norm_eps(config, run_dir)
-            steps_per_epoch = len(build_train_loader(config, env.rank, env.world_size, 0)) // layout.accumulation
-            components = build_components(config, env)
-            state = ckpt.TrainerState(world_size=env.world_size, accumulation=layout.accumulation,
-                                      config_hash=config_hash(config), text_lr_scale=config.optim.text_lr_scale)
-            # verified resume: the newest checkpoint whose manifest and load check out (older ones on failure,
-            # loudly); stale .tmp folders of an interrupted save are removed first
-            resumed = ckpt.resume(components.engine, run_dir, env.world_size, config.deepspeed.universal_checkpoint,
-                                  layout.accumulation, text_lr_scale=config.optim.text_lr_scale)
-            if resumed is not None:
-                latest, state = resumed
-            # written only now: a resume that failed (another model, another world size) keeps the run's config
-            if env.is_main:
-                save_config(config, run_dir)
-        except BaseException:
-            self.preemption.restore()
-            raise
-        resumed_hash, state.config_hash, state.world_size = state.config_hash, config_hash(config), env.world_size
-
-        total_steps = config.train.epochs * steps_per_epoch
-        if config.train.max_steps > 0:
-            total_steps = min(total_steps, config.train.max_steps)
-        self._init_step(components, state, total_steps, steps_per_epoch)
-        self.run_dir = run_dir
-        self.monitor = monitor = Monitor(run_dir, config.logging, env.is_main, total_steps, state.step)
-        try:  # from here a failure closes the monitor (its events reach disk) and restores the handlers
-            monitor.run_config(config, state.step)
-            self.latest = latest
-            if latest is not None:
-                monitor.info(f"resumed from {latest} at step {state.step} (epoch {state.epoch}, batch "
-                             f"{state.batch_in_epoch})")
-                if legacy_eps:
-                    monitor.info("the run predates model.norm_eps: its LayerNorms keep the eps it trained with "
-                                 "(1e-6 in the blocks, 1e-5 in the stem and final norms)")
-                if resumed_hash != state.config_hash:
-                    monitor.info(f"warning: the config differs from the checkpoint's (hash {resumed_hash} -> "
-                                 f"{state.config_hash}); see {run_dir / 'config.yaml'}")
-            monitor.info(f"run {run_dir}: world {env.world_size} ({env.source}), {device.type}, global batch "
-                         f"{layout.global_batch} = {layout.micro_batch} x {layout.accumulation} x {env.world_size}, "
-                         f"{steps_per_epoch} steps/epoch, {total_steps} steps, "
-                         f"zero stage {config.deepspeed.zero_stage}")
-            flops = step_flops(config)
-            self.flops_per_sample = flops.total
-            self.peak_tflops = peak_tflops(device, components.fast.precision, config.fast_path.peak_tflops)
-            peak_text = (f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops
-                         else "unknown (perf/mfu not logged; set fast_path.peak_tflops)")
-            monitor.info(f"fast path: {components.fast.describe()}; {flops.total / 1e9:.4g} GFLOP per sample per "
-                         f"step (model FLOPs), device peak {peak_text}")
-            self.eval_batch = build_eval_batch(config, config.logging.gap_batch_size) if env.is_main else None
-        except BaseException:
-            self.close()
-            raise
-
-    @classmethod
-    def over(cls, components: Components, total_steps: int) -> "Trainer":
-        """The bare step over ready ``components`` (benchmarks, tests): no run directory, data or monitor."""
-        trainer = cls.__new__(cls)
-        trainer._init_step(components, ckpt.TrainerState(world_size=components.env.world_size,
-                                                         accumulation=components.layout.accumulation,
-                                                         text_lr_scale=components.config.optim.text_lr_scale),
-                           total_steps, steps_per_epoch=total_steps)
-        trainer.preemption, trainer.monitor, trainer.run_dir, trainer.latest = None, None, None, None
-        trainer.eval_batch, trainer.flops_per_sample, trainer.peak_tflops = None, 0.0, None
-        return trainer
-
-    def _init_step(self, components: Components, state: ckpt.TrainerState, total_steps: int,
-                   steps_per_epoch: int) -> None:
+    def __init__(self, components: Components, total_steps: int, state: Optional[ckpt.TrainerState] = None,
+                 steps_per_epoch: int = 0, log=print):
         self.components = components
         self.config, self.env, self.engine = components.config, components.env, components.engine
-        self.state = state
-        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.state = state or ckpt.TrainerState(world_size=self.env.world_size,
+                                                accumulation=components.layout.accumulation,
+                                                text_lr_scale=self.config.optim.text_lr_scale)
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch or total_steps
         self.accumulation = components.layout.accumulation
         self.skips_in_a_row = 0
-        self.loader = None  # the current epoch's TrainLoader
-        self.data_counts: dict = {}  # loader counters of the finished epochs
+        self.log = log
 
-    # ------------------------------------------------------------------------------------------------ the loop
-    def train(self) -> RunResult:
-        """Train until ``total_steps`` or a preemption signal; the run directory's latest checkpoint was resumed."""
-        state, cfg, mon = self.state, self.config, self.monitor
-        result = RunResult(0, state.step, self.run_dir, self.latest)
-        window, pending, shown = ThroughputWindow(), [], {}
-        epoch_batches = self.accumulation * self.steps_per_epoch
-        try:
-            while state.step < self.total_steps:
-                batches = self.epoch_batches()
-                while state.step < self.total_steps and state.batch_in_epoch < epoch_batches:
-                    step = self.train_step(batches)
-                    window.add(step.seconds, step.data_wait)
-                    pending.append(step)
-                    last = state.step == self.total_steps
-                    if cfg.eval.every_steps and (every(state.step, cfg.eval.every_steps) or last) and self.env.is_main:
-                        # before agree(): a signal that arrives during the evaluation ends it and saves this step
-                        result.eval = self.evaluate() or result.eval
-                    preempted = self.preemption.agree()  # collective: every rank stops at the same step
-                    if every(state.step, cfg.logging.log_every_steps) or last or preempted:
-                        stats = self.log_step(pending, result, window)
-                        shown = {"loss": stats["loss/total"], "lr": stats["train/lr"],
-                                 **{short: stats[tag] for short, tag in _BAR_RATES.items() if tag in stats}}
-                        window, pending = ThroughputWindow(), []
-                    if every(state.step, cfg.logging.gap_every_steps) or last:
-                        result.gap = self.log_gap_metrics()
-                    mon.advance(state.step, shown)
-                    if preempted or every(state.step, cfg.checkpoint.every_steps) or last:
-                        result.checkpoint = ckpt.save_checkpoint(self.engine, self.run_dir, state,
-                                                                 cfg.checkpoint.keep)
-                        mon.flush()
-                    if preempted:
-                        mon.info(f"preempted ({self.preemption.describe()}): saved {result.checkpoint} at step "
-                                 f"{state.step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
-                        result.exit_code = REQUEUE_EXIT_CODE
-                        batches.close()  # shuts the loader's workers down (they ignore the signal) before exiting
-                        return self.finish(result)
-                self.close_epoch_counts()
-                del batches  # stops the loader's workers
-                if state.batch_in_epoch >= epoch_batches:
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            mon.info(f"done: {state.step} steps, {state.samples_seen} samples; checkpoint {result.checkpoint}")
-            return self.finish(result)
-        except BaseException:
-            self.close()
-            raise
-
-    def evaluate(self) -> dict[str, float]:
-        """The ``eval`` section at this step (rank 0), logged as eval/*; {} when a pending preemption stopped it
-        (at its next batch: the checkpoint follows at once)."""
-        from alignclip.eval.benchmark import EvaluationStopped, evaluate_during_training
-
-        try:
-            figures = evaluate_during_training(self.components.model, self.config,
-                                               should_stop=self.preemption.pending)
-        except EvaluationStopped as stop:
-            self.monitor.info(f"evaluation at step {self.state.step} stopped {stop}: preemption pending "
-                              f"({self.preemption.describe()}); no eval figures for this step")
-            return {}
-        return self.monitor.evaluation(self.state.step, figures)
-
-    def log_step(self, pending: list[StepResult], result: RunResult, window: ThroughputWindow) -> dict[str, float]:
-        """The log step: the window's losses read at once (collective), its last step's stats to TensorBoard."""
-        per_step = self.read_stats(pending)
-        result.losses += [(s.step, stats["loss/total"]) for s, stats in zip(pending, per_step)]
-        stats = {**per_step[-1], **window.rates(self.config.train.global_batch_size, self.env.world_size,
-                                                self.flops_per_sample, self.peak_tflops)}
-        self.monitor.scalars(self.state.step, {**stats, **memory_gb(), **self.data_counts_now()})
-        return stats
-
-    # ------------------------------------------------------------------------------------------------ the step
     def train_step(self, micro_batches: Union[dict, Iterable[dict]]) -> StepResult:
         """One optimizer step: ``accumulation`` micro-batches (an iterator of host batches; a single dict when
         there is no accumulation) through forward, objective, ``engine.backward`` and ``engine.step``."""
@@ -393,72 +204,154 @@ class Trainer:
             out.append(stats)
         return out
 
-    # ------------------------------------------------------------------------------------------ around the step
+
+class Trainer:
+    """One training job over a run directory: ``Trainer(config, env).train()``."""
+
+    def __init__(self, config: Config, env: Optional[DistEnv] = None):
+        from alignclip.training.flops import step_flops
+        from alignclip.training.peaks import peak_tflops
+
+        env = env or setup_distributed_env()
+        device = init_process_group(config, env)
+        self.preemption = PreemptionFlag(device=device)  # early: a signal during set-up must not kill the job
+        self.lock = self.monitor = self.feed = None
+        try:
+            # everything decided and checked before anything is built: a ConfigError names the key(s)
+            self.plan = plan = resolve_plan(config, env)
+            self.lock = self.take_lock(plan, env)
+            config, run_dir = plan.config, plan.run_dir
+            if env.is_main:
+                write_deepspeed_config(plan.step.ds_config, run_dir)
+            components = build_components(plan.step)
+            state = ckpt.TrainerState(world_size=env.world_size, accumulation=plan.layout.accumulation,
+                                      text_lr_scale=config.optim.text_lr_scale)
+            # verified resume: the newest checkpoint whose manifest and load check out (older ones on failure,
+            # loudly); stale .tmp folders of an interrupted save are removed first
+            resumed = ckpt.resume(components.engine, run_dir, env.world_size, config.deepspeed.universal_checkpoint,
+                                  plan.layout.accumulation, text_lr_scale=config.optim.text_lr_scale)
+            self.latest = None
+            if resumed is not None:
+                self.latest, state = resumed
+                if plan.resume.carry:
+                    state = carried_position(state, plan.resume.saved_global_batch, plan)
+            state.world_size = env.world_size
+            if env.is_main:  # written only now: a refused or failed resume keeps the run's configs as they were
+                record_config(config, run_dir)
+                write_plan(plan)
+        except BaseException:
+            self.close()
+            raise
+        self.stepper = Stepper(components, plan.total_steps, state, plan.steps_per_epoch, log=self.log)
+        self.components, self.engine, self.state, self.env = components, components.engine, state, env
+        self.config, self.run_dir, self.total_steps = config, run_dir, plan.total_steps
+        self.monitor = monitor = Monitor(run_dir, config.logging, env.is_main, plan.total_steps, state.step)
+        try:  # from here a failure closes the monitor (its events reach disk) and restores the handlers
+            monitor.run_config(config, state.step)
+            self.report_start(plan, state)
+            flops = step_flops(config, semantic_dim=plan.semantic.width or None)
+            peak = peak_tflops(device, components.fast.precision, config.fast_path.peak_tflops)
+            monitor.info(f"fast path: {components.fast.describe()}; {flops.total / 1e9:.4g} GFLOP per sample per "
+                         f"step (model FLOPs), device peak "
+                         f"{f'{peak:g} TFLOP/s' if peak else 'unknown (perf/mfu not logged; set fast_path.peak_tflops)'}")
+            self.feed = parts.DataFeed(plan, state, self.log, stopping=self.preemption.pending)
+            self.stop_check = parts.StopCheck(self.preemption, device)
+            self.logger = parts.StepLogger(plan, self.stepper, monitor, self.feed, flops.total, peak)
+            self.checkpointer = parts.Checkpointer(plan, self.engine, state, monitor)
+            # the periodic parts in the order they act after a step; each decides when it is due
+            self.parts = [parts.Evaluator(plan, components.model, monitor, self.preemption, state), self.logger,
+                          parts.GapMonitor(plan, components, monitor, state, self.log),
+                          parts.ProgressBar(monitor, self.logger), self.checkpointer]
+        except BaseException:
+            self.close()
+            raise
+
+    def take_lock(self, plan: RunPlan, env: DistEnv) -> Optional[RunLock]:
+        """Rank 0 locks the run directory; every rank learns whether it could (one collective)."""
+        lock, refusal = None, None
+        if env.is_main:
+            try:
+                lock = RunLock.acquire(plan.run_dir, warn=lambda m: print(m, flush=True))
+            except RunLockedError as err:
+                refusal = err
+        if any_rank(refusal is not None, self.preemption.device):
+            raise refusal or RunLockedError(f"run directory {plan.run_dir} is in use by another trainer (see rank 0)")
+        return lock
+
+    def report_start(self, plan: RunPlan, state: ckpt.TrainerState) -> None:
+        mon, layout, env = self.monitor, plan.layout, plan.step.env
+        if self.latest is not None:
+            mon.info(f"resumed from {self.latest} at step {state.step} (epoch {state.epoch}, batch "
+                     f"{state.batch_in_epoch})")
+            if plan.resume.legacy_norm_eps:
+                mon.info("the run predates model.norm_eps: its LayerNorms keep the eps it trained with "
+                         "(1e-6 in the blocks, 1e-5 in the stem and final norms)")
+            for change in plan.resume.changes:
+                mon.info(f"config changed since the checkpoint: {change.describe()}"
+                         + (" (carried: the position is kept in samples seen)" if change.kind != "free" else ""))
+        mon.info(f"run {plan.run_dir}: world {env.world_size} ({env.source}), {plan.step.device}, global batch "
+                 f"{layout.global_batch} = {layout.micro_batch} x {layout.accumulation} x {env.world_size}, "
+                 f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
+                 f"zero stage {self.config.deepspeed.zero_stage}; plan in {plan.run_dir / 'plan.yaml'}")
+        if env.is_main:  # the whole plan in train.log (the console gets the lines above and below)
+            mon.log.info("plan:\n" + plan.describe().rstrip())
+        mon.info(f"data: {plan.data.epoch.samples_per_epoch} samples per epoch in {len(plan.data.shards)} shards; "
+                 f"caption embeddings: {plan.semantic.source}"
+                 + (f" ({plan.semantic.width} wide)" if plan.semantic.width else ""))
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def train(self) -> RunResult:
+        """Train until ``total_steps`` or a stop (signal, failed data source, lost peer): exit 124 after saving."""
+        state = self.state
+        result = RunResult(0, state.step, self.run_dir, self.latest)
+        try:
+            while state.step < self.total_steps:
+                batches, data_failure = self.feed.next_step()
+                stop = self.stop_check.check(data_failure)  # collective: every rank stops at the same step
+                if stop is not None:
+                    return self.stop(stop, result)
+                step = self.stepper.train_step(batches)
+                for part in self.parts:
+                    part.after_step(step, state.step == self.total_steps, result)
+            self.feed.fold_counts()
+            self.monitor.info(f"done: {state.step} steps, {state.samples_seen} samples; checkpoint "
+                              f"{result.checkpoint}")
+            return self.finish(result)
+        except (RuntimeError, OSError) as err:
+            if not is_lost_peer(err):  # any collective of the step, the parts or the save
+                self.close()
+                raise
+            return self.stop(parts.Stop.lost_peer(err), result)
+        except BaseException:
+            self.close()
+            raise
+
+    def stop(self, stop: parts.Stop, result: RunResult) -> RunResult:
+        """Save the last completed step (all ranks) and exit 124; a lost peer leaves the last checkpoint."""
+        self.feed.close()  # shuts the loader's workers down (they ignore the signals) before the save
+        if stop.save:
+            self.logger.flush(result)
+            result.checkpoint = self.checkpointer.save_now()
+            saved = f"saved {result.checkpoint} at step {self.state.step}"
+        else:
+            saved = (f"nothing saved (the ranks cannot save together); the last checkpoint is "
+                     f"{result.checkpoint or self.latest}")
+        self.monitor.info(f"{stop.cause}: {saved}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
+        result.exit_code = REQUEUE_EXIT_CODE
+        return self.finish(result)
+
+    def train_step(self, micro_batches: Union[dict, Iterable[dict]]) -> StepResult:
+        """One step by hand (tests, notebooks): ``Stepper.train_step`` over this trainer's state."""
+        return self.stepper.train_step(micro_batches)
+
+    def read_stats(self, steps: list[StepResult]) -> list[dict[str, float]]:
+        return self.stepper.read_stats(steps)
+
     def log(self, message: str) -> None:
         if self.monitor is not None:
             self.monitor.info(message)
         elif self.env.is_main:
             print(message)
-
-    def epoch_batches(self) -> Iterator[dict]:
-        from alignclip.data import build_train_loader
-
-        self.loader = build_train_loader(self.config, self.env.rank, self.env.world_size, self.state.epoch,
-                                         start_batch=self.state.batch_in_epoch)
-        return iter(self.loader)
-
-    def data_counts_now(self) -> dict[str, float]:
-        """The loader's counters (samples read; corrupt, missing or empty samples and bad shards skipped), summed
-        over ranks (a collective: every rank logs at the same steps) and over this process's epochs."""
-        from alignclip.data.pipeline import reduce_stats
-
-        epoch = reduce_stats(self.loader.stats()) if self.loader is not None else {}
-        return {f"data/{name}": float(self.data_counts.get(name, 0) + epoch.get(name, 0))
-                for name in sorted(set(self.data_counts) | set(epoch)) if name != "batches"}
-
-    def close_epoch_counts(self) -> None:
-        """Fold the finished loader's counters into the run's; say so in train.log when samples were skipped."""
-        if self.loader is None:
-            return
-        from alignclip.data.pipeline import reduce_stats
-
-        epoch = reduce_stats(self.loader.stats())
-        skipped = {k: v for k, v in epoch.items() if v and k not in ("samples_read", "batches", "wrapped_passes")}
-        if skipped:
-            self.log(f"data: epoch {self.state.epoch} skipped {skipped} (counted in TensorBoard as data/*)")
-        for name, value in epoch.items():
-            self.data_counts[name] = self.data_counts.get(name, 0) + value
-        self.loader = None
-
-    @torch.no_grad()
-    def log_gap_metrics(self) -> dict[str, float]:
-        """Live gap on the fixed held-out batch (rank 0): alignment, centroid distance, paired-cosine histogram,
-        and in-batch retrieval R@1 (chance = 1 / batch) to show that the model learns the task, not only the gap."""
-        if self.eval_batch is None:
-            return {}
-        from alignclip.analysis.metrics import alignment_score, centroid_distance, paired_cosines
-        from alignclip.eval.retrieval import retrieval_metrics
-
-        c = self.components
-        model = c.model
-        was_training = model.training
-        model.eval()
-        images = model.encode_image(self.eval_batch["image"].to(c.device, c.input_dtype), normalize=True).float().cpu()
-        texts = model.encode_text(self.eval_batch["text"].to(c.device), normalize=True).float().cpu()
-        model.train(was_training)
-        if not (torch.isfinite(images).all() and torch.isfinite(texts).all()):
-            # a diverged model: no metric is meaningful, and TensorBoard's histogram refuses non-finite values
-            self.log(f"step {self.state.step}: non-finite embeddings on the held-out batch; gap metrics not logged")
-            return {}
-        retrieval = retrieval_metrics(images, texts, ks=(1,))
-        gap = {"gap/alignment_score": alignment_score(images, texts),
-               "gap/centroid_distance": centroid_distance(images, texts),
-               **{f"gap/{k}": float(v) for k, v in retrieval.items()}}
-        self.monitor.scalars(self.state.step, gap)
-        cosines = np.asarray(paired_cosines(images, texts))
-        self.monitor.histogram(self.state.step, "gap/paired_cosine", cosines[np.isfinite(cosines)])
-        self.monitor.gap_plots(self.state.step, images, texts)
-        return gap
 
     def finish(self, result: RunResult) -> RunResult:
         result.step = self.state.step
@@ -468,10 +361,15 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        """Flush and close the monitor, restore the signal handlers (idempotent)."""
+        """Flush and close the monitor, stop the loader, release the lock, restore the handlers (idempotent)."""
+        if self.feed is not None:
+            self.feed.close()
         if self.monitor is not None:
             self.monitor.flush()
             self.monitor.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.preemption is not None:
             self.preemption.restore()
 

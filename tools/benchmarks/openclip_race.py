@@ -4,7 +4,7 @@ Both sides train ONE architecture (``RACE_MODEL``, or any ``arch: clip`` model c
 weights (ours are copied into OpenCLIP's module through ``openclip_name``), on the SAME seeded synthetic batches, in
 fp32 with the same number of threads:
 
-  ours      ``alignclip.training.trainer.Trainer.train_step`` over the components that ``alignclip.train`` builds
+  ours      ``alignclip.training.trainer.Stepper.train_step`` over the components that ``alignclip.train`` builds
             (``alignclip.training.components.build_components``): the fast path resolved for CPU, DeepSpeed (ZeRO stage 1, world size 1, gloo), the
             objective with ``clip_weight=1`` (the mean of the two cross-entropies), ``engine.backward``,
             ``engine.step`` (AdamW of ``training.optim``, gradient clipping inside DeepSpeed), the lr of
@@ -215,18 +215,20 @@ def race_config(model: Optional[str] = None, batch_size: int = 64, total_steps: 
 
 class OursTrainer:
     """Our per-step path, as ``alignclip.train`` builds and runs it on one rank: ``build_components`` (the fast
-    path resolved for CPU, the engine over ``build_optimizer``'s AdamW, the objective) and ``Trainer.train_step``."""
+    path resolved for CPU, the engine over ``build_optimizer``'s AdamW, the objective), from the step plan
+    (``alignclip.training.plan.plan_step``), and ``Stepper.train_step``, the trainer's step."""
 
     name = "ours"
 
     def __init__(self, config: Config, model: nn.Module, total_steps: int, pooled_last_block: Optional[bool] = None):
         from alignclip.distributed.env import setup_distributed_env
         from alignclip.training.components import build_components
-        from alignclip.training.trainer import Trainer
+        from alignclip.training.plan import plan_step
+        from alignclip.training.trainer import Stepper
 
         if pooled_last_block is not None:  # else as the config says (model.pooled_last_block, on by default)
             model.set_pooled_last_block(pooled_last_block)
-        self.trainer = Trainer.over(build_components(config, setup_distributed_env(), model=model), total_steps)
+        self.trainer = Stepper(build_components(plan_step(config, setup_distributed_env()), model=model), total_steps)
 
     @property
     def model(self) -> nn.Module:

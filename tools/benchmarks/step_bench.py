@@ -123,6 +123,7 @@ def run_case(case: BenchCase) -> BenchResult:
     from alignclip.distributed.env import setup_distributed_env
     from alignclip.training.components import build_components
     from alignclip.training.flops import semantic_dim_of, step_flops
+    from alignclip.training.plan import plan_semantic, plan_step
     from alignclip.training.peaks import peak_tflops
 
     if case.threads:
@@ -136,10 +137,17 @@ def run_case(case: BenchCase) -> BenchResult:
     env = setup_distributed_env()
     if env.world_size != 1:
         raise ValueError(f"the step benchmark runs one device; this process is rank {env.rank} of {env.world_size}")
-    parts = build_components(config, env)  # the trainer's engine, fast path and objective
+    plan = plan_step(config, env)  # the trainer's device, batch layout and fast path
+    parts = build_components(plan)  # the trainer's engine and objective
     engine, objective, device, fast = parts.engine, parts.objective, parts.device, parts.fast
     input_dtype = parts.input_dtype
-    semantic_dim = semantic_dim_of(config.loss)
+    data = None
+    if case.with_data:
+        from alignclip.data.pipeline import plan_train_data
+
+        data = plan_train_data(config, plan.layout)
+    semantic = plan_semantic(config, data)  # E_s's width from the shards, the sidecar or the encoder
+    semantic_dim = semantic.width or semantic_dim_of(config.loss)
 
     def sync():
         if device.type == "cuda":
@@ -151,7 +159,7 @@ def run_case(case: BenchCase) -> BenchResult:
         def endless():
             epoch = 0
             while True:
-                yield from build_train_loader(config, 0, 1, epoch)
+                yield from build_train_loader(config, 0, 1, epoch, data=data, pin_memory=fast.pin_memory)
                 epoch += 1
 
         source = endless()
