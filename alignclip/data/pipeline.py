@@ -541,6 +541,12 @@ class TrainLoader:
                 if not any(text in str(err) for text in _LOADER_FAILURES):
                     raise
                 raise DataSourceError(f"data: {str(err).splitlines()[0]}") from err
+            except (ConnectionError, EOFError) as err:
+                if not self.num_workers:  # the reading happens here: not a hand-over between processes
+                    raise
+                # a worker killed while it handed a batch over (its shared-memory file descriptor never came)
+                raise DataSourceError(f"data: a loader worker died while handing over a batch "
+                                      f"({type(err).__name__}: {err})") from err
             stats = batch.pop("_stats")
             self._reader_stats[stats.pop("reader")] = stats
             self.batches_yielded += 1
