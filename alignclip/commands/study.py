@@ -4,6 +4,7 @@ bars (study_report.md, study_results.json, plots in the study folder). docs/stud
     alignclip-study configs/study/embedded.yaml                       # local executor, one run after another
     alignclip-study configs/study/cc12m_paper.yaml 'data.train=/data/cc12m/{00000..01242}.tar'   # Slurm array (quoted: bash expands braces)
     alignclip-study STUDY --executor local --seeds 0,1 key=value ...  # override executor, seeds, run keys
+    alignclip-study configs/study/cc12m_paper.yaml --plan             # runs x GPU-hours; submits nothing
 
 A rerun of the same command skips finished runs, resumes unfinished ones from their checkpoints and reuses
 every measurement already made.
@@ -26,6 +27,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--executor", choices=["local", "slurm"], default=None, help="instead of the file's")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, instead of the file's")
     parser.add_argument("--output-dir", default=None, help="where the study folder goes, instead of the file's")
+    parser.add_argument("--plan", action="store_true",
+                        help="print runs x GPU-hours from the FLOP model (the file's plan: MFU, nodes, GPU) and stop")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     from alignclip.study.spec import load_study
 
@@ -46,10 +49,45 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"alignclip-study: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    from alignclip.study.pipeline import run_study
+    try:
+        if args.plan or (args.executor or spec.executor) == "slurm":
+            print(plan_text(spec), flush=True)
+            if args.plan:
+                return 0
+        from alignclip.study.pipeline import run_study
 
-    results = run_study(spec, executor=args.executor)
+        results = run_study(spec, executor=args.executor)
+    except ConfigError as err:  # found while preparing the data (e.g. caption embeddings that cannot be made)
+        print(f"alignclip-study: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     return 1 if any(r["status"] == "failed" for r in results["runs"]) else 0
+
+
+def plan_text(spec) -> str:
+    """The cost plan for the study's epoch size: the file's plan.samples, else data.samples_per_epoch, else the
+    shards' own count."""
+    from alignclip.study.plan import plan_table
+
+    samples = spec.plan.samples
+    if not samples:
+        from alignclip.config import load_config
+        from alignclip.data.shards import count_samples, expand_spec
+        from alignclip.study.spec import run_overrides, write_variant_config
+
+        import tempfile
+        from pathlib import Path
+
+        variant = next(v for v in spec.variants if v.trains)
+        with tempfile.TemporaryDirectory() as scratch:
+            config = load_config(write_variant_config(spec, variant, Path(scratch)),
+                                 run_overrides(spec, variant, 0, resolve_sources=False))
+        samples = config.data.samples_per_epoch
+        if not samples:
+            if not config.data.train or config.data.train == "generated":
+                raise ConfigError("the plan needs the epoch size: set plan.samples in the study file, "
+                                  "data.samples_per_epoch, or data.train to the shards")
+            samples = count_samples(expand_spec(config.data.train))[0]
+    return plan_table(spec, samples)
 
 
 if __name__ == "__main__":
