@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from alignclip.launch import TrainJob, make_executor, make_run, wait_slurm
 from alignclip.study.prepare import prepare_data
-from alignclip.study.spec import StudySpec, run_overrides, write_variant_config
+from alignclip.study.spec import StudySpec, last_wins, run_overrides, write_variant_config
 
 DONE_FILE = "study_done.json"
 
@@ -94,7 +94,7 @@ def _train_wave(spec: StudySpec, variants: list, log: Callable[[str], None], exe
             # generated shards + caption embeddings, once for all runs
             prepared = prepare_data(run.config, spec.study_dir / "semantic")
             if prepared.data.semantic_dir != run.config.data.semantic_dir:
-                run = make_run(config_path, overrides + [f"data.semantic_dir={prepared.data.semantic_dir}"],
+                run = make_run(config_path, last_wins(overrides + [f"data.semantic_dir={prepared.data.semantic_dir}"]),
                                run_dir=run_dir)
             pending.append(run)
     log(f"study {spec.name}: {len(states)} run(s) finished before, {len(pending)} to train ({kind} executor)")

@@ -410,6 +410,9 @@ def parse_study(raw: dict, source: str = "<study>", overrides: Sequence[str] = (
 
 
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
+    from alignclip.config import check_repeated_overrides
+
+    check_repeated_overrides(list(overrides))
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text())
@@ -426,7 +429,17 @@ def run_overrides(spec: StudySpec, variant: Variant, seed: int, resolve_sources:
     if variant.finetune is not None:
         start = finetune_start(spec, variant, seed) if resolve_sources else ""
         out += [f"model.init_from={start}", f"train.max_steps={variant.finetune.steps}"]
-    return out
+    return last_wins(out)
+
+
+def last_wins(overrides: Sequence[str]) -> list[str]:
+    """Each key once, at its last value: the layers (study file, command line, variant, run) override each other on
+    purpose, and the trainer refuses a key given twice (the guard against a shell-expanded brace pattern, which
+    ``load_study`` applies to the command line's own overrides)."""
+    from alignclip.config import override_key
+
+    last = {override_key(item): i for i, item in enumerate(overrides)}
+    return [item for i, item in enumerate(overrides) if last[override_key(item)] == i]
 
 
 def finetune_start(spec: StudySpec, variant: Variant, seed: int) -> str:
