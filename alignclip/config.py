@@ -69,6 +69,10 @@ class ModelConfig:
     # eps of every LayerNorm (stem, blocks, final), one value as in OpenCLIP and HF CLIP so exports are exact.
     # null = checkpoints saved before this key: 1e-6 in the blocks, 1e-5 elsewhere (from_yaml_text sets it).
     norm_eps: Optional[float] = 1e-5
+    # Start from another model's weights (alignclip.interop): our export or run directory, an OpenCLIP folder
+    # ('local-dir:' / 'hf-hub:' from the cache / 'ARCH:TAG' cached weights) or a Hugging Face CLIP folder. The
+    # shape keys above must match it (the error lists the overrides); a resumed checkpoint takes precedence.
+    init_from: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------- loss

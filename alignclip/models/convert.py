@@ -159,3 +159,80 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
                 else:
                     out[f"{prefix}.{_renamed(name, _HF_BLOCK)}"] = value
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------ their layouts -> ours (two towers)
+def _from_outer(state: dict[str, torch.Tensor], library: int) -> dict[str, torch.Tensor]:
+    """The inverse of ``_outer`` into a two-tower (CLIP) state dict."""
+    out = {}
+    for ours, *theirs in _OUTER:
+        value = state[theirs[library]]
+        if ours == "logit_scale":
+            value = value.reshape(1)
+        elif library == 0 and ours.endswith("proj.weight"):
+            value = value.t()
+        out[ours.format(image="image_trunk", text="text_trunk")] = value
+    return out
+
+
+def _tower_blocks(state: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:
+    """The block parameters under ``prefix`` (e.g. 'transformer.resblocks.') as {index: {name: tensor}}."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, _, rest = key[len(prefix):].partition(".")
+            out.setdefault(int(index), {})[rest] = value
+    return out
+
+
+def from_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP ``CLIP``'s state dict -> ours as a two-tower CLIP (``to_openclip``'s inverse)."""
+    out = _from_outer(state, library=0)
+    back = {theirs: ours for ours, theirs in _OPENCLIP_BLOCK.items()}
+    for tower, trunk in (("visual.transformer", "image_trunk"), ("transformer", "text_trunk")):
+        for index, params in _tower_blocks(state, f"{tower}.resblocks.").items():
+            for name, value in params.items():
+                out[f"{trunk}.blocks.{index}.{_renamed(name, back)}"] = value
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``transformers.CLIPModel``'s state dict -> ours as a two-tower CLIP (``to_hf``'s inverse: q, k, v fused)."""
+    out = _from_outer(state, library=1)
+    back = {theirs: ours for ours, theirs in _HF_BLOCK.items()}
+    for tower, trunk in (("vision_model", "image_trunk"), ("text_model", "text_trunk")):
+        for index, params in _tower_blocks(state, f"{tower}.encoder.layers.").items():
+            prefix = f"{trunk}.blocks.{index}"
+            for kind in ("weight", "bias"):
+                out[f"{prefix}.attn.qkv.{kind}"] = torch.cat([params.pop(f"self_attn.{p}_proj.{kind}")
+                                                              for p in "qkv"])
+            for name, value in params.items():
+                out[f"{prefix}.{_renamed(name, back)}"] = value
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def two_towers_to_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """A two-tower state dict -> SharedCLIP's (one ``trunk``: the image tower's blocks, final norm and projection)
+    and whether that is exact (the text tower held the same weights, as in our SharedCLIP exports)."""
+    out, exact = {}, True
+    for key, value in state.items():
+        if key.startswith("image_trunk."):
+            name = key.removeprefix("image_trunk.")
+            twin = state.get(f"text_trunk.{name}")
+            exact = exact and twin is not None and torch.equal(twin, value)
+            out[f"trunk.{name}"] = value
+        elif not key.startswith("text_trunk."):
+            out[key] = value
+    return out, exact
+
+
+def shared_to_two_towers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SharedCLIP's state dict -> a two-tower one holding the shared trunk in both towers (exact)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("trunk."):
+            name = key.removeprefix("trunk.")
+            out[f"image_trunk.{name}"], out[f"text_trunk.{name}"] = value, value.clone()
+        else:
+            out[key] = value
+    return out

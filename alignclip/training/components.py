@@ -101,6 +101,10 @@ def build_components(config: Config, env: DistEnv, model: Optional[nn.Module] = 
     if model is None:
         seed_everything(config.train.seed)  # the same initial weights on every rank
         model = build_model(config.model)
+        if config.model.init_from:  # before the engine exists: every rank loads the same weights
+            from alignclip.interop import init_weights
+
+            init_weights(model, config.model)
     model = prepare_model(model, fast)
     ds_config = build_deepspeed_config(config, env.world_size, device.type)
     engine = compile_engine(initialize_engine(model, build_optimizer(model, config.optim, fast.adamw_impl),

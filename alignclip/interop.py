@@ -1,0 +1,315 @@
+"""Any CLIP we can represent exactly, read as our ``ContrastiveModel``: our exports and runs, OpenCLIP's and
+Hugging Face's models.
+
+    open_model("exported/x.safetensors")              # ours (alignclip-export's default format)
+    open_model("runs/NAME")                           # a run directory: its latest checkpoint (unpickles it)
+    open_model("local-dir:exported/x_openclip")       # OpenCLIP: a local-dir / hf-hub folder (or the bare path)
+    open_model("hf-hub:org/name")                     # OpenCLIP, from the local Hugging Face cache
+    open_model("ViT-B-32:laion2b_s34b_b79k")          # OpenCLIP's pretrained name:tag, weights in the local cache
+    open_model("exported/x_hf")                       # a transformers CLIPModel folder (config.json + weights)
+
+Each gives an ``OpenedModel``: the model, a ``Config`` whose ``model`` section describes it, and the image
+preprocessing that the source declares (which must be the one we run: resize the short side, centre crop,
+bicubic, CLIP mean/std). OpenCLIP's and HF's CLIP are the same pre-norm ViT as ours (alignclip.models.convert);
+what we cannot express (QuickGELU, layer scale, attentional pooling, other towers, other normalisation) is
+refused with a message naming what differs, never approximated.
+
+``init_weights(model, model_config)`` is ``model.init_from``: the source's weights into a model built from the
+training config, whose shape must match the source's (the error lists the overrides that make it match).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignclip.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig
+from alignclip.data.transforms import CLIP_MEAN, CLIP_STD
+
+log = logging.getLogger(__name__)
+
+OPENCLIP_PREFIXES = ("local-dir:", "hf-hub:")
+
+
+@dataclass
+class OpenedModel:
+    model: nn.Module  # our ContrastiveModel, eval mode
+    config: Config  # ours for our exports and runs; else the defaults with ``model`` describing the source
+    kind: str  # alignclip | openclip | hf
+    source: str
+
+
+# ------------------------------------------------------------------------------------------ what the spec names
+def model_kind(spec: str) -> str:
+    """alignclip | alignclip-run | openclip | hf for a model spec, or a ValueError saying what was expected."""
+    path = Path(spec)
+    if spec.startswith(OPENCLIP_PREFIXES):
+        return "openclip"
+    if path.is_file():
+        return "alignclip"
+    if path.is_dir():
+        if (path / "open_clip_config.json").is_file():
+            return "openclip"
+        if (path / "config.json").is_file():
+            return "hf"
+        if (path / "config.yaml").is_file() or any(path.glob("step_*")) or (path / "latest").is_file():
+            return "alignclip-run"
+        raise ValueError(f"{spec}: a folder, but neither an OpenCLIP folder (open_clip_config.json), a Hugging Face "
+                         f"CLIP folder (config.json) nor an alignclip run directory (config.yaml, checkpoints/)")
+    if ":" in spec and _openclip_name(spec) is not None:
+        return "openclip"
+    raise FileNotFoundError(f"{spec}: no such file or folder, and not an OpenCLIP 'local-dir:' / 'hf-hub:' spec "
+                            f"or pretrained 'ARCH:TAG' name (expected an alignclip export or run directory, an "
+                            f"OpenCLIP or a Hugging Face CLIP folder)")
+
+
+def _openclip_name(spec: str) -> tuple[str, str] | None:
+    """(arch, tag) of a pretrained 'ARCH:TAG' that open_clip knows, else None."""
+    import open_clip
+
+    arch, _, tag = spec.partition(":")
+    return (arch, tag) if arch in open_clip.list_models() and tag else None
+
+
+def open_model(spec: str | Path, device: str | torch.device = "cpu") -> OpenedModel:
+    """The model a spec names (module docstring), on ``device`` in eval mode."""
+    spec = str(spec)
+    kind = model_kind(spec)
+    if kind == "alignclip":
+        from alignclip.export import load_model
+
+        model, config = load_model(spec, device)
+        return OpenedModel(model, config, "alignclip", spec)
+    if kind == "alignclip-run":
+        from alignclip.export import checkpoint_model
+
+        model, config, _ = checkpoint_model(spec)
+        return OpenedModel(model.to(device), config, "alignclip", spec)
+    model_config, state = openclip_source(spec) if kind == "openclip" else hf_source(spec)
+    return OpenedModel(_built(model_config, state).to(device).eval(), replace(Config(), model=model_config,
+                                                                              name=Path(spec).name or spec), kind,
+                       spec)
+
+
+def _built(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+    from alignclip.models import build_model
+
+    model = build_model(model_config)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- OpenCLIP
+def _refuse(spec: str, what: str) -> None:
+    raise ValueError(f"{spec}: {what}; alignclip's model cannot represent it exactly, so it is not loaded")
+
+
+def openclip_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(our model config, our two-tower state dict) of an OpenCLIP model, built by open_clip itself (so whatever
+    open_clip reads - local-dir, hf-hub from the cache, a pretrained tag - reads the same here)."""
+    import open_clip
+
+    if spec.startswith(OPENCLIP_PREFIXES):
+        name, pretrained = spec, None
+    elif Path(spec).is_dir():
+        name, pretrained = f"local-dir:{spec}", None
+    else:
+        name, pretrained = _openclip_name(spec)
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+    except (RuntimeError, OSError) as err:  # a tag whose weights are not cached, a folder without weights
+        raise FileNotFoundError(f"{spec}: open_clip could not load it ({str(err).splitlines()[0]})") from None
+    return openclip_model_config(model, spec), _state_of(model, "openclip")
+
+
+def _one_eps(spec: str, norms: list[nn.Module]) -> float:
+    eps = {m.eps for m in norms}
+    if len(eps) != 1:
+        _refuse(spec, f"its LayerNorms use several eps {sorted(eps)}")
+    return eps.pop()
+
+
+def _act(spec: str, act: nn.Module) -> None:
+    if type(act) is not nn.GELU or getattr(act, "approximate", "none") != "none":
+        _refuse(spec, f"its MLP activation is {type(act).__name__} (we train exact GELU; QuickGELU models such as "
+                      f"OpenAI's are not supported yet)")
+
+
+def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
+    """Our ModelConfig for an open_clip ``CLIP`` module, refusing every feature that ours lacks."""
+    import open_clip
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    if type(model) is not open_clip.CLIP:
+        _refuse(spec, f"it is an open_clip {type(model).__name__} (only the two-transformer CLIP is supported)")
+    visual = model.visual
+    if type(visual) is not VisionTransformer:
+        _refuse(spec, f"its image tower is a {type(visual).__name__}, not a ViT")
+    checks = {
+        "attentional pooling": visual.attn_pool is not None,
+        f"image pooling {visual.pool_type!r}": visual.pool_type != "tok",
+        f"text pooling {model.text_pool_type!r}": model.text_pool_type != "argmax",
+        "no pre-norm (no_ln_pre)": isinstance(visual.ln_pre, nn.Identity),
+        "no causal text mask": model.attn_mask is None,
+        "a logit bias (SigLIP)": getattr(model, "logit_bias", None) is not None,
+        "a text projection with bias or none": not isinstance(model.text_projection, nn.Parameter),
+        "no image projection": visual.proj is None,
+    }
+    blocks = [*visual.transformer.resblocks, *model.transformer.resblocks]
+    checks["custom or layer-scaled blocks"] = any(type(b) is not ResidualAttentionBlock
+                                                  or not isinstance(b.ls_1, nn.Identity) for b in blocks)
+    for what, bad in checks.items():
+        if bad:
+            _refuse(spec, f"it has {what}")
+    for block in blocks:
+        _act(spec, block.mlp.gelu)
+    eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
+    size = visual.image_size
+    if size[0] != size[1]:
+        _refuse(spec, f"its images are not square ({size})")
+    width, text_width = visual.conv1.out_channels, model.token_embedding.embedding_dim
+    vb, tb = visual.transformer.resblocks[0], model.transformer.resblocks[0]
+    return ModelConfig(
+        arch="clip", embed_dim=visual.proj.shape[1], norm_eps=eps,
+        vision=VisionConfig(image_size=size[0], patch_size=visual.conv1.kernel_size[0], width=width,
+                            layers=len(visual.transformer.resblocks), heads=vb.attn.num_heads,
+                            mlp_ratio=vb.mlp.c_fc.out_features / width, stem="patch"),
+        text=TextConfig(context_length=model.positional_embedding.shape[0], vocab_size=model.vocab_size,
+                        width=text_width, layers=len(model.transformer.resblocks), heads=tb.attn.num_heads,
+                        mlp_ratio=tb.mlp.c_fc.out_features / text_width))
+
+
+def _state_of(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
+    from alignclip.models.convert import from_hf, from_openclip
+
+    state = model.state_dict()
+    return from_openclip(state) if library == "openclip" else from_hf(state)
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+def hf_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(our model config, our two-tower state dict) of a transformers CLIPModel folder."""
+    from transformers import CLIPModel
+
+    config = json.loads((Path(spec) / "config.json").read_text())
+    if config.get("model_type") != "clip":
+        _refuse(spec, f"its config.json says model_type {config.get('model_type')!r}, not a CLIPModel 'clip'")
+    try:
+        model = CLIPModel.from_pretrained(spec)
+    except OSError as err:
+        raise FileNotFoundError(f"{spec}: transformers could not load it ({str(err).splitlines()[0]})") from None
+    return hf_model_config(model, spec), _state_of(model, "hf")
+
+
+def hf_model_config(model: nn.Module, spec: str) -> ModelConfig:
+    """Our ModelConfig for a ``transformers.CLIPModel``, refusing what ours lacks."""
+    from alignclip.models.convert import EOT_ID
+
+    v, t = model.config.vision_config, model.config.text_config
+    for tower in (v, t):
+        if tower.hidden_act != "gelu":
+            _refuse(spec, f"its MLP activation is {tower.hidden_act!r} (we train exact GELU; QuickGELU models "
+                          f"such as OpenAI's are not supported yet)")
+    if t.eos_token_id not in (2, EOT_ID):  # 2: transformers' legacy argmax pooling; EOT_ID: the largest id, same
+        _refuse(spec, f"its text pools at token id {t.eos_token_id}, not at end-of-text ({EOT_ID})")
+    eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
+    return ModelConfig(
+        arch="clip", embed_dim=model.config.projection_dim, norm_eps=eps,
+        vision=VisionConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
+                            layers=v.num_hidden_layers, heads=v.num_attention_heads,
+                            mlp_ratio=v.intermediate_size / v.hidden_size, stem="patch"),
+        text=TextConfig(context_length=t.max_position_embeddings, vocab_size=t.vocab_size, width=t.hidden_size,
+                        layers=t.num_hidden_layers, heads=t.num_attention_heads,
+                        mlp_ratio=t.intermediate_size / t.hidden_size))
+
+
+# ------------------------------------------------------------------------------------------ model.init_from
+SHAPE_KEYS = ("embed_dim", "norm_eps", "vision.image_size", "vision.patch_size", "vision.width", "vision.layers",
+              "vision.heads", "vision.mlp_ratio", "vision.stem", "vision.stem_channels", "text.context_length",
+              "text.vocab_size", "text.width", "text.layers", "text.heads", "text.mlp_ratio")
+
+
+def _get(cfg: ModelConfig, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def source_weights(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict) of any model spec, without building anything for an OpenCLIP / HF source."""
+    kind = model_kind(spec)
+    if kind == "openclip":
+        return openclip_source(spec)
+    if kind == "hf":
+        return hf_source(spec)
+    opened = open_model(spec)
+    return opened.config.model, opened.model.state_dict()
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> str:
+    """Load ``cfg.init_from``'s weights into ``model`` (built from ``cfg``); returns what was done, in words.
+
+    CLIP from anything: exact (a SharedCLIP source's trunk goes into both towers). SharedCLIP from a two-tower
+    source needs both towers of one shape; its one trunk takes the image tower (blocks, final norm, projection),
+    exact when the towers are equal (our SharedCLIP exports), otherwise the text embeddings start from the image
+    tower's trunk and have to be re-learnt. Raises ConfigError naming ``model.init_from``."""
+    from alignclip.models.convert import shared_to_two_towers, two_towers_to_shared
+
+    spec = cfg.init_from
+    try:
+        source_cfg, state = source_weights(spec)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"model.init_from: {err}") from None
+    compared = replace(source_cfg, arch=cfg.arch) if source_cfg.arch != cfg.arch else source_cfg
+    if cfg.arch == "sharedclip" and (compared.vision.width, compared.vision.layers, compared.vision.heads,
+                                     compared.vision.mlp_ratio) != (compared.text.width, compared.text.layers,
+                                                                    compared.text.heads, compared.text.mlp_ratio):
+        raise ConfigError(f"model.init_from: {spec} has towers of different shapes (image width "
+                          f"{compared.vision.width} x {compared.vision.layers}, text {compared.text.width} x "
+                          f"{compared.text.layers}); SharedCLIP shares one trunk, so it can start from it only "
+                          f"as model.arch=clip")
+    differ = [f"model.{k}={_get(source_cfg, k)}" for k in SHAPE_KEYS if _get(source_cfg, k) != _get(cfg, k)]
+    if differ:
+        raise ConfigError(f"model.init_from: {spec} has another shape than this config; add the overrides "
+                          f"{' '.join(differ)}")
+    note = "exact"
+    if source_cfg.arch == "sharedclip" and cfg.arch == "clip":
+        state = shared_to_two_towers(state)
+    elif source_cfg.arch == "clip" and cfg.arch == "sharedclip":
+        state, exact = two_towers_to_shared(state)
+        if not exact:
+            note = ("the shared trunk is the source's image tower: image embeddings equal the source's, text "
+                    "embeddings do not until fine-tuning re-learns them")
+    model.load_state_dict(state, strict=True)
+    done = f"model.init_from: initialised from {spec} ({note})"
+    log.info(done)
+    return done
+
+
+def describe_overrides(spec: str) -> list[str]:
+    """The ``model.*`` overrides whose config has the shape of the model ``spec`` names."""
+    source_cfg, _ = source_weights(spec)
+    return [f"model.{k}={_get(source_cfg, k)}" for k in ("arch", *SHAPE_KEYS)] + [f"model.init_from={spec}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m alignclip.interop SPEC``: the overrides that train from that model (model.init_from)."""
+    import sys
+
+    from alignclip.commands.input_errors import run_reporting_input_errors
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m alignclip.interop MODEL  (prints the overrides to fine-tune from MODEL)",
+              file=sys.stderr)
+        return 2
+    return run_reporting_input_errors("alignclip.interop", lambda: print(" ".join(describe_overrides(args[0]))))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
