@@ -1,8 +1,9 @@
 """The shipped own-data study (configs/study/own_data.yaml) end to end, as a new user runs it: a folder of images
 with a captions CSV without a header row (non-square images, transparency, duplicate and non-ASCII captions and
 file names), a held-out folder with class names, templates and labels keyed by file name; make-shards, then the
-study at a tiny budget (its AlignCLIP variant needs caption embeddings for these shards: the study makes them),
-the report with per-class recall, majority-class rate and counts; a rerun trains nothing."""
+study at a tiny budget (its AlignCLIP variant and CLIP's IMSep fine-tune need caption embeddings for these shards:
+the study makes them; the fine-tune starts from CLIP's final weights), post-hoc maps on CLIP, the report with
+per-class recall, majority-class rate and counts; a rerun trains nothing."""
 
 from __future__ import annotations
 
@@ -104,8 +105,13 @@ def own_study(tmp_path_factory):
 def test_own_data_study_runs_end_to_end(own_study):
     root, _, out = own_study
     results = json.loads((out / "study_results.json").read_text())
-    assert results["variants"] == ["CLIP", "AlignCLIP", "CLIP+procrustes", "CLIP+mlp"]
-    assert results["runs_summary"] == "2 trained, 0 finished before, 0 failed"
+    assert results["variants"] == ["CLIP", "AlignCLIP", "CLIP+IMSep", "CLIP+procrustes", "CLIP+mlp"]
+    assert results["runs_summary"] == "3 trained, 0 finished before, 0 failed"
+    # the fine-tune started from CLIP's final weights (its export) and trained on (up to 10 steps)
+    tuned = out / "runs" / "CLIP+IMSep" / "seed0"
+    start = out / "runs" / "CLIP" / "seed0" / "study" / "step_00000010.safetensors"
+    assert f"init_from: {start}\n" in (tuned / "config.yaml").read_text() and start.is_file()
+    assert json.loads((tuned / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())["step"] == 10
     # the AlignCLIP run trained on caption embeddings the study made for these shards
     config = (out / "runs" / "AlignCLIP" / "seed0" / "config.yaml").read_text()
     assert str(out / "semantic") in config
@@ -127,5 +133,6 @@ def test_own_data_rerun_trains_and_measures_nothing(own_study):
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
     proc = _run(study, root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 run(s) finished before, 0 to train" in proc.stdout
+    assert "2 run(s) finished before, 0 to train" in proc.stdout  # the pretraining wave
+    assert "1 run(s) finished before, 0 to train" in proc.stdout  # the fine-tune wave
     assert {p: p.stat().st_mtime_ns for p in before} == before  # no measurement written again
