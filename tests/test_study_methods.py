@@ -262,3 +262,18 @@ def test_make_shards_keeps_the_source_names(tmp_path):
     assert keys == {"b.png": "000000000", "sub/ä.jpg": "000000001", "sub/b.png": "000000002",
                     "missing.jpg": "000000003", "ä.jpg": "000000001"}
     assert source_keys("generated") == {}
+
+
+def test_no_train_reports_without_submitting(tmp_path):
+    import json
+
+    import yaml
+
+    from alignclip.commands.study import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_study(output_dir=str(tmp_path / "out"))))
+    assert main([str(path), "--no-train"]) == 0
+    results = json.loads((tmp_path / "out" / "s" / "study_results.json").read_text())
+    assert results["runs_summary"] == "0 trained, 0 finished before, 0 failed, 4 not trained (--no-train)"
+    assert not (tmp_path / "out" / "s" / "runs").exists()  # nothing was submitted

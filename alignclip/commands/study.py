@@ -5,6 +5,7 @@ bars (study_report.md, study_results.json, plots in the study folder). docs/stud
     alignclip-study configs/study/cc12m_paper.yaml 'data.train=/data/cc12m/{00000..01242}.tar'   # Slurm array (quoted: bash expands braces)
     alignclip-study STUDY --executor local --seeds 0,1 key=value ...  # override executor, seeds, run keys
     alignclip-study configs/study/cc12m_paper.yaml --plan             # runs x GPU-hours; submits nothing
+    alignclip-study STUDY --no-train                                  # report the runs finished so far
 
 A rerun of the same command skips finished runs, resumes unfinished ones from their checkpoints and reuses
 every measurement already made.
@@ -27,6 +28,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--executor", choices=["local", "slurm"], default=None, help="instead of the file's")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, instead of the file's")
     parser.add_argument("--output-dir", default=None, help="where the study folder goes, instead of the file's")
+    parser.add_argument("--no-train", action="store_true",
+                        help="submit nothing: measure and report the runs that have finished")
     parser.add_argument("--plan", action="store_true",
                         help="print runs x GPU-hours from the FLOP model (the file's plan: MFU, nodes, GPU) and stop")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
@@ -50,13 +53,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"alignclip-study: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     try:
-        if args.plan or (args.executor or spec.executor) == "slurm":
+        if args.plan or ((args.executor or spec.executor) == "slurm" and not args.no_train):
             print(plan_text(spec), flush=True)
             if args.plan:
                 return 0
         from alignclip.study.pipeline import run_study
 
-        results = run_study(spec, executor=args.executor)
+        results = run_study(spec, executor=args.executor, train=not args.no_train)
     except ConfigError as err:  # found while preparing the data (e.g. caption embeddings that cannot be made)
         print(f"alignclip-study: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2

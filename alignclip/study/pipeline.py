@@ -12,13 +12,14 @@ from alignclip.study.runner import embeddings_of, is_done, measure_posthoc, meas
 from alignclip.study.spec import StudySpec
 
 
-def run_study(spec: StudySpec, executor: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+def run_study(spec: StudySpec, executor: Optional[str] = None, log: Callable[[str], None] = print,
+              train: bool = True) -> dict:
     """Train (skipping finished runs), measure (post-hoc maps fitted on their source runs), and write
     ``study_report.md``, ``study_results.json`` and the plots into the study folder; returns the results dict."""
     from alignclip.study.measure import gap_plots
 
     started = time.perf_counter()
-    states = train_grid(spec, log, executor)
+    states = train_grid(spec, log, executor, train)
     measurements: dict = {}
     for state in states:
         if not is_done(state.run_dir):
@@ -51,7 +52,8 @@ def run_study(spec: StudySpec, executor: Optional[str] = None, log: Callable[[st
         (out / "plots").mkdir(parents=True, exist_ok=True)
         plot_curves(curves, out / "plots" / "training_curves.png")
         plots["Training curves: loss and live alignment over seeds"] = "plots/training_curves.png"
-    counts = {status: sum(s.status == status for s in states) for status in ("skipped", "trained", "failed")}
+    counts = {status: sum(s.status == status for s in states)
+              for status in ("skipped", "trained", "failed", "pending")}
     aggregated = aggregate(measurements, spec.baseline) if spec.baseline in measurements else {}
     results = {
         "study": spec.name, "source": spec.source, "variants": variants, "baseline": spec.baseline,
@@ -59,7 +61,8 @@ def run_study(spec: StudySpec, executor: Optional[str] = None, log: Callable[[st
         "kinds": {v: describe_variant(spec.variant(v)) for v in variants},
         "runs": [dict(variant=s.variant, seed=s.seed, run_dir=str(s.run_dir), status=s.status, detail=s.detail)
                  for s in states],
-        "runs_summary": f"{counts['trained']} trained, {counts['skipped']} finished before, {counts['failed']} failed",
+        "runs_summary": f"{counts['trained']} trained, {counts['skipped']} finished before, {counts['failed']} failed"
+                        + (f", {counts['pending']} not trained (--no-train)" if counts["pending"] else ""),
         "measurements": {v: {str(s): m for s, m in seeds.items()} for v, seeds in measurements.items()},
         "aggregate": aggregated,
         "curves": {v: {str(s): c for s, c in seeds.items()} for v, seeds in curves.items()},

@@ -31,7 +31,7 @@ class RunState:
     variant: str
     seed: int
     run_dir: Path
-    status: str  # "skipped" (finished before), "trained", "failed"
+    status: str  # "skipped" (finished before), "trained", "failed", "pending" (not submitted: --no-train)
     detail: str = ""
 
 
@@ -64,18 +64,21 @@ def final_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / record["checkpoint"]
 
 
-def train_grid(spec: StudySpec, log: Callable[[str], None] = print, executor: Optional[str] = None) -> list[RunState]:
+def train_grid(spec: StudySpec, log: Callable[[str], None] = print, executor: Optional[str] = None,
+               train: bool = True) -> list[RunState]:
     """Submit every unfinished run; wait for them; return each run's state. Pretraining runs go first; fine-tunes
     start from their source's final checkpoint, so they go in a second wave (a fine-tune whose source run failed
-    is recorded as failed without training)."""
-    states = _train_wave(spec, [v for v in spec.variants if v.kind == "pretrain"], log, executor)
+    is recorded as failed without training). ``train=False``: submit nothing, unfinished runs are "pending"
+    (a report of what has finished, e.g. while a Slurm array still runs)."""
+    states = _train_wave(spec, [v for v in spec.variants if v.kind == "pretrain"], log, executor, train)
     tuned = [v for v in spec.variants if v.kind == "finetune"]
     if tuned:
-        states += _train_wave(spec, tuned, log, executor)
+        states += _train_wave(spec, tuned, log, executor, train)
     return states
 
 
-def _train_wave(spec: StudySpec, variants: list, log: Callable[[str], None], executor: Optional[str]) -> list[RunState]:
+def _train_wave(spec: StudySpec, variants: list, log: Callable[[str], None], executor: Optional[str],
+                train: bool) -> list[RunState]:
     kind = executor or spec.executor
     pending, states = [], []
     for variant in variants:
@@ -84,6 +87,9 @@ def _train_wave(spec: StudySpec, variants: list, log: Callable[[str], None], exe
             run_dir = spec.run_dir(variant.name, seed)
             if is_done(run_dir):
                 states.append(RunState(variant.name, seed, run_dir, "skipped", "finished before"))
+                continue
+            if not train:
+                states.append(RunState(variant.name, seed, run_dir, "pending", "not trained (--no-train)"))
                 continue
             if variant.finetune is not None and not is_done(spec.run_dir(variant.finetune.source, seed)):
                 states.append(RunState(variant.name, seed, run_dir, "failed",
@@ -97,7 +103,9 @@ def _train_wave(spec: StudySpec, variants: list, log: Callable[[str], None], exe
                 run = make_run(config_path, last_wins(overrides + [f"data.semantic_dir={prepared.data.semantic_dir}"]),
                                run_dir=run_dir)
             pending.append(run)
-    log(f"study {spec.name}: {len(states)} run(s) finished before, {len(pending)} to train ({kind} executor)")
+    done = sum(s.status == "skipped" for s in states)
+    log(f"study {spec.name}: {done} run(s) finished before, {len(pending)} to train ({kind} executor)"
+        + (f", {len(states) - done} not trained" if len(states) > done else ""))
     if kind == "local":
         for run in pending:  # one at a time: a 2-core workstation trains one run well, two runs badly
             log(f"  training {run.config.name} seed {run.config.train.seed} in {run.run_dir}")
