@@ -69,6 +69,7 @@ def test_derived_variants_and_their_checks_name_the_key():
         (_study(sweeps=[dict(sweep, variant="CLIP+p")], variants=_with(posthoc)), "is not a trained variant"),
         (_study(sweeps=[dict(sweep, keys=["loss.imsep_wieght"])]), "no such config key"),
         (_study(sweeps=[dict(sweep, values=[1.0])]), "must list at least two values"),
+        (_study(sweeps=[dict(sweep, extrapolate=100)]), "sweeps[0].extrapolate must be a number > 0 and needs trend"),
         (_study(sweeps=[dict(sweep, keys=["loss.imsep_weight", "optim.lr"], values=[0.0, 1.0])]),
          "each value must give 2 value(s)"),
         (_study(eval_sets=[{"name": "e", "data": "/d/{0..1}.tar", "classnames": "c.txt"}]),

@@ -104,7 +104,7 @@ def sweeps_and_tradeoff(spec: StudySpec, aggregated: dict, variants: list[str], 
             entry = {"base": sweep.base, "keys": list(sweep.keys),
                      "curves": {m: sweep_curve(values, m, sweep) for m in gap_metrics + downstream}}
             if sweep.trend:
-                entry["trends"] = sweep_trends(values, sweep, gap_metrics + downstream)
+                entry["trends"] = sweep_trends(values, sweep, gap_metrics + downstream, sweep.extrapolate)
             path = out / "plots" / eval_set / f"sweep_{sweep.name}.png"
             plot_sweep(values, sweep, [(metric_label(m), m) for m in curve_metrics], path,
                        baseline=spec.baseline)

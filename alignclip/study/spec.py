@@ -61,7 +61,7 @@ _TOP_KEYS = {"name", "output_dir", "executor", "seeds", "baseline", "overrides",
 _VARIANT_KEYS = {"name", "configs", "overrides", "finetune", "posthoc"}
 _FINETUNE_KEYS = {"from", "steps"}
 _POSTHOC_KEYS = {"from", "map", "fit"}
-_SWEEP_KEYS = {"name", "variant", "keys", "values", "trend"}
+_SWEEP_KEYS = {"name", "variant", "keys", "values", "trend", "extrapolate"}
 _EVAL_KEYS = {"name", "data", "split", "tasks", "limit", "probe_split", "classnames", "templates", "labels"}
 _TRADEOFF_KEYS = {"gap", "downstream"}
 _PLAN_KEYS = {"mfu", "nodes", "gpus_per_node", "peak_tflops", "gpu", "samples"}
@@ -115,6 +115,7 @@ class Sweep:
     keys: tuple[str, ...]
     points: tuple[SweepPoint, ...]
     trend: bool = False  # fit metric = a + b log10(x) per method (a data-fraction / steps axis)
+    extrapolate: float | None = None  # with trend: the fit's prediction (and its interval) at this x
 
     def label(self, point: SweepPoint) -> str:
         return ", ".join(_format(v) for v in point.values)
@@ -291,7 +292,12 @@ def _sweep(item, i: int, variants: dict[str, Variant], spec_for_values, source: 
         extra = tuple(f"{k}={_format(v)}" for k, v in zip(keys, row))
         new.append(replace(variants[base], name=vname, overrides=variants[base].overrides + extra))
         points.append(SweepPoint(row, vname))
-    return Sweep(name, base, tuple(keys), tuple(points), bool(raw.get("trend", False))), new
+    extrapolate = raw.get("extrapolate")
+    if extrapolate is not None and (not raw.get("trend") or not isinstance(extrapolate, (int, float))
+                                    or extrapolate <= 0):
+        raise _fail(source, f"{where}.extrapolate must be a number > 0 and needs trend: true, got {extrapolate!r}")
+    return Sweep(name, base, tuple(keys), tuple(points), bool(raw.get("trend", False)),
+                 float(extrapolate) if extrapolate is not None else None), new
 
 
 def _same(a, b) -> bool:
