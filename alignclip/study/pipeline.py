@@ -117,7 +117,11 @@ def sweeps_and_tradeoff(spec: StudySpec, aggregated: dict, variants: list[str], 
         path = out / "plots" / eval_set / "tradeoff.png"
         plot_tradeoff(values, (metric_label(gap), gap), [(metric_label(m), m) for m in downstream], lines, path)
         plots[f"Trade-off, {eval_set}: {metric_label(gap)} vs downstream"] = path.relative_to(out).as_posix()
+        # a scale axis spends another budget: its points are drawn, but Pareto compares one budget's settings
+        rescaled = {p.variant for sweep in spec.sweeps if sweep.trend for p in sweep.points if p.variant != sweep.base}
+        same_budget = [v for v in variants if v not in rescaled]
         tradeoff_out[eval_set] = {"gap": gap, "downstream": downstream,
                                   "lines": [[name, points] for name, points in lines],
-                                  "pareto": {m: pareto_best(values, gap, m, variants) for m in downstream}}
+                                  "pareto": {m: pareto_best(values, gap, m, same_budget) for m in downstream},
+                                  "pareto_excludes": sorted(rescaled & set(variants))}
     return sweeps_out, tradeoff_out

@@ -185,6 +185,9 @@ def markdown(results: dict, plots: Mapping[str, str]) -> str:
         parts += [f"## Trade-off on `{eval_set}`: {metric_label(trade['gap'])} against downstream", "",
                   "Pareto-best (no other variant has both a smaller gap and a better figure, means over seeds):", ""]
         parts += [f"- {metric_label(m)}: {', '.join(best) or '–'}" for m, best in trade["pareto"].items()]
+        if trade.get("pareto_excludes"):
+            parts += ["", f"(Left out of the comparison, being at another budget: the scale axis' points "
+                          f"{', '.join(trade['pareto_excludes'])}.)"]
         parts.append("")
     if plots:
         parts += ["## Plots", ""]
