@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         if args.plan or ((args.executor or spec.executor) == "slurm" and not args.no_train):
-            print(plan_text(spec), flush=True)
+            print(plan_text(spec, required=args.plan), flush=True)
             if args.plan:
                 return 0
         from alignclip.study.pipeline import run_study
@@ -66,32 +66,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1 if any(r["status"] == "failed" for r in results["runs"]) else 0
 
 
-def plan_text(spec) -> str:
+def plan_text(spec, required: bool = True) -> str:
     """The cost plan for the study's epoch size: the file's plan.samples, else data.samples_per_epoch, else the
-    shards' own count."""
+    generated data's size, else the count in the shards' metadata (sizes.json / *_stats.json). Unknown: a ConfigError when ``required`` (--plan),
+    else a one-line hint (before a Slurm submission, which must not wait for the shards to be counted)."""
     from alignclip.study.plan import plan_table
 
     samples = spec.plan.samples
     if not samples:
-        from alignclip.config import load_config
-        from alignclip.data.shards import count_samples, expand_spec
-        from alignclip.study.spec import run_overrides, write_variant_config
-
         import tempfile
         from pathlib import Path
+
+        from alignclip.config import load_config
+        from alignclip.data.shards import expand_spec, metadata_count
+        from alignclip.study.spec import run_overrides, write_variant_config
 
         variant = next(v for v in spec.variants if v.trains)
         with tempfile.TemporaryDirectory() as scratch:
             config = load_config(write_variant_config(spec, variant, Path(scratch)),
                                  run_overrides(spec, variant, 0, resolve_sources=False))
         samples = config.data.samples_per_epoch
+        if not samples and config.data.train == "generated":
+            samples = config.data.generated.num_shards * config.data.generated.samples_per_shard
+        if not samples and config.data.train and config.data.train != "generated":
+            samples = metadata_count(expand_spec(config.data.train)) or 0
         if not samples:
-            if not config.data.train or config.data.train == "generated":
-                raise ConfigError("the plan needs the epoch size: set plan.samples in the study file, "
-                                  "data.samples_per_epoch, or data.train to the shards")
-            samples = count_samples(expand_spec(config.data.train))[0]
+            message = ("the plan needs the epoch size: set plan.samples in the study file, data.samples_per_epoch, "
+                       "or data.train to shards with sizes.json / *_stats.json")
+            if required:
+                raise ConfigError(message)
+            return f"cost plan: {message}"
     return plan_table(spec, samples)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -56,6 +56,11 @@ def plan_study(spec: StudySpec, samples: int) -> list[RunCost]:
     return costs
 
 
+def _num(x: float) -> str:
+    """Thousands separators from 10 up, two significant digits below (a CPU-sized study's hours are tiny)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def plan_table(spec: StudySpec, samples: int) -> str:
     """The plan as Markdown: one row per variant (x seeds), the totals, and the assumptions."""
     p = spec.plan
@@ -67,11 +72,11 @@ def plan_table(spec: StudySpec, samples: int) -> str:
              "| GPU-hours (all seeds) |",
              "|---|---|---|---|---|---|---|---|"]
     for c in costs:
-        lines.append(f"| {c.variant} | {seeds} | {c.steps:,} | {c.flops_per_sample / 1e9:.1f} | "
-                     f"{c.run_flops / 1e15:,.0f} | {c.gpu_hours:,.0f} | {c.wall_hours:,.1f} h | "
-                     f"{c.gpu_hours * seeds:,.0f} |")
+        lines.append(f"| {c.variant} | {seeds} | {c.steps:,} | {_num(c.flops_per_sample / 1e9)} | "
+                     f"{_num(c.run_flops / 1e15)} | {_num(c.gpu_hours)} | {_num(c.wall_hours)} h | "
+                     f"{_num(c.gpu_hours * seeds)} |")
     total = sum(c.gpu_hours for c in costs) * seeds
-    lines += [f"| **total** | {seeds * len(costs)} | | | | | | **{total:,.0f}** |", ""]
+    lines += [f"| **total** | {seeds * len(costs)} | | | | | | **{_num(total)}** |", ""]
     skipped = [v.name for v in spec.variants if not v.trains]
     if skipped:
         lines += [f"Post-hoc variants ({', '.join(skipped)}) train nothing: their cost is one encoding pass.", ""]
