@@ -278,3 +278,18 @@ def test_no_train_reports_without_submitting(tmp_path):
     results = json.loads((tmp_path / "out" / "s" / "study_results.json").read_text())
     assert results["runs_summary"] == "0 trained, 0 finished before, 0 failed, 4 not trained (--no-train)"
     assert not (tmp_path / "out" / "s" / "runs").exists()  # nothing was submitted
+
+
+def test_an_extrapolation_outside_the_metrics_range_says_so():
+    from alignclip.study.report import metric_range, sweep_section
+
+    assert metric_range("zeroshot_shape/mean_per_class_recall") == (0.0, 1.0)
+    assert metric_range("gap/alignment_score") == (-1.0, 1.0)
+    trend = {"slope": 0.6, "slope_low": -0.4, "slope_high": 1.6, "n": 9, "x_new": 73242.0, "predicted": 3.163,
+             "predicted_low": -1.3, "predicted_high": 7.7}
+    sweep = {"base": "CLIP", "keys": ["train.epochs"], "curves": {}, "trends": {
+        "zeroshot_shape/mean_per_class_recall": trend, "retrieval/text_retrieval_recall@1": dict(trend, predicted=0.5)}}
+    text = "\n".join(sweep_section("val", "clip_epochs", sweep))
+    assert "at 73242: 3.163 [-1.300, 7.700] (an extrapolation: valid only if the trend stays log-linear; outside " \
+           "the metric's range [0, 1]: it cannot)" in text
+    assert "at 73242: 0.500 [-1.300, 7.700] (an extrapolation: valid only if the trend stays log-linear)" in text

@@ -200,6 +200,20 @@ def markdown(results: dict, plots: Mapping[str, str]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take (cosines in [-1, 1], centroid distances of unit vectors in [0, 2], rates and
+    recalls in [0, 1]; uniformity and unknown metrics unbounded)."""
+    inf = float("inf")
+    bounds = {"gap/alignment_score": (-1.0, 1.0), "gap/centroid_distance": (0.0, 2.0), "gap/uniformity": (-inf, 0.0)}
+    if metric in bounds:
+        return bounds[metric]
+    name = metric.partition("/")[2]
+    if metric.startswith("gap/linear_separability") or name.startswith(("acc", "mean_per_class", "text_retrieval",
+                                                                          "image_retrieval", "arithmetic")):
+        return 0.0, 1.0
+    return -inf, inf
+
+
 def counts_line(values: Mapping) -> str:
     """What the figures rest on: pairs and images measured, and per zero-shot task the labelled images and the
     majority-class rate (the top-1 of always answering the most frequent class)."""
@@ -249,7 +263,10 @@ def sweep_section(eval_set: str, name: str, sweep: dict) -> list[str]:
                 f"[{trend['slope_low']:+.3f}, {trend['slope_high']:+.3f}] ({trend['n']} points)")
         if trend.get("predicted") is not None:
             line += (f"; at {trend['x_new']:g}: {trend['predicted']:.3f} [{trend['predicted_low']:.3f}, "
-                     f"{trend['predicted_high']:.3f}] (an extrapolation: valid only if the trend stays log-linear)")
+                     f"{trend['predicted_high']:.3f}] (an extrapolation: valid only if the trend stays log-linear")
+            low, high = metric_range(metric)
+            outside = trend["predicted"] < low or trend["predicted"] > high
+            line += f"; outside the metric's range [{low:g}, {high:g}]: it cannot)" if outside else ")"
         lines.append(line)
     if sweep.get("trends"):
         lines.append("")
