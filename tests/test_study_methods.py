@@ -293,3 +293,26 @@ def test_an_extrapolation_outside_the_metrics_range_says_so():
     assert "at 73242: 3.163 [-1.300, 7.700] (an extrapolation: valid only if the trend stays log-linear; outside " \
            "the metric's range [0, 1]: it cannot)" in text
     assert "at 73242: 0.500 [-1.300, 7.700] (an extrapolation: valid only if the trend stays log-linear)" in text
+
+
+def test_caption_embeddings_that_cannot_be_made_stop_the_study_in_one_line(tmp_path, capsys):
+    import yaml
+    from PIL import Image
+
+    from alignclip.commands.study import main
+    from alignclip.data.writer import write_folder_shards
+
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.new("RGB", (24, 16), (40 * i, 10, 10)).save(tmp_path / "img" / f"{i}.png")
+    write_folder_shards([(f"{i}.png", f"a thing {i}") for i in range(4)], tmp_path / "img", tmp_path / "shards", 4,
+                        log=lambda *_: None)
+    raw = {"name": "s", "seeds": [0], "output_dir": str(tmp_path / "out"),
+           "overrides": [f"data.train={tmp_path / 'shards'}", f"loss.semantic_model={tmp_path / 'no-model'}"],
+           "variants": [{"name": "AlignCLIP", "configs": ["experiment/embedded_default"]}]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loss.semantic_model" in err and "no-model" in err
+    assert not (tmp_path / "out" / "s" / "runs").exists()  # stopped before anything trained
