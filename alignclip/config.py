@@ -385,6 +385,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             moved.append(f"{key} -> {MOVED_KEYS[key]}")
             item = f"{MOVED_KEYS[key]}={value}"
         try:
+            target = item.split("=", 1)[0]
+            if value.strip() in ("", "null", "~") and not _optional(target):
+                # `key=null` (or `key=`) clears an inherited value: back to the schema's default
+                OmegaConf.update(cfg, target, _default(target), merge=False)
+                continue
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as err:
             raise ConfigError(f"command-line override '{item}': {_describe(err)}") from err
@@ -396,6 +401,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_describe(err)) from err
     validate(config, source=str(path) if path else "defaults")
     return config
+
+
+def _optional(key: str) -> bool:
+    """Whether the schema lets ``key`` be null (an unknown key counts as optional: merging it raises the error)."""
+    import dataclasses
+    import typing
+
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return True
+        hint = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return type(None) in typing.get_args(hint)
+        cls = hint
+    return True
+
+
+def _default(key: str) -> Any:
+    """The schema's default of a dotted key (``data.semantic_dir`` -> "")."""
+    obj: Any = Config()
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def override_key(item: str) -> str:

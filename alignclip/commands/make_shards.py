@@ -1,6 +1,8 @@
 """Write or check webdataset shards in img2dataset's layout (KEY.jpg, KEY.txt, KEY.json; NNNNN_stats.json).
 
-    # (a) a folder of images and a captions file (CSV / TSV with a header, or JSONL; columns image + caption)
+    # (a) a folder of images and a captions file (CSV / TSV with a header, or JSONL; columns image + caption;
+    #     --no-header: a CSV / TSV of image,caption rows without one). Samples are keyed 000000000, 000000001, ...
+    #     as img2dataset does; sources.tsv beside the shards maps each key to its image's name in the captions file
     alignclip-make-shards folder --images photos/ --captions captions.csv --out shards/ --samples-per-shard 1000
 
     # (b) the built-in generated dataset (train shards, or the validation split with --split val)
@@ -32,7 +34,7 @@ PROG = "alignclip-make-shards"
 def _folder(args) -> int:
     from alignclip.data.writer import check_manifest, read_captions_file, write_folder_shards
 
-    pairs = read_captions_file(args.captions)
+    pairs = read_captions_file(args.captions, header=not args.no_header)
     capacity = args.num_shards * args.samples_per_shard
     if args.num_shards and capacity < len(pairs):
         dropped = len(pairs) - capacity
@@ -44,7 +46,7 @@ def _folder(args) -> int:
     manifest = {"source": "folder", "images": str(Path(args.images).resolve()),
                 "captions": str(Path(args.captions).resolve()), "pairs": len(pairs),
                 "samples_per_shard": args.samples_per_shard, "num_shards": args.num_shards,
-                "max_image_pixels": args.max_image_pixels}
+                "max_image_pixels": args.max_image_pixels, **({"header": False} if args.no_header else {})}
     rewrite = check_manifest(args.out, manifest, args.overwrite)
     summary = write_folder_shards(pairs, args.images, args.out, args.samples_per_shard, args.num_shards, rewrite,
                                   max_pixels=args.max_image_pixels)
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = sub.add_parser("folder", help="images + captions file -> shards")
     folder.add_argument("--images", required=True, help="folder the captions file's image paths are relative to")
     folder.add_argument("--captions", required=True, help="CSV, TSV or JSONL with image and caption columns")
+    folder.add_argument("--no-header", action="store_true",
+                        help="the CSV/TSV has no header row: first column the image, second the caption")
     folder.add_argument("--out", required=True)
     folder.add_argument("--samples-per-shard", type=int, default=10_000)
     folder.add_argument("--num-shards", type=int, default=0, help="0: as many as the pairs fill")

@@ -90,11 +90,18 @@ _IMAGE_COLUMNS = ("image", "filepath", "file", "path", "filename", "image_path",
 _CAPTION_COLUMNS = ("caption", "text", "txt", "title", "alt")
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+SOURCES_FILE = "sources.tsv"  # key<TAB>source file name of every sample, beside the shards make-shards wrote
+
+
 def _pick(columns: Iterable[str], choices: tuple[str, ...], what: str, source: str) -> str:
     lowered = {c.lower().strip(): c for c in columns}
     for choice in choices:
         if choice in lowered:
             return lowered[choice]
+    if any(c.lower().strip().endswith(_IMAGE_SUFFIXES) for c in lowered):
+        raise ValueError(f"{source}: the first row {list(columns)} looks like data, not a header: add a header "
+                         f"row (image,caption) or pass --no-header (first column the image, second the caption)")
     raise ValueError(f"{source}: no {what} column; expected one of {list(choices)}, found {list(lowered)}")
 
 
@@ -109,8 +116,9 @@ def _read_text(path: Path) -> str:
                          f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def read_captions_file(path: str | Path) -> list[tuple[str, str]]:
-    """(image path, caption) pairs from a CSV, TSV (with a header row) or JSONL file; image paths as written."""
+def read_captions_file(path: str | Path, header: bool = True) -> list[tuple[str, str]]:
+    """(image path, caption) pairs from a CSV, TSV (with a header row; ``header=False``: none, the first column is
+    the image and the second the caption) or JSONL file; image paths as written."""
     path = Path(path)
     suffix = path.suffix.lower()
     text = _read_text(path)
@@ -128,6 +136,15 @@ def read_captions_file(path: str | Path) -> list[tuple[str, str]]:
         caption_col = _pick(rows[0].keys(), _CAPTION_COLUMNS, "caption", str(path))
         return [(str(r[image_col]), str(r.get(caption_col) or "")) for r in rows]
     delimiter = "\t" if suffix in (".tsv", ".tab") else ","
+    if not header:
+        pairs = []
+        for number, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), 1):
+            if not row or not any(field.strip() for field in row):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}, line {number}: expected image{delimiter}caption, found {row!r}")
+            pairs.append((row[0], row[1]))
+        return pairs
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     image_col = _pick(reader.fieldnames or [], _IMAGE_COLUMNS, "image", str(path))
     caption_col = _pick(reader.fieldnames or [], _CAPTION_COLUMNS, "caption", str(path))
@@ -237,4 +254,40 @@ def write_folder_shards(pairs: list[tuple[str, str]], images_root: str | Path, o
         summary.samples += writer.count
         summary.failed += failed
         summary.too_large += too_large
+    write_sources(out_dir, pairs, num_shards, samples_per_shard)
     return summary
+
+
+def write_sources(out_dir: str | Path, pairs: list[tuple[str, str]], num_shards: int, samples_per_shard: int) -> Path:
+    """``sources.tsv``: each sample's key and the image name the captions file gave it (a skipped image's key has
+    no sample), so files keyed by the source name (e.g. zero-shot labels) can be matched to the shards."""
+    lines = ["key\tsource"]
+    for shard, chunk in chunk_pairs(pairs, num_shards, samples_per_shard):
+        lines += [f"{sample_key(shard, i, samples_per_shard)}\t{image}" for i, (image, _) in enumerate(chunk)]
+    path = Path(out_dir) / SOURCES_FILE
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+def source_keys(spec: str) -> dict[str, str]:
+    """source name -> sample key for shards written by ``write_folder_shards`` (empty for other shards): the name
+    as the captions file wrote it, and its file name alone where that is unambiguous."""
+    from alignclip.data.shards import expand_spec
+
+    if spec == "generated" or not spec:
+        return {}
+    folders = {Path(shard).parent for shard in expand_spec(spec) if "://" not in shard}
+    out: dict[str, str] = {}
+    names: dict[str, list[str]] = {}
+    for folder in sorted(folders):
+        path = folder / SOURCES_FILE
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+            key, _, source = line.partition("\t")
+            out[source] = key
+            names.setdefault(Path(source).name, []).append(key)
+    for name, keys in names.items():
+        if len(keys) == 1:
+            out.setdefault(name, keys[0])
+    return out

@@ -19,7 +19,8 @@ import numpy as np
 @dataclass(frozen=True)
 class EvalSet:
     """An image-text set to encode: the model's own generated data ("generated", split val) or shards with a
-    tasks JSON (zero-shot classes / templates / labels, as alignclip.embeddings documents).
+    tasks JSON (zero-shot classes / templates / labels, as alignclip.embeddings documents) or the same ground
+    truth as plain files (``classnames``, ``templates``, ``labels``: alignclip.embeddings.tasks_from_files).
 
     ``probe_split``: the split of the same generated data that linear probes fit on ("train"), scored on this
     set as CLIP_benchmark does; "" runs no probe."""
@@ -30,6 +31,9 @@ class EvalSet:
     tasks: str = ""
     limit: int = 0
     probe_split: str = ""
+    classnames: str = ""
+    templates: str = ""
+    labels: str = ""
 
     def probe_set(self) -> "EvalSet | None":
         """The set the linear probes fit on: the generated ``probe_split``, with that split's own labels."""
@@ -66,9 +70,27 @@ def encode_set(model_path: str | Path, eval_set: EvalSet, cache_dir: str | Path)
     if _cached(cache):
         return load_set(cache)
     es = encode_with_model(model_path, data=eval_set.data, split=eval_set.split, tasks_path=eval_set.tasks,
-                           limit=eval_set.limit)
+                           limit=eval_set.limit, extra_tasks=file_tasks(eval_set))
     es.save(cache)
     return es
+
+
+def file_tasks(eval_set: EvalSet) -> dict | None:
+    """The zero-shot task of the set's classnames / templates / labels files (None without them). Labels keyed by
+    a source file name (the name in the captions file given to ``alignclip-make-shards folder``) are re-keyed to
+    the shards' sample keys through the key map that command writes beside the shards."""
+    if not eval_set.labels:
+        return None
+    from alignclip.data.writer import source_keys
+    from alignclip.embeddings import tasks_from_files
+
+    tasks = tasks_from_files(eval_set.classnames, eval_set.templates, eval_set.labels)
+    by_source = source_keys(eval_set.data)
+    if by_source:
+        tasks["val_labels"] = {by_source.get(k, k): v for k, v in tasks["val_labels"].items()}
+        for task in tasks["zero_shot"].values():
+            task["keys"] = [by_source.get(k, k) for k in task["keys"]]
+    return tasks
 
 
 def encode_with_probe(model_path: str | Path, eval_set: EvalSet, cache_dir: str | Path) -> tuple:
@@ -102,7 +124,20 @@ def measure_set(es, seed: int = 0, train=None) -> dict:
     from alignclip.analysis.metrics import gap_metrics
     from alignclip.eval.suite import evaluate_set
 
-    return {"gap": gap_metrics(*paired(es), seed=seed), "tasks": evaluate_set(es, seed=seed, train=train)}
+    return {"gap": gap_metrics(*paired(es), seed=seed), "tasks": evaluate_set(es, seed=seed, train=train),
+            "counts": set_counts(es)}
+
+
+def set_counts(es) -> dict:
+    """What one figure of the set rests on: pairs and images measured, and per zero-shot task the labelled images
+    and the majority-class rate (the top-1 of always guessing the most frequent class)."""
+    out = {"pairs": int(len(es.text)), "images": int(len(es.image))}
+    for name, task in es.zeroshot.items():
+        labels = task.labels[task.labels >= 0]
+        if len(labels):
+            out[f"zeroshot_{name}/labelled"] = int(len(labels))
+            out[f"zeroshot_{name}/majority_rate"] = float(np.bincount(labels).max() / len(labels))
+    return out
 
 
 def gap_plots(sets: Mapping[str, object], out_dir: str | Path, seed: int = 0, title: str = "Modality gap") -> Path:

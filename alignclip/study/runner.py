@@ -22,7 +22,7 @@ from typing import Callable, Optional
 from alignclip.fs import atomic_write
 from alignclip.launch import TrainJob, make_executor, make_run, wait_slurm
 from alignclip.study.prepare import prepare_data
-from alignclip.study.spec import StudySpec, run_overrides, write_variant_config
+from alignclip.study.spec import StudySpec, last_wins, run_overrides, write_variant_config
 
 DONE_FILE = "study_done.json"
 
@@ -32,7 +32,7 @@ class RunState:
     variant: str
     seed: int
     run_dir: Path
-    status: str  # "skipped" (finished before), "trained", "failed"
+    status: str  # "skipped" (finished before), "trained", "failed", "pending" (not submitted: --no-train)
     detail: str = ""
 
 
@@ -63,25 +63,48 @@ def final_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / record["checkpoint"]
 
 
-def train_grid(spec: StudySpec, log: Callable[[str], None] = print, executor: Optional[str] = None) -> list[RunState]:
-    """Submit every unfinished run; wait for them; return each run's state."""
+def train_grid(spec: StudySpec, log: Callable[[str], None] = print, executor: Optional[str] = None,
+               train: bool = True) -> list[RunState]:
+    """Submit every unfinished run; wait for them; return each run's state. Pretraining runs go first; fine-tunes
+    start from their source's final checkpoint, so they go in a second wave (a fine-tune whose source run failed
+    is recorded as failed without training). ``train=False``: submit nothing, unfinished runs are "pending"
+    (a report of what has finished, e.g. while a Slurm array still runs)."""
+    states = _train_wave(spec, [v for v in spec.variants if v.kind == "pretrain"], log, executor, train)
+    tuned = [v for v in spec.variants if v.kind == "finetune"]
+    if tuned:
+        states += _train_wave(spec, tuned, log, executor, train)
+    return states
+
+
+def _train_wave(spec: StudySpec, variants: list, log: Callable[[str], None], executor: Optional[str],
+                train: bool) -> list[RunState]:
     kind = executor or spec.executor
     pending, states = [], []
-    for variant in spec.variants:
+    for variant in variants:
         config_path = write_variant_config(spec, variant)
         for seed in spec.seeds:
             run_dir = spec.run_dir(variant.name, seed)
             if is_done(run_dir):
                 states.append(RunState(variant.name, seed, run_dir, "skipped", "finished before"))
                 continue
+            if not train:
+                states.append(RunState(variant.name, seed, run_dir, "pending", "not trained (--no-train)"))
+                continue
+            if variant.finetune is not None and not is_done(spec.run_dir(variant.finetune.source, seed)):
+                states.append(RunState(variant.name, seed, run_dir, "failed",
+                                       f"its source {variant.finetune.source} seed {seed} did not finish"))
+                continue
             overrides = run_overrides(spec, variant, seed)
             run = make_run(config_path, overrides, run_dir=run_dir)
-            prepared = prepare_data(run.config)  # generated shards + caption embeddings, once for all runs
+            # generated shards + caption embeddings, once for all runs
+            prepared = prepare_data(run.config, spec.study_dir / "semantic")
             if prepared.data.semantic_dir != run.config.data.semantic_dir:
-                run = make_run(config_path, overrides + [f"data.semantic_dir={prepared.data.semantic_dir}"],
+                run = make_run(config_path, last_wins(overrides + [f"data.semantic_dir={prepared.data.semantic_dir}"]),
                                run_dir=run_dir)
             pending.append(run)
-    log(f"study {spec.name}: {len(states)} run(s) finished before, {len(pending)} to train ({kind} executor)")
+    done = sum(s.status == "skipped" for s in states)
+    log(f"study {spec.name}: {done} run(s) finished before, {len(pending)} to train ({kind} executor)"
+        + (f", {len(states) - done} not trained" if len(states) > done else ""))
     if kind == "local":
         for run in pending:  # one at a time: a 2-core workstation trains one run well, two runs badly
             log(f"  training {run.config.name} seed {run.config.train.seed} in {run.run_dir}")
@@ -110,16 +133,27 @@ def _outcome(run, result: Optional[Callable]) -> RunState:
                     detail or ("" if status == "trained" else f"no {DONE_FILE}: see {run.run_dir}/submitit"))
 
 
+def exported_model(run_dir: Path) -> Path:
+    """The run's final checkpoint as one safetensors file (``<run>/study/<checkpoint>.safetensors``, made once)."""
+    from alignclip.study.measure import export_run
+
+    checkpoint = final_checkpoint(run_dir)
+    return export_run(checkpoint, run_dir / "study" / f"{checkpoint.name}.safetensors")
+
+
+MEASURE_VERSION = 2  # bump when a measurement gains fields: older caches are measured again (embeddings are kept)
+
+
 def measure_run(spec: StudySpec, run_dir: Path, seed: int) -> dict:
-    """eval set -> {"gap", "tasks"} for the run's final checkpoint (cached in ``<run>/study``)."""
-    from alignclip.study.measure import encode_with_probe, export_run, measure_set
+    """eval set -> {"gap", "tasks", "counts"} for the run's final checkpoint (cached in ``<run>/study``)."""
+    from alignclip.study.measure import encode_with_probe, measure_set
 
     checkpoint = final_checkpoint(run_dir)
     folder = run_dir / "study"
-    cached = folder / f"measure-{checkpoint.name}.json"
+    cached = folder / f"measure-v{MEASURE_VERSION}-{checkpoint.name}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    model = export_run(checkpoint, folder / f"{checkpoint.name}.safetensors")
+    model = exported_model(run_dir)
     out = {}
     for eval_set in spec.eval_sets:
         es, train = encode_with_probe(model, eval_set, folder / "embeddings" / f"{checkpoint.name}-{eval_set.name}")
@@ -130,9 +164,51 @@ def measure_run(spec: StudySpec, run_dir: Path, seed: int) -> dict:
     return out
 
 
-def embeddings_of(run_dir: Path, eval_set_name: str):
-    """The cached EmbeddingSet of one measured run (for the plots)."""
-    from alignclip.study.measure import load_set
+def measure_posthoc(spec: StudySpec, variant, seed: int) -> dict | None:
+    """eval set -> {"gap", "tasks", "counts"} of a post-hoc map fitted on the source run's fit-set embeddings and
+    applied to its evaluation sets (and to the linear probes' train set); None when the source run did not finish.
+    The map and the figures are cached in ``<study>/runs/<variant>/seed<k>``."""
+    from alignclip.study.measure import encode_set, encode_with_probe, measure_set
+    from alignclip.study.posthoc import fit_map, load_map, save_map
 
+    source = spec.run_dir(variant.posthoc.source, seed)
+    if not is_done(source):
+        return None
+    checkpoint = final_checkpoint(source)
+    folder = spec.run_dir(variant.name, seed)
+    cached = folder / f"measure-v{MEASURE_VERSION}-{variant.posthoc.source}-{checkpoint.name}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    model = exported_model(source)
+    embeddings = source / "study" / "embeddings"
+    map_path = folder / f"map-{variant.posthoc.map}-{variant.posthoc.fit}-{checkpoint.name}"
+    method = load_map(map_path)
+    if method is None:
+        fit_set = spec.fit_set(variant.posthoc.fit)
+        fit = encode_set(model, fit_set, embeddings / f"{checkpoint.name}-fit-{fit_set.name}")
+        method = save_map(fit_map(variant.posthoc.map, fit, seed), map_path)
+    out = {}
+    for eval_set in spec.eval_sets:
+        es, train = encode_with_probe(model, eval_set, embeddings / f"{checkpoint.name}-{eval_set.name}")
+        mapped = es.mapped(method.map_image, method.map_text, variant.posthoc.map)
+        train = train.mapped(method.map_image, method.map_text, variant.posthoc.map) if train is not None else None
+        out[eval_set.name] = measure_set(mapped, seed=0, train=train)
+    folder.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def embeddings_of(spec: StudySpec, variant, seed: int, eval_set_name: str):
+    """The EmbeddingSet of one measured variant and seed (for the plots): a run's cache, or for a post-hoc
+    variant its source's cache through the fitted map."""
+    from alignclip.study.measure import load_set
+    from alignclip.study.posthoc import load_map
+
+    run_dir = spec.run_dir(variant.posthoc.source if variant.posthoc else variant.name, seed)
     checkpoint = final_checkpoint(run_dir)
-    return load_set(run_dir / "study" / "embeddings" / f"{checkpoint.name}-{eval_set_name}")
+    es = load_set(run_dir / "study" / "embeddings" / f"{checkpoint.name}-{eval_set_name}")
+    if variant.posthoc is None:
+        return es
+    method = load_map(spec.run_dir(variant.name, seed) /
+                      f"map-{variant.posthoc.map}-{variant.posthoc.fit}-{checkpoint.name}")
+    return es.mapped(method.map_image, method.map_text, variant.posthoc.map)

@@ -76,3 +76,52 @@ def paired_difference(variant: Mapping[int, float], baseline: Mapping[int, float
         return Difference(summary.mean, None, None, 1)
     half = t_quantile(summary.n - 1, confidence) * summary.std / math.sqrt(summary.n)
     return Difference(summary.mean, summary.mean - half, summary.mean + half, summary.n)
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): the 95 % t-interval of the mean over seeds (None, None for one value) — a curve's band."""
+    summary = summarize(values)
+    if summary.n < 2:
+        return summary.mean, None, None
+    half = t_quantile(summary.n - 1, confidence) * summary.std / math.sqrt(summary.n)
+    return summary.mean, summary.mean - half, summary.mean + half
+
+
+@dataclass(frozen=True)
+class Trend:
+    """y = intercept + slope * log10(x), least squares over every (x, seed) point, with the slope's 95 % interval
+    (t on n - 2 degrees of freedom) and a prediction at ``x_new`` with its 95 % interval for the mean response."""
+
+    intercept: float
+    slope: float
+    slope_low: float
+    slope_high: float
+    n: int
+    x_new: float | None = None
+    predicted: float | None = None
+    predicted_low: float | None = None
+    predicted_high: float | None = None
+
+
+def log_trend(xs: Sequence[float], ys: Sequence[float], x_new: float | None = None,
+              confidence: float = CONFIDENCE) -> Trend:
+    """Ordinary least squares of y on log10(x) (x > 0; at least three points at two or more x values)."""
+    if len(xs) != len(ys) or len(xs) < 3 or any(x <= 0 for x in xs) or len(set(xs)) < 2:
+        raise ValueError("a log trend needs >= 3 points with x > 0 at >= 2 distinct x values")
+    u = [math.log10(x) for x in xs]
+    n = len(u)
+    mu, my = sum(u) / n, sum(ys) / n
+    sxx = sum((a - mu) ** 2 for a in u)
+    slope = sum((a - mu) * (b - my) for a, b in zip(u, ys)) / sxx
+    intercept = my - slope * mu
+    rss = sum((b - intercept - slope * a) ** 2 for a, b in zip(u, ys))
+    sigma = math.sqrt(rss / (n - 2)) if n > 2 else float("nan")
+    t = t_quantile(n - 2, confidence)
+    half = t * sigma / math.sqrt(sxx)
+    trend = Trend(intercept, slope, slope - half, slope + half, n)
+    if x_new is None:
+        return trend
+    u_new = math.log10(x_new)
+    pred = intercept + slope * u_new
+    half_pred = t * sigma * math.sqrt(1 / n + (u_new - mu) ** 2 / sxx)
+    return Trend(intercept, slope, slope - half, slope + half, n, x_new, pred, pred - half_pred, pred + half_pred)
