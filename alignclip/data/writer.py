@@ -265,7 +265,7 @@ def write_sources(out_dir: str | Path, pairs: list[tuple[str, str]], num_shards:
     for shard, chunk in chunk_pairs(pairs, num_shards, samples_per_shard):
         lines += [f"{sample_key(shard, i, samples_per_shard)}\t{image}" for i, (image, _) in enumerate(chunk)]
     path = Path(out_dir) / SOURCES_FILE
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 
