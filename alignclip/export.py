@@ -19,12 +19,11 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from alignclip.config import Config, from_yaml_text, to_yaml
-from alignclip.data.transforms import CLIP_MEAN, CLIP_STD
+from alignclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -138,24 +137,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     model = build_model(config.model)
     load_weights(model, str(path), strict=True, device=str(device))
     return model.to(device).eval(), config
-
-
-class ImageTransform:
-    """PIL image(s) -> float [3, H, W] (or [b, 3, H, W] for a list): the evaluation transform of the data
-    pipeline (centre crop, bicubic resize, CLIP mean/std)."""
-
-    def __init__(self, image_size: int):
-        self.image_size = image_size
-
-    def __call__(self, images):
-        from alignclip.data.images import to_rgb
-        from alignclip.data.transforms import eval_transform, normalize_batch
-
-        many = isinstance(images, (list, tuple))
-        arrays = [np.asarray(eval_transform(to_rgb(img), self.image_size))
-                  for img in (images if many else [images])]
-        batch = normalize_batch(arrays)
-        return batch if many else batch[0]
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, ImageTransform]:

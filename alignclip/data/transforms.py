@@ -1,8 +1,10 @@
 """CLIP's image transforms on PIL, with the randomness passed in so that a batch is a pure function of its seed.
 
 Train: RandomResizedCrop(image_size, scale=(0.9, 1.0), ratio=(3/4, 4/3)), bicubic, CLIP mean/std (as OpenCLIP's
-training preset). Eval: resize the short side to image_size and centre-crop, bicubic. Both crop and resize in one
-PIL ``resize(box=...)`` call, and return uint8 HWC arrays. Training batches leave the workers as uint8
+training preset), cropping and resizing in one PIL ``resize(box=...)`` call. Eval: OpenCLIP's evaluation preprocess
+(``resize_mode='shortest'``) to the pixel: resize the short side to image_size (the long side truncated, as
+torchvision's Resize), bicubic, then centre-crop (the offset rounded as torchvision's CenterCrop). Both return uint8
+HWC arrays. Training batches leave the workers as uint8
 (``stack_uint8``) and are normalised with CLIP mean/std on the device (``normalize_on_device``); evaluation batches
 are normalised on the host (``normalize_batch``), with the same float32 arithmetic.
 
@@ -56,11 +58,12 @@ def random_resized_crop_box(width: int, height: int, draws: np.ndarray, scale=TR
     return left, top, left + w, top + h
 
 
-def center_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
-    """The square centre region that 'resize the short side, then centre-crop' keeps, in source pixels."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side ``size`` and the long side ``int(size * long / short)``: torchvision's
+    ``Resize(size)`` (OpenCLIP's ``resize_mode='shortest'``), which HF's ``CLIPImageProcessor`` also computes."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
 
 
 def train_transform(img: Image.Image, image_size: int, draws: np.ndarray) -> np.ndarray:
@@ -68,9 +71,36 @@ def train_transform(img: Image.Image, image_size: int, draws: np.ndarray) -> np.
     return np.asarray(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box))
 
 
+def center_crop_offset(side: int, size: int) -> int:
+    """torchvision's CenterCrop offset: ``int(round((side - size) / 2))``, half to even. HF's PIL backend floors
+    it instead, one pixel apart when ``side - size`` is 3 modulo 4 (docs/analysis.md)."""
+    return int(round((side - size) / 2.0))
+
+
 def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
-    box = center_crop_box(img.width, img.height)
-    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box))
+    """Resize the short side to ``image_size`` (bicubic), then centre-crop: OpenCLIP's evaluation preprocess."""
+    width, height = shortest_edge_size(img.width, img.height, image_size)
+    resized = img.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = center_crop_offset(width, image_size), center_crop_offset(height, image_size)
+    return np.asarray(resized.crop((left, top, left + image_size, top + image_size)))
+
+
+class ImageTransform:
+    """PIL image(s) -> float [3, H, W] (or [b, 3, H, W] for a list): the evaluation transform, exactly OpenCLIP's
+    ``preprocess`` of an export (and HF ``CLIPImageProcessor``'s PIL backend but for its floored crop offset).
+    Images with transparency are composited on white first (``alignclip.data.images.to_rgb``, as everywhere in
+    alignclip); OpenCLIP and HF drop the alpha channel instead, so give them ``to_rgb(image)`` to get our pixels."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, images):
+        from alignclip.data.images import to_rgb
+
+        many = isinstance(images, (list, tuple))
+        arrays = [eval_transform(to_rgb(img), self.image_size) for img in (images if many else [images])]
+        batch = normalize_batch(arrays)
+        return batch if many else batch[0]
 
 
 _SCALE = np.array([1.0 / (255.0 * s) for s in CLIP_STD], np.float32)
