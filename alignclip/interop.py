@@ -45,24 +45,41 @@ class OpenedModel:
 
 
 # ------------------------------------------------------------------------------------------ what the spec names
-def model_kind(spec: str) -> str:
-    """alignclip | alignclip-run | openclip | hf for a model spec, or a ValueError saying what was expected."""
+def foreign_kind(spec: str) -> str | None:
+    """'openclip' or 'hf' when ``spec`` names an OpenCLIP or Hugging Face CLIP model, else None."""
     path = Path(spec)
-    if spec.startswith(OPENCLIP_PREFIXES):
+    if spec.startswith(OPENCLIP_PREFIXES) or (path.is_dir() and (path / "open_clip_config.json").is_file()):
         return "openclip"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    if not path.exists() and ":" in spec and _openclip_name(spec) is not None:
+        return "openclip"
+    return None
+
+
+def model_name(spec: str) -> str:
+    """A short name for results and caches: the file's stem, the folder's name, or an OpenCLIP 'ARCH:TAG'."""
+    for prefix in OPENCLIP_PREFIXES:
+        if spec.startswith(prefix):
+            return Path(spec[len(prefix):].rstrip("/")).name
+    path = Path(spec)
+    return path.stem if path.exists() else spec
+
+
+def model_kind(spec: str) -> str:
+    """alignclip | alignclip-run | openclip | hf for a model spec, or an error saying what was expected."""
+    path = Path(spec)
+    foreign = foreign_kind(spec)
+    if foreign is not None:
+        return foreign
     if path.is_file():
         return "alignclip"
     if path.is_dir():
-        if (path / "open_clip_config.json").is_file():
-            return "openclip"
-        if (path / "config.json").is_file():
-            return "hf"
-        if (path / "config.yaml").is_file() or any(path.glob("step_*")) or (path / "latest").is_file():
+        if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or any(path.glob("step_*")) \
+                or (path / "mp_rank_00_model_states.pt").is_file():
             return "alignclip-run"
         raise ValueError(f"{spec}: a folder, but neither an OpenCLIP folder (open_clip_config.json), a Hugging Face "
                          f"CLIP folder (config.json) nor an alignclip run directory (config.yaml, checkpoints/)")
-    if ":" in spec and _openclip_name(spec) is not None:
-        return "openclip"
     raise FileNotFoundError(f"{spec}: no such file or folder, and not an OpenCLIP 'local-dir:' / 'hf-hub:' spec "
                             f"or pretrained 'ARCH:TAG' name (expected an alignclip export or run directory, an "
                             f"OpenCLIP or a Hugging Face CLIP folder)")

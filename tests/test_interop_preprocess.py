@@ -56,20 +56,27 @@ def _cases():
     return cases + [("transparent 300x200", photo(300, 200, 99, "RGBA"))]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A perturbed tiny CLIP (64 px, patch stem) exported to OpenCLIP and HF folders."""
+def perturbed_tiny_clip(seed: int = 0):
+    """(model, config): the tiny CLIP (64 px, patch stem) with every parameter moved off its initial value."""
     from alignclip.config import load_config
-    from alignclip.export import save_hf, save_openclip
     from alignclip.models import build_model
 
-    root = tmp_path_factory.mktemp("exported")
     config = load_config("model/clip_tiny")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(config.model).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The perturbed tiny CLIP exported to OpenCLIP and HF folders."""
+    from alignclip.export import save_hf, save_openclip
+
+    root = tmp_path_factory.mktemp("exported")
+    model, config = perturbed_tiny_clip()
     return model, save_openclip(model, config, root / "oc"), save_hf(model, config, root / "hf")
 
 
