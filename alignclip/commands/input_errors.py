@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 # What a wrong path, format or file content raises in the library: the message names what was expected.
-INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
+INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)
 
 
 def run_reporting_input_errors(prog: str, body: Callable[[], int | None]) -> int:
