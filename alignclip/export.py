@@ -221,7 +221,7 @@ class ModelCard:
             f"- `{m.arch}`: image {m.vision.image_size} px in {m.vision.patch_size} px patches; vision width "
             f"{m.vision.width}, {m.vision.layers} layers, {m.vision.heads} heads; text width {m.text.width}, "
             f"{m.text.layers} layers, {m.text.heads} heads, context {m.text.context_length}; embedding "
-            f"{m.embed_dim}; exact GELU (not QuickGELU); {eps_note}.",
+            f"{m.embed_dim}; {'QuickGELU' if m.act == 'quick_gelu' else 'exact GELU (not QuickGELU)'}; {eps_note}.",
         ]
         if shared:
             lines.append("- SharedCLIP / AlignCLIP share one transformer, final LayerNorm and projection between "

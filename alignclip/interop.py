@@ -11,8 +11,7 @@ Hugging Face's models.
 Each gives an ``OpenedModel``: the model, a ``Config`` whose ``model`` section describes it, and the image
 preprocessing that the source declares (which must be the one we run: resize the short side, centre crop,
 bicubic, CLIP mean/std). OpenCLIP's and HF's CLIP are the same pre-norm ViT as ours (alignclip.models.convert);
-what we cannot express (QuickGELU, layer scale, attentional pooling, other towers, other normalisation) is
-refused with a message naming what differs, never approximated.
+what we cannot express (layer scale, attentional pooling, other towers, other normalisation) is refused with a message naming what differs, never approximated.
 
 ``init_weights(model, model_config)`` is ``model.init_from``: the source's weights into a model built from the
 training config, whose shape must match the source's (the error lists the overrides that make it match).
@@ -151,10 +150,15 @@ def _one_eps(spec: str, norms: list[nn.Module]) -> float:
     return eps.pop()
 
 
-def _act(spec: str, act: nn.Module) -> None:
-    if type(act) is not nn.GELU or getattr(act, "approximate", "none") != "none":
-        _refuse(spec, f"its MLP activation is {type(act).__name__} (we train exact GELU; QuickGELU models such as "
-                      f"OpenAI's are not supported yet)")
+def _act(spec: str, acts: list[nn.Module]) -> str:
+    """'gelu' or 'quick_gelu' (model.act) for open_clip's activation modules, one kind for the whole model."""
+    from open_clip.transformer import QuickGELU
+
+    kinds = {"gelu" if type(a) is nn.GELU and a.approximate == "none" else
+             "quick_gelu" if isinstance(a, QuickGELU) else type(a).__name__ for a in acts}
+    if len(kinds) != 1 or not kinds <= {"gelu", "quick_gelu"}:
+        _refuse(spec, f"its MLP activations are {sorted(kinds)} (one of exact GELU or QuickGELU is supported)")
+    return kinds.pop()
 
 
 def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
@@ -183,8 +187,7 @@ def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
     for what, bad in checks.items():
         if bad:
             _refuse(spec, f"it has {what}")
-    for block in blocks:
-        _act(spec, block.mlp.gelu)
+    act = _act(spec, [block.mlp.gelu for block in blocks])
     eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
     size = visual.image_size
     if size[0] != size[1]:
@@ -192,7 +195,7 @@ def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
     width, text_width = visual.conv1.out_channels, model.token_embedding.embedding_dim
     vb, tb = visual.transformer.resblocks[0], model.transformer.resblocks[0]
     return ModelConfig(
-        arch="clip", embed_dim=visual.proj.shape[1], norm_eps=eps,
+        arch="clip", embed_dim=visual.proj.shape[1], norm_eps=eps, act=act,
         vision=VisionConfig(image_size=size[0], patch_size=visual.conv1.kernel_size[0], width=width,
                             layers=len(visual.transformer.resblocks), heads=vb.attn.num_heads,
                             mlp_ratio=vb.mlp.c_fc.out_features / width, stem="patch"),
@@ -228,15 +231,14 @@ def hf_model_config(model: nn.Module, spec: str) -> ModelConfig:
     from alignclip.models.convert import EOT_ID
 
     v, t = model.config.vision_config, model.config.text_config
-    for tower in (v, t):
-        if tower.hidden_act != "gelu":
-            _refuse(spec, f"its MLP activation is {tower.hidden_act!r} (we train exact GELU; QuickGELU models "
-                          f"such as OpenAI's are not supported yet)")
+    if v.hidden_act != t.hidden_act or v.hidden_act not in ("gelu", "quick_gelu"):
+        _refuse(spec, f"its MLP activations are {v.hidden_act!r} (image) and {t.hidden_act!r} (text); one of "
+                      f"'gelu' and 'quick_gelu' is supported")
     if t.eos_token_id not in (2, EOT_ID):  # 2: transformers' legacy argmax pooling; EOT_ID: the largest id, same
         _refuse(spec, f"its text pools at token id {t.eos_token_id}, not at end-of-text ({EOT_ID})")
     eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
     return ModelConfig(
-        arch="clip", embed_dim=model.config.projection_dim, norm_eps=eps,
+        arch="clip", embed_dim=model.config.projection_dim, norm_eps=eps, act=v.hidden_act,
         vision=VisionConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
                             layers=v.num_hidden_layers, heads=v.num_attention_heads,
                             mlp_ratio=v.intermediate_size / v.hidden_size, stem="patch"),
@@ -246,7 +248,7 @@ def hf_model_config(model: nn.Module, spec: str) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------ model.init_from
-SHAPE_KEYS = ("embed_dim", "norm_eps", "vision.image_size", "vision.patch_size", "vision.width", "vision.layers",
+SHAPE_KEYS = ("embed_dim", "norm_eps", "act", "vision.image_size", "vision.patch_size", "vision.width", "vision.layers",
               "vision.heads", "vision.mlp_ratio", "vision.stem", "vision.stem_channels", "text.context_length",
               "text.vocab_size", "text.width", "text.layers", "text.heads", "text.mlp_ratio")
 
