@@ -11,7 +11,8 @@ Hugging Face's models.
 Each gives an ``OpenedModel``: the model, a ``Config`` whose ``model`` section describes it, and the image
 preprocessing that the source declares (which must be the one we run: resize the short side, centre crop,
 bicubic, CLIP mean/std). OpenCLIP's and HF's CLIP are the same pre-norm ViT as ours (alignclip.models.convert);
-what we cannot express (layer scale, attentional pooling, other towers, other normalisation) is refused with a message naming what differs, never approximated.
+what we cannot express (layer scale, attentional pooling, other towers, other normalisation) is refused with a
+message naming what differs, never approximated.
 
 ``init_weights(model, model_config)`` is ``model.init_from``: the source's weights into a model built from the
 training config, whose shape must match the source's (the error lists the overrides that make it match).

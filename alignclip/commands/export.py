@@ -5,7 +5,8 @@
     alignclip-export runs/NAME exported/NAME_hf --format hf                    # transformers CLIPModel / CLIPProcessor
     alignclip-export runs/NAME/checkpoints/step_00001000 out.safetensors      # one checkpoint
 
-An existing output is refused unless --force. The checkpoint is DeepSpeed's, which torch unpickles: export only checkpoints you (or someone you trust) wrote.
+An existing output is refused unless --force. The checkpoint is DeepSpeed's, which torch unpickles: export only
+checkpoints you (or someone you trust) wrote.
 The exported files are safetensors and JSON, which load without unpickling.
 """
 

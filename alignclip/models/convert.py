@@ -1,9 +1,11 @@
-"""Our weights in OpenCLIP's and Hugging Face's CLIP layouts (the export formats of alignclip.export).
+"""Our weights in OpenCLIP's and Hugging Face's CLIP layouts (the export formats of alignclip.export), and back
+(``from_openclip`` / ``from_hf``, which alignclip.interop reads foreign models with).
 
 Both libraries build the same pre-norm ViT as ours: a bias-free patch conv, class token, learned positions, a
 pre-norm ``ln_pre`` on images only, blocks of (LN, attention with one fused or three separate q/k/v projections
-with biases, LN, MLP with exact GELU or QuickGELU, ``model.act``), a final LayerNorm, pooling at the class token (images) or at the first
-end-of-text token, which is the row's largest id (text, causal mask), and a bias-free projection. What differs is
+with biases, LN, MLP with exact GELU or QuickGELU: ``model.act``), a final LayerNorm, pooling at the class token
+(images) or at the first end-of-text token, which is the row's largest id (text, causal mask), and a bias-free
+projection. What differs is
 names and layout: OpenCLIP's projections are ``x @ W`` ([in, out], ours nn.Linear [out, in]); HF splits the fused
 qkv into q/k/v and stores positions as an nn.Embedding. SharedCLIP's one trunk is written into both towers.
 One LayerNorm eps for the whole model (``model.norm_eps``) maps onto OpenCLIP's ``norm_kwargs`` and HF's
