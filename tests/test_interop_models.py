@@ -105,3 +105,30 @@ def test_an_hf_model_with_another_activation_is_refused_by_name(tmp_path):
     assert CLIPModel.from_pretrained(str(hf)).config.text_config.hidden_act == "gelu_new"
     with pytest.raises(ValueError, match="'gelu' .image. and 'gelu_new' .text."):
         open_model(str(hf))
+
+
+def test_an_openclip_hf_hub_model_is_read_from_the_local_cache(tmp_path):
+    """hf-hub:ORG/NAME resolves in the Hugging Face cache (offline: nothing is downloaded), laid out as the hub
+    client lays it out (refs/main -> snapshots/<revision>/...)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    revision = "0" * 40
+    snapshot = tmp_path / "hub" / "models--someone--tiny-clip" / "snapshots" / revision
+    shutil.copytree(save_tiny_openclip(tmp_path / "oc"), snapshot)
+    (tmp_path / "hub" / "models--someone--tiny-clip" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-clip" / "refs" / "main").write_text(revision)
+    code = ("import torch; from alignclip.interop import open_model; import open_clip; "
+            "m = open_model('hf-hub:someone/tiny-clip'); t = open_clip.create_model('hf-hub:someone/tiny-clip'); "
+            "x = torch.randn(2, 3, 32, 32); t.eval(); "
+            "print(m.kind, float((m.model.encode_image(x) - t.encode_image(x)).abs().max()))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kind, difference = proc.stdout.split()[-2:]
+    assert kind == "openclip" and float(difference) <= 1e-5
