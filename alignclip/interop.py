@@ -8,9 +8,9 @@ Hugging Face's models.
     open_model("ViT-B-32:laion2b_s34b_b79k")          # OpenCLIP's pretrained name:tag, weights in the local cache
     open_model("exported/x_hf")                       # a transformers CLIPModel folder (config.json + weights)
 
-Each gives an ``OpenedModel``: the model, a ``Config`` whose ``model`` section describes it, and the image
-preprocessing that the source declares (which must be the one we run: resize the short side, centre crop,
-bicubic, CLIP mean/std). OpenCLIP's and HF's CLIP are the same pre-norm ViT as ours (alignclip.models.convert);
+Each gives an ``OpenedModel``: the model and a ``Config`` whose ``model`` section describes it. The image
+preprocessing the source declares must be the one we run (resize the short side, centre crop, bicubic, CLIP
+mean/std), else it is refused. OpenCLIP's and HF's CLIP are the same pre-norm ViT as ours (alignclip.models.convert);
 what we cannot express (layer scale, attentional pooling, other towers, other normalisation) is refused with a
 message naming what differs, never approximated.
 
@@ -141,7 +141,26 @@ def openclip_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
     except (RuntimeError, OSError) as err:  # a tag whose weights are not cached, a folder without weights
         raise FileNotFoundError(f"{spec}: open_clip could not load it ({str(err).splitlines()[0]})") from None
+    pp = getattr(model.visual, "preprocess_cfg", {})  # what open_clip's own preprocess would run
+    size = pp.get("size", model.visual.image_size)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    _check_preprocess(spec, pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD), pp.get("interpolation", "bicubic"),
+                      pp.get("resize_mode", "shortest") == "shortest" and size == tuple(model.visual.image_size))
     return openclip_model_config(model, spec), _state_of(model, "openclip")
+
+
+def _check_preprocess(spec: str, mean, std, interpolation: str, resized: bool) -> None:
+    """The source's declared preprocessing must be ours (alignclip.data.transforms): CLIP mean/std, bicubic, the
+    short side resized to the crop size, then centre-cropped."""
+    differs = []
+    if any(abs(float(a) - b) > 1e-6 for a, b in zip([*mean, *std], [*CLIP_MEAN, *CLIP_STD])) or len(mean) != 3:
+        differs.append(f"mean {list(mean)} / std {list(std)} (ours: CLIP's {list(CLIP_MEAN)} / {list(CLIP_STD)})")
+    if interpolation != "bicubic":
+        differs.append(f"{interpolation} interpolation (ours: bicubic)")
+    if not resized:
+        differs.append("another resize than 'short side to the crop size, then centre crop'")
+    if differs:
+        _refuse(spec, "its image preprocessing has " + "; ".join(differs))
 
 
 def _one_eps(spec: str, norms: list[nn.Module]) -> float:
@@ -224,6 +243,17 @@ def hf_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         model = CLIPModel.from_pretrained(spec)
     except OSError as err:
         raise FileNotFoundError(f"{spec}: transformers could not load it ({str(err).splitlines()[0]})") from None
+    processor = Path(spec) / "preprocessor_config.json"
+    if processor.is_file():  # as transformers' CLIPImageProcessor reads it (its defaults for absent keys)
+        pp = json.loads(processor.read_text())
+        side = model.config.vision_config.image_size
+        short = pp.get("size", {"shortest_edge": 224})
+        short = short.get("shortest_edge") if isinstance(short, dict) else short
+        crop = pp.get("crop_size", {"height": 224, "width": 224})
+        crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+        _check_preprocess(spec, pp.get("image_mean", CLIP_MEAN), pp.get("image_std", CLIP_STD),
+                          "bicubic" if pp.get("resample", 3) == 3 else f"PIL resample {pp.get('resample')}",
+                          short == side and crop == (side, side) and pp.get("do_center_crop", True))
     return hf_model_config(model, spec), _state_of(model, "hf")
 
 

@@ -132,3 +132,23 @@ def test_an_openclip_hf_hub_model_is_read_from_the_local_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     kind, difference = proc.stdout.split()[-2:]
     assert kind == "openclip" and float(difference) <= 1e-5
+
+
+def test_a_model_declaring_other_preprocessing_is_refused_by_name(tmp_path):
+    from alignclip.interop import open_model
+
+    oc = save_tiny_openclip(tmp_path / "oc")
+    config = json.loads((oc / "open_clip_config.json").read_text())
+    config["preprocess_cfg"] = {**config.get("preprocess_cfg", {}), "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    (oc / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mean \[0.5, 0.5, 0.5\]"):
+        open_model(f"local-dir:{oc}")
+    hf = save_tiny_hf(tmp_path / "hf")
+    (hf / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
+        "crop_size": {"height": 32, "width": 32}, "resample": 2}))
+    with pytest.raises(ValueError, match="PIL resample 2"):
+        open_model(str(hf))
+    (hf / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 32},
+                                                             "crop_size": {"height": 32, "width": 32}}))
+    assert open_model(str(hf)).kind == "hf"
