@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device="cpu"):
-    """(model, tokenizer, image transform) of an exported safetensors file; see alignclip.export (lazy import)."""
+    """(model, tokenizer, image transform) of an exported safetensors file or an OpenCLIP / Hugging Face CLIP
+    folder; see alignclip.export (lazy import)."""
     from alignclip import export
 
     return export.load(path, device)

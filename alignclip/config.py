@@ -67,6 +67,9 @@ class ModelConfig:
     # eps of every LayerNorm (stem, blocks, final), one value as in OpenCLIP and HF CLIP so exports are exact.
     # null = checkpoints saved before this key: 1e-6 in the blocks, 1e-5 elsewhere (from_yaml_text sets it).
     norm_eps: Optional[float] = 1e-5
+    # MLP activation: exact GELU, or QuickGELU x * sigmoid(1.702 x) (OpenAI's CLIP and OpenCLIP's -quickgelu
+    # models; exported as quick_gelu / hidden_act quick_gelu)
+    act: str = "gelu"
     # Start from another model's weights (alignclip.interop): our export or run directory, an OpenCLIP folder
     # ('local-dir:' / 'hf-hub:' from the cache / 'ARCH:TAG' cached weights) or a Hugging Face CLIP folder. The
     # shape keys above must match it (the error lists the overrides); a resumed checkpoint takes precedence.
@@ -307,6 +310,7 @@ class Config:
 CHOICES = {
     "model.arch": ("clip", "sharedclip"),
     "model.vision.stem": ("patch", "conv"),
+    "model.act": ("gelu", "quick_gelu"),
     "loss.impl": ("dense", "chunked", "triton", "auto"),
     "loss.imsep_sides": ("image", "text", "both"),
     "fast_path.precision": ("auto", "fp32", "bf16"),

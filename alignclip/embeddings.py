@@ -181,10 +181,19 @@ class EmbeddingSet:
 
 # ------------------------------------------------------------------------------------------------ encoding
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256, device="cpu") -> np.ndarray:
-    out = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu()
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256, device="cpu",
+                 before_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Normalised embeddings of ``texts``, each distinct string encoded once: identical captions get bit-identical
+    rows, so they tie exactly in any ranking (a row's last bits otherwise depend on the batch it was encoded in).
+    ``before_batch(done, total)`` runs before each batch of distinct texts (it may raise to stop)."""
+    distinct, row_of = np.unique(np.array(texts, dtype=str), return_inverse=True)
+    out = []
+    for i in range(0, len(distinct), batch_size):
+        if before_batch is not None:
+            before_batch(i, len(distinct))
+        tokens = tokenizer(distinct[i:i + batch_size].tolist()).to(device)
+        out.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return torch.cat(out).numpy()[row_of.reshape(-1)] if out else np.zeros((0, 0), np.float32)
 
 
 def task_arrays(tasks: dict, keys: list[str], image_captions: list[str], encode: Callable[[list[str]], np.ndarray],
@@ -286,7 +295,7 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
                       captions: str = "", tasks_path: str = "", limit: int = 0, batch_size: int = 64,
                       arithmetic_text: str = "caption", device: str = "cpu",
                       extra_tasks: dict | None = None) -> EmbeddingSet:
-    """Encode an image-text set with an exported model (alignclip.export).
+    """Encode an image-text set with a model: our export, or an OpenCLIP / Hugging Face CLIP (alignclip.interop).
 
     data="generated": the built-in dataset of the model's own config (``split`` val or train), with its ground
     truth (val: tasks.json; train: the labels a linear probe fits on, no arithmetic); data=<shard spec>: those
@@ -294,10 +303,11 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
     from dataclasses import replace as dc_replace
 
     from alignclip.data import iter_eval_batches
-    from alignclip.export import load_model
+    from alignclip.interop import open_model
     from alignclip.tokenizer import get_tokenizer
 
-    model, config = load_model(model_path, device)
+    opened = open_model(model_path, device)
+    model, config = opened.model, opened.config
     tokenizer = get_tokenizer(config.model.text.context_length)
     tasks = json.loads(Path(tasks_path).read_text()) if tasks_path else None
     if folder:
@@ -370,9 +380,17 @@ class SourceOptions:
     device: str = "cpu"
 
 
+def is_model(source: str) -> bool:
+    """An exported .safetensors or an OpenCLIP / Hugging Face CLIP (alignclip.interop), not a cache of embeddings."""
+    from alignclip.interop import foreign_kind
+
+    return Path(source).suffix == ".safetensors" or foreign_kind(source) is not None
+
+
 def resolve_source(source: str, options: SourceOptions, name: str = "", split: str | None = None) -> EmbeddingSet:
-    """A cache directory / .npy (read), an exported .safetensors model, or a training run / checkpoint directory
-    (exported first, into ``options.cache_dir`` or a temporary folder), encoded as ``options`` say."""
+    """A cache directory / .npy (read), a model (an exported .safetensors, an OpenCLIP model or a Hugging Face CLIP
+    folder: alignclip.interop), or a training run / checkpoint directory (exported first, into
+    ``options.cache_dir`` or a temporary folder), encoded as ``options`` say."""
     o = options
     p = Path(source)
     if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "mp_rank_00_model_states.pt").is_file()):
@@ -382,7 +400,7 @@ def resolve_source(source: str, options: SourceOptions, name: str = "", split: s
         p = _export_on_the_fly(p, o.cache_dir, name)  # a training run or checkpoint: export it first
     if p.suffix == ".safetensors" and not p.is_file():
         raise FileNotFoundError(f"{source}: no such exported model (.safetensors)")
-    if p.suffix != ".safetensors":
+    if not is_model(str(p)):
         return EmbeddingSet.load(p)
     extra = None
     if o.classnames or o.templates or o.labels:
@@ -392,7 +410,9 @@ def resolve_source(source: str, options: SourceOptions, name: str = "", split: s
     es = encode_with_model(p, o.data, split or o.split, o.folder, o.captions, o.tasks, o.limit, o.batch_size,
                            o.arithmetic_text, device=o.device, extra_tasks=extra)
     if o.cache_dir:
-        es.save(Path(o.cache_dir) / (name or p.stem) / (split or o.split))
+        from alignclip.interop import model_name
+
+        es.save(Path(o.cache_dir) / (name or model_name(source)) / (split or o.split))
     return es
 
 

@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -86,12 +85,45 @@ def checkpoint_model(checkpoint: str | Path, config: Config | None = None) -> tu
     return model.eval(), config, step_dir
 
 
+EXPORT_MARKERS = ("open_clip_config.json", "config.json")  # what makes a folder one of our OpenCLIP / HF exports
+
+
+def check_output(out_path: str | Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``, and a folder that is not an OpenCLIP / HF export even then
+    (it may hold the user's own files)."""
+    out = Path(out_path)
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    if out.is_dir() and not any((out / marker).is_file() for marker in EXPORT_MARKERS):
+        raise FileExistsError(f"{out} is a folder but not an OpenCLIP / HF export: remove it yourself")
+
+
+def remove_output(out_path: str | Path) -> None:
+    """An existing export (file and sidecar, or folder) gone, so that nothing stale is left beside the new one."""
+    import shutil
+
+    out = Path(out_path)
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+        Path(str(out) + ".yaml").unlink(missing_ok=True)
+
+
 def export_checkpoint(checkpoint: str | Path, out_path: str | Path, config: Config | None = None,
-                      format: str = "safetensors", allow_inexact: bool = False) -> Path:
-    """Export the checkpoint as ``format`` (FORMATS) into ``out_path`` (a file for safetensors, else a folder)."""
+                      format: str = "safetensors", allow_inexact: bool = False, overwrite: bool = True) -> Path:
+    """Export the checkpoint as ``format`` (FORMATS) into ``out_path`` (a file for safetensors, else a folder).
+    An existing output is replaced only with ``overwrite``, and only once the new export is known to work (the
+    checkpoint read, the format able to hold the model)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {list(FORMATS)}")
+    check_output(out_path, overwrite)
     model, config, step_dir = checkpoint_model(checkpoint, config)
+    if format != "safetensors":
+        _export_eps(config, allow_inexact)  # an ExportError here leaves the old output in place
+    remove_output(out_path)
     if format == "safetensors":
         return save_exported(model, config, out_path, source=str(step_dir))
     card = ModelCard.of_run(config, step_dir)
@@ -116,6 +148,9 @@ def read_config(path: str | Path) -> Config:
     """The config stored in an exported file's metadata."""
     from safetensors import SafetensorError, safe_open
 
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder, not an exported .safetensors (alignclip.load also opens OpenCLIP and "
+                         f"Hugging Face CLIP folders; alignclip.interop.open_model also run directories)")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such exported model (expected a .safetensors written by alignclip-export)")
     try:
@@ -141,10 +176,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, ImageTransform]:
-    """(model, tokenizer, image transform) of an exported file; no DeepSpeed needed."""
+    """(model, tokenizer, image transform) of an exported file, or of an OpenCLIP / Hugging Face CLIP
+    (alignclip.interop); no DeepSpeed needed."""
+    from alignclip.interop import foreign_kind, open_model
     from alignclip.tokenizer import get_tokenizer
 
-    model, config = load_model(path, device)
+    if foreign_kind(str(path)) is not None:
+        opened = open_model(str(path), device)
+        model, config = opened.model, opened.config
+    else:
+        model, config = load_model(path, device)
     return model, get_tokenizer(config.model.text.context_length), ImageTransform(config.model.vision.image_size)
 
 
@@ -180,7 +221,7 @@ class ModelCard:
             f"- `{m.arch}`: image {m.vision.image_size} px in {m.vision.patch_size} px patches; vision width "
             f"{m.vision.width}, {m.vision.layers} layers, {m.vision.heads} heads; text width {m.text.width}, "
             f"{m.text.layers} layers, {m.text.heads} heads, context {m.text.context_length}; embedding "
-            f"{m.embed_dim}; exact GELU (not QuickGELU); {eps_note}.",
+            f"{m.embed_dim}; {'QuickGELU' if m.act == 'quick_gelu' else 'exact GELU (not QuickGELU)'}; {eps_note}.",
         ]
         if shared:
             lines.append("- SharedCLIP / AlignCLIP share one transformer, final LayerNorm and projection between "
@@ -272,6 +313,7 @@ def save_hf(model: nn.Module, config: Config, out_dir: str | Path, card: ModelCa
     images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(out))
+    images.save_pretrained(str(out))  # preprocessor_config.json: what AutoImageProcessor (and transformers 4) read
     loading = (f'from transformers import CLIPModel, CLIPProcessor\nmodel = CLIPModel.from_pretrained("{out}")\n'
                f'processor = CLIPProcessor.from_pretrained("{out}")')
     (out / "README.md").write_text((card or ModelCard(config)).render("Hugging Face transformers", loading, eps_note))

@@ -8,11 +8,11 @@ Hugging Face's models.
     open_model("ViT-B-32:laion2b_s34b_b79k")          # OpenCLIP's pretrained name:tag, weights in the local cache
     open_model("exported/x_hf")                       # a transformers CLIPModel folder (config.json + weights)
 
-Each gives an ``OpenedModel``: the model, a ``Config`` whose ``model`` section describes it, and the image
-preprocessing that the source declares (which must be the one we run: resize the short side, centre crop,
-bicubic, CLIP mean/std). OpenCLIP's and HF's CLIP are the same pre-norm ViT as ours (alignclip.models.convert);
-what we cannot express (QuickGELU, layer scale, attentional pooling, other towers, other normalisation) is
-refused with a message naming what differs, never approximated.
+Each gives an ``OpenedModel``: the model and a ``Config`` whose ``model`` section describes it. The image
+preprocessing the source declares must be the one we run (resize the short side, centre crop, bicubic, CLIP
+mean/std), else it is refused. OpenCLIP's and HF's CLIP are the same pre-norm ViT as ours (alignclip.models.convert);
+what we cannot express (layer scale, attentional pooling, other towers, other normalisation) is refused with a
+message naming what differs, never approximated.
 
 ``init_weights(model, model_config)`` is ``model.init_from``: the source's weights into a model built from the
 training config, whose shape must match the source's (the error lists the overrides that make it match).
@@ -45,24 +45,41 @@ class OpenedModel:
 
 
 # ------------------------------------------------------------------------------------------ what the spec names
-def model_kind(spec: str) -> str:
-    """alignclip | alignclip-run | openclip | hf for a model spec, or a ValueError saying what was expected."""
+def foreign_kind(spec: str) -> str | None:
+    """'openclip' or 'hf' when ``spec`` names an OpenCLIP or Hugging Face CLIP model, else None."""
     path = Path(spec)
-    if spec.startswith(OPENCLIP_PREFIXES):
+    if spec.startswith(OPENCLIP_PREFIXES) or (path.is_dir() and (path / "open_clip_config.json").is_file()):
         return "openclip"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    if not path.exists() and ":" in spec and _openclip_name(spec) is not None:
+        return "openclip"
+    return None
+
+
+def model_name(spec: str) -> str:
+    """A short name for results and caches: the file's stem, the folder's name, or an OpenCLIP 'ARCH:TAG'."""
+    for prefix in OPENCLIP_PREFIXES:
+        if spec.startswith(prefix):
+            return Path(spec[len(prefix):].rstrip("/")).name
+    path = Path(spec)
+    return path.stem if path.exists() else spec
+
+
+def model_kind(spec: str) -> str:
+    """alignclip | alignclip-run | openclip | hf for a model spec, or an error saying what was expected."""
+    path = Path(spec)
+    foreign = foreign_kind(spec)
+    if foreign is not None:
+        return foreign
     if path.is_file():
         return "alignclip"
     if path.is_dir():
-        if (path / "open_clip_config.json").is_file():
-            return "openclip"
-        if (path / "config.json").is_file():
-            return "hf"
-        if (path / "config.yaml").is_file() or any(path.glob("step_*")) or (path / "latest").is_file():
+        if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir() or any(path.glob("step_*")) \
+                or (path / "mp_rank_00_model_states.pt").is_file():
             return "alignclip-run"
         raise ValueError(f"{spec}: a folder, but neither an OpenCLIP folder (open_clip_config.json), a Hugging Face "
                          f"CLIP folder (config.json) nor an alignclip run directory (config.yaml, checkpoints/)")
-    if ":" in spec and _openclip_name(spec) is not None:
-        return "openclip"
     raise FileNotFoundError(f"{spec}: no such file or folder, and not an OpenCLIP 'local-dir:' / 'hf-hub:' spec "
                             f"or pretrained 'ARCH:TAG' name (expected an alignclip export or run directory, an "
                             f"OpenCLIP or a Hugging Face CLIP folder)")
@@ -124,7 +141,26 @@ def openclip_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
     except (RuntimeError, OSError) as err:  # a tag whose weights are not cached, a folder without weights
         raise FileNotFoundError(f"{spec}: open_clip could not load it ({str(err).splitlines()[0]})") from None
+    pp = getattr(model.visual, "preprocess_cfg", {})  # what open_clip's own preprocess would run
+    size = pp.get("size", model.visual.image_size)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    _check_preprocess(spec, pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD), pp.get("interpolation", "bicubic"),
+                      pp.get("resize_mode", "shortest") == "shortest" and size == tuple(model.visual.image_size))
     return openclip_model_config(model, spec), _state_of(model, "openclip")
+
+
+def _check_preprocess(spec: str, mean, std, interpolation: str, resized: bool) -> None:
+    """The source's declared preprocessing must be ours (alignclip.data.transforms): CLIP mean/std, bicubic, the
+    short side resized to the crop size, then centre-cropped."""
+    differs = []
+    if any(abs(float(a) - b) > 1e-6 for a, b in zip([*mean, *std], [*CLIP_MEAN, *CLIP_STD])) or len(mean) != 3:
+        differs.append(f"mean {list(mean)} / std {list(std)} (ours: CLIP's {list(CLIP_MEAN)} / {list(CLIP_STD)})")
+    if interpolation != "bicubic":
+        differs.append(f"{interpolation} interpolation (ours: bicubic)")
+    if not resized:
+        differs.append("another resize than 'short side to the crop size, then centre crop'")
+    if differs:
+        _refuse(spec, "its image preprocessing has " + "; ".join(differs))
 
 
 def _one_eps(spec: str, norms: list[nn.Module]) -> float:
@@ -134,10 +170,15 @@ def _one_eps(spec: str, norms: list[nn.Module]) -> float:
     return eps.pop()
 
 
-def _act(spec: str, act: nn.Module) -> None:
-    if type(act) is not nn.GELU or getattr(act, "approximate", "none") != "none":
-        _refuse(spec, f"its MLP activation is {type(act).__name__} (we train exact GELU; QuickGELU models such as "
-                      f"OpenAI's are not supported yet)")
+def _act(spec: str, acts: list[nn.Module]) -> str:
+    """'gelu' or 'quick_gelu' (model.act) for open_clip's activation modules, one kind for the whole model."""
+    from open_clip.transformer import QuickGELU
+
+    kinds = {"gelu" if type(a) is nn.GELU and a.approximate == "none" else
+             "quick_gelu" if isinstance(a, QuickGELU) else type(a).__name__ for a in acts}
+    if len(kinds) != 1 or not kinds <= {"gelu", "quick_gelu"}:
+        _refuse(spec, f"its MLP activations are {sorted(kinds)} (one of exact GELU or QuickGELU is supported)")
+    return kinds.pop()
 
 
 def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
@@ -166,8 +207,7 @@ def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
     for what, bad in checks.items():
         if bad:
             _refuse(spec, f"it has {what}")
-    for block in blocks:
-        _act(spec, block.mlp.gelu)
+    act = _act(spec, [block.mlp.gelu for block in blocks])
     eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
     size = visual.image_size
     if size[0] != size[1]:
@@ -175,7 +215,7 @@ def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
     width, text_width = visual.conv1.out_channels, model.token_embedding.embedding_dim
     vb, tb = visual.transformer.resblocks[0], model.transformer.resblocks[0]
     return ModelConfig(
-        arch="clip", embed_dim=visual.proj.shape[1], norm_eps=eps,
+        arch="clip", embed_dim=visual.proj.shape[1], norm_eps=eps, act=act,
         vision=VisionConfig(image_size=size[0], patch_size=visual.conv1.kernel_size[0], width=width,
                             layers=len(visual.transformer.resblocks), heads=vb.attn.num_heads,
                             mlp_ratio=vb.mlp.c_fc.out_features / width, stem="patch"),
@@ -203,6 +243,17 @@ def hf_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         model = CLIPModel.from_pretrained(spec)
     except OSError as err:
         raise FileNotFoundError(f"{spec}: transformers could not load it ({str(err).splitlines()[0]})") from None
+    processor = Path(spec) / "preprocessor_config.json"
+    if processor.is_file():  # as transformers' CLIPImageProcessor reads it (its defaults for absent keys)
+        pp = json.loads(processor.read_text())
+        side = model.config.vision_config.image_size
+        short = pp.get("size", {"shortest_edge": 224})
+        short = short.get("shortest_edge") if isinstance(short, dict) else short
+        crop = pp.get("crop_size", {"height": 224, "width": 224})
+        crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+        _check_preprocess(spec, pp.get("image_mean", CLIP_MEAN), pp.get("image_std", CLIP_STD),
+                          "bicubic" if pp.get("resample", 3) == 3 else f"PIL resample {pp.get('resample')}",
+                          short == side and crop == (side, side) and pp.get("do_center_crop", True))
     return hf_model_config(model, spec), _state_of(model, "hf")
 
 
@@ -211,15 +262,14 @@ def hf_model_config(model: nn.Module, spec: str) -> ModelConfig:
     from alignclip.models.convert import EOT_ID
 
     v, t = model.config.vision_config, model.config.text_config
-    for tower in (v, t):
-        if tower.hidden_act != "gelu":
-            _refuse(spec, f"its MLP activation is {tower.hidden_act!r} (we train exact GELU; QuickGELU models "
-                          f"such as OpenAI's are not supported yet)")
+    if v.hidden_act != t.hidden_act or v.hidden_act not in ("gelu", "quick_gelu"):
+        _refuse(spec, f"its MLP activations are {v.hidden_act!r} (image) and {t.hidden_act!r} (text); one of "
+                      f"'gelu' and 'quick_gelu' is supported")
     if t.eos_token_id not in (2, EOT_ID):  # 2: transformers' legacy argmax pooling; EOT_ID: the largest id, same
         _refuse(spec, f"its text pools at token id {t.eos_token_id}, not at end-of-text ({EOT_ID})")
     eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
     return ModelConfig(
-        arch="clip", embed_dim=model.config.projection_dim, norm_eps=eps,
+        arch="clip", embed_dim=model.config.projection_dim, norm_eps=eps, act=v.hidden_act,
         vision=VisionConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
                             layers=v.num_hidden_layers, heads=v.num_attention_heads,
                             mlp_ratio=v.intermediate_size / v.hidden_size, stem="patch"),
@@ -229,7 +279,7 @@ def hf_model_config(model: nn.Module, spec: str) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------ model.init_from
-SHAPE_KEYS = ("embed_dim", "norm_eps", "vision.image_size", "vision.patch_size", "vision.width", "vision.layers",
+SHAPE_KEYS = ("embed_dim", "norm_eps", "act", "vision.image_size", "vision.patch_size", "vision.width", "vision.layers",
               "vision.heads", "vision.mlp_ratio", "vision.stem", "vision.stem_channels", "text.context_length",
               "text.vocab_size", "text.width", "text.layers", "text.heads", "text.mlp_ratio")
 

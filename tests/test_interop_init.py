@@ -161,12 +161,25 @@ def test_sharedclip_starts_from_a_two_tower_model_with_its_image_tower(tmp_path)
         init_weights(build_model(cfg.model), cfg.model)
 
 
-def test_unsupported_openclip_features_are_refused_by_name(tmp_path):
+def test_quick_gelu_models_are_read_exactly_and_unsupported_features_refused_by_name(tmp_path):
+    from alignclip.export import save_hf, save_openclip
     from alignclip.interop import open_model
 
     quick = save_tiny_openclip(tmp_path / "quick", cfg={**OPENCLIP_CFG, "quick_gelu": True})
-    with pytest.raises(ValueError, match="QuickGELU"):
-        open_model(str(quick))
+    images, tokens = _inputs()
+    their_image, their_text = _openclip_embeddings(f"local-dir:{quick}", images, tokens)
+    opened = open_model(str(quick))
+    assert opened.config.model.act == "quick_gelu"
+    with torch.no_grad():
+        torch.testing.assert_close(opened.model.encode_image(images), their_image, atol=1e-5, rtol=0)
+        torch.testing.assert_close(opened.model.encode_text(tokens), their_text, atol=1e-5, rtol=0)
+    # and back out: OpenCLIP's quick_gelu flag, HF's hidden_act
+    back = save_openclip(opened.model, opened.config, tmp_path / "back_oc")
+    assert json.loads((back / "open_clip_config.json").read_text())["model_cfg"]["quick_gelu"] is True
+    hf = save_hf(opened.model, opened.config, tmp_path / "back_hf")
+    assert json.loads((hf / "config.json").read_text())["text_config"]["hidden_act"] == "quick_gelu"
+    with torch.no_grad():
+        torch.testing.assert_close(open_model(str(hf)).model.encode_text(tokens), their_text, atol=1e-5, rtol=0)
     scaled = {**OPENCLIP_CFG, "text_cfg": {**OPENCLIP_CFG["text_cfg"], "ls_init_value": 0.1}}
     with pytest.raises(ValueError, match="layer-scaled"):
         open_model(str(save_tiny_openclip(tmp_path / "scaled", cfg=scaled)))

@@ -244,3 +244,67 @@ def test_export_tool_errors_are_one_line_exit_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert main is not None
+
+
+def _zero0_step_dir(root: Path, model, config) -> Path:
+    """A ZeRO-0 checkpoint as the engine lays it out (run/config.yaml, checkpoints/step_*/model states)."""
+    from alignclip.config import save_config
+
+    step = root / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, step / "mp_rank_00_model_states.pt")
+    save_config(config, root)
+    return step
+
+
+def test_export_refuses_an_existing_output_unless_force_and_loses_nothing(tmp_path, capsys):
+    import open_clip
+
+    from alignclip.commands.export import main
+
+    model, config = _perturbed_model("model/clip_tiny")
+    step = _zero0_step_dir(tmp_path / "run", model, config)
+    out = tmp_path / "oc"
+    assert main([str(step), str(out), "--format", "openclip"]) == 0
+    (out / "stale.bin").write_text("from an older export")
+    assert main([str(step), str(out), "--format", "openclip"]) == 2
+    assert "exists: pass --force" in capsys.readouterr().err and (out / "stale.bin").is_file()
+    # a failing export with --force leaves the old one in place
+    assert main([str(tmp_path / "nowhere"), str(out), "--format", "openclip", "--force"]) == 2
+    assert (out / "stale.bin").is_file()
+    assert main([str(step), str(out), "--format", "openclip", "--force"]) == 0
+    assert not (out / "stale.bin").exists()
+    open_clip.create_model(f"local-dir:{out}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    assert main([str(step), str(mine), "--format", "hf", "--force"]) == 2
+    assert "not an OpenCLIP / HF export" in capsys.readouterr().err and (mine / "notes.txt").is_file()
+    file = tmp_path / "m.safetensors"
+    assert main([str(step), str(file)]) == 0 and main([str(step), str(file)]) == 2
+    assert main([str(step), str(file), "--force"]) == 0 and Path(str(file) + ".yaml").is_file()
+
+
+def test_hf_folder_has_preprocessor_config_and_alignclip_load_opens_hf_and_openclip_folders(tmp_path):
+    from transformers import AutoImageProcessor
+
+    import alignclip
+    from alignclip.export import save_hf, save_openclip
+    from alignclip.tokenizer import get_tokenizer
+
+    model, config = _perturbed_model("model/clip_tiny")
+    hf = save_hf(model, config, tmp_path / "hf")
+    oc = save_openclip(model, config, tmp_path / "oc")
+    assert (hf / "preprocessor_config.json").is_file()
+    pil = AutoImageProcessor.from_pretrained(str(hf), backend="pil")
+    assert pil.size["shortest_edge"] == 64 and pil.resample == 3  # bicubic
+    tokens = get_tokenizer(config.model.text.context_length)(TEXTS)
+    images = torch.randn(2, 3, 64, 64)
+    for folder in (hf, oc, f"local-dir:{oc}"):
+        back, tokenizer, transform = alignclip.load(folder)
+        assert torch.equal(tokenizer(TEXTS), tokens) and transform.image_size == 64
+        with torch.no_grad():
+            torch.testing.assert_close(back.encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="is a folder, not an exported .safetensors"):
+        alignclip.load(tmp_path / "plain")

@@ -5,6 +5,7 @@ shift, mean-centring, centred Procrustes): gap AND task metrics on a held-out se
     alignclip-distill --fit exported/clip.safetensors --out reports/aligner_clip
         # fits on the generated train split, evaluates on the generated validation split
     alignclip-distill --fit cache/clip/train --eval cache/clip/val --out ...
+    alignclip-distill --model local-dir:exported/clip_openclip --out ...   # any OpenCLIP / HF CLIP (--fit)
     --recipe NAME:cos=1,mse=0,clip=0.5,imsep=0.25 (repeatable) chooses the loss weights of each MLP.
 
 A training run directory is refused unless --trust-checkpoint (exporting it unpickles DeepSpeed state).
@@ -41,10 +42,13 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     from alignclip.aligner.baselines import BASELINES
     from alignclip.commands.sources import add_source_arguments
+    from alignclip.embeddings import is_model
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fit", required=True, help="set to fit on: exported model (its --fit-split) or a cache")
+    parser.add_argument("--fit", "--model", dest="fit", required=True,
+                        help="set to fit on: a model (its --fit-split; our export, an OpenCLIP model or a Hugging "
+                             "Face CLIP folder) or a cache")
     parser.add_argument("--eval", default="", help="held-out set (default: the same model's --eval-split)")
     parser.add_argument("--fit-split", default="train", choices=["train", "val"])
     parser.add_argument("--eval-split", default="val", choices=["train", "val"])
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     add_source_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.eval and Path(args.fit).suffix != ".safetensors" and not (Path(args.fit) / "checkpoints").is_dir():
+    if not args.eval and not is_model(args.fit) and not (Path(args.fit) / "checkpoints").is_dir():
         parser.error("--fit is a cached set: pass a held-out --eval set (fitting and scoring on one set hides "
                      "overfitting)")
     try:

@@ -9,6 +9,7 @@ Standard datasets (--benchmark KIND --root DIR; alignclip.eval.datasets), encode
     alignclip-eval --model exported/m.safetensors --benchmark karpathy --root /data/flickr30k/images \
         --annotations /data/flickr30k/dataset_flickr30k.json --out ...
     alignclip-eval --model exported/m.safetensors --benchmark wds --root /data/wds_cifar10 --device cuda --out ...
+    alignclip-eval --model local-dir:exported/m_openclip --benchmark wds --root ... --out ...  # any OpenCLIP / HF CLIP
 The project's image-text sets (the generated set, shards, a captioned folder, caches): retrieval, zero-shot and
 linear probes of its tasks, multimodal arithmetic:
     alignclip-eval --model exported/alignclip.safetensors --out results/alignclip
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported .safetensors, a cache directory or an image .npy")
+    parser.add_argument("--model", required=True,
+                        help="a model (exported .safetensors; OpenCLIP local-dir:DIR, hf-hub:ORG/NAME from the cache "
+                             "or ARCH:TAG with cached weights; a Hugging Face CLIP folder), a cache directory or an "
+                             "image .npy")
     parser.add_argument("--name", default="", help="model name in the JSONs (default: the file name)")
     parser.add_argument("--dataset", default="", help="dataset name in the JSONs (default: from the data)")
     parser.add_argument("--aligner", default="", help="an aligner .safetensors applied after the image encoder")
@@ -77,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model_name(args) -> str:
-    return args.name or Path(args.model).stem + (f"+{Path(args.aligner).stem}" if args.aligner else "")
+    from alignclip.interop import model_name
+
+    return args.name or model_name(args.model) + (f"+{Path(args.aligner).stem}" if args.aligner else "")
 
 
 def _run(args) -> int:
@@ -96,16 +102,20 @@ def _run_benchmark(args) -> list[Path]:
     from alignclip.eval.benchmark import evaluate_benchmark
     from alignclip.eval.datasets import open_benchmark
     from alignclip.eval.results import write_result
-    from alignclip.export import ImageTransform, load_model
+    from alignclip.data.transforms import ImageTransform
+    from alignclip.embeddings import is_model
+    from alignclip.interop import open_model
     from alignclip.tokenizer import get_tokenizer
 
-    if Path(args.model).suffix != ".safetensors":
-        raise ValueError(f"--benchmark needs an exported model (.safetensors), got {args.model}")
+    if not is_model(args.model):
+        raise ValueError(f"--benchmark needs a model (an exported .safetensors, an OpenCLIP model or a Hugging Face "
+                         f"CLIP folder), got {args.model}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    model, config = load_model(args.model, device)
+    opened = open_model(args.model, device)
+    model, config = opened.model, opened.config
     if args.aligner:
         from alignclip.aligner.mlp import AlignedModel, load_aligner
 

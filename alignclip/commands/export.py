@@ -5,7 +5,8 @@
     alignclip-export runs/NAME exported/NAME_hf --format hf                    # transformers CLIPModel / CLIPProcessor
     alignclip-export runs/NAME/checkpoints/step_00001000 out.safetensors      # one checkpoint
 
-The checkpoint is DeepSpeed's, which torch unpickles: export only checkpoints you (or someone you trust) wrote.
+An existing output is refused unless --force. The checkpoint is DeepSpeed's, which torch unpickles: export only
+checkpoints you (or someone you trust) wrote.
 The exported files are safetensors and JSON, which load without unpickling.
 """
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="safetensors: the output file (a .yaml sidecar holds the config); "
                                     "openclip / hf: the output folder")
     parser.add_argument("--format", default="safetensors", choices=FORMATS, help="default: %(default)s")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output (an export folder is removed first); without it an "
+                             "existing output is an error")
     parser.add_argument("--allow-inexact", action="store_true",
                         help="export a model saved before model.norm_eps (mixed LayerNorm eps) to openclip/hf "
                              "with eps 1e-5: its embeddings then differ by ~1e-3")
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         from alignclip.export import export_checkpoint
 
-        print(export_checkpoint(args.checkpoint, args.out, format=args.format, allow_inexact=args.allow_inexact))
+        print(export_checkpoint(args.checkpoint, args.out, format=args.format, allow_inexact=args.allow_inexact,
+                                overwrite=args.force))
 
     return run_command(PROG, body)
 

@@ -4,6 +4,8 @@
     alignclip-gap --model clip=exported/clip.safetensors --model alignclip=exported/alignclip.safetensors \
         --out reports/gap                       # encodes the generated validation set with each model
     alignclip-gap --model other=embeddings/other_clip/ --out reports/gap   # cached or foreign .npy
+    alignclip-gap --model oc=local-dir:exported/clip_openclip --model hf=exported/clip_hf --out reports/gap
+        # an OpenCLIP model (local-dir: / hf-hub: folder, cached ARCH:TAG) or a Hugging Face CLIP folder
     ... --aligner clip=reports/aligner_clip/mlp_cos.safetensors    # adds a "clip+mlp_cos" column
 
 gap_metrics.json records each model's data source and pair count; models measured on different data are

@@ -7,7 +7,9 @@ then CLIP mean/std (as OpenCLIP's training preset). ``train_pixels`` does it fro
 smallest power-of-two DCT scale that keeps the crop >= image_size (``images.decode_for_crop``) and the resize is
 torch's uint8 kernel (``resize_crop``): within 4 levels (mean < 0.3) of a float64 reference of that definition
 without DCT scaling, mean < 1.5 levels with it (tests/test_data_transforms.py).
-Eval: resize the short side to image_size and centre-crop, bicubic, in one PIL ``resize(box=...)`` call.
+Eval: OpenCLIP's evaluation preprocess (``resize_mode='shortest'``) to the pixel: resize the short side to
+image_size (the long side truncated, as torchvision's Resize), bicubic, then centre-crop (the offset rounded as
+torchvision's CenterCrop); ``ImageTransform``.
 Training batches leave the workers as uint8 (``stack_uint8``) and are normalised with CLIP mean/std on the device
 (``normalize_on_device``); evaluation batches are normalised on the host (``normalize_batch``), with the same
 float32 arithmetic.
@@ -65,11 +67,12 @@ def random_resized_crop_box(width: int, height: int, draws: np.ndarray, scale=TR
     return left, top, left + w, top + h
 
 
-def center_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
-    """The square centre region that 'resize the short side, then centre-crop' keeps, in source pixels."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side ``size`` and the long side ``int(size * long / short)``: torchvision's
+    ``Resize(size)`` (OpenCLIP's ``resize_mode='shortest'``), which HF's ``CLIPImageProcessor`` also computes."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
 
 
 def resize_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
@@ -100,9 +103,34 @@ def train_pixels(data: bytes, image_size: int, draws: np.ndarray,
     return resize_crop(hwc_as_chw(pixels), box, image_size)
 
 
+def center_crop_offset(side: int, size: int) -> int:
+    """torchvision's CenterCrop offset: ``int(round((side - size) / 2))``, half to even. HF's PIL backend floors
+    it instead, one pixel apart when ``side - size`` is 3 modulo 4 (docs/analysis.md)."""
+    return int(round((side - size) / 2.0))
+
+
 def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
-    box = center_crop_box(img.width, img.height)
-    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box))
+    """Resize the short side to ``image_size`` (bicubic), then centre-crop: OpenCLIP's evaluation preprocess."""
+    width, height = shortest_edge_size(img.width, img.height, image_size)
+    resized = img.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = center_crop_offset(width, image_size), center_crop_offset(height, image_size)
+    return np.asarray(resized.crop((left, top, left + image_size, top + image_size)))
+
+
+class ImageTransform:
+    """PIL image(s) -> float [3, H, W] (or [b, 3, H, W] for a list): the evaluation transform, exactly OpenCLIP's
+    ``preprocess`` of an export (and HF ``CLIPImageProcessor``'s PIL backend but for its floored crop offset).
+    Images with transparency are composited on white first (``alignclip.data.images.to_rgb``, as everywhere in
+    alignclip); OpenCLIP and HF drop the alpha channel instead, so give them ``to_rgb(image)`` to get our pixels."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, images):
+        many = isinstance(images, (list, tuple))
+        arrays = [eval_transform(I.to_rgb(img), self.image_size) for img in (images if many else [images])]
+        batch = normalize_batch(arrays)
+        return batch if many else batch[0]
 
 
 _SCALE = np.array([1.0 / (255.0 * s) for s in CLIP_STD], np.float32)
@@ -176,17 +204,3 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     """The inverse, to [0, 1] floats (for plots and pixel checks)."""
     return images * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
 
-
-class ImageTransform:
-    """PIL image(s) -> float [3, H, W] (or [b, 3, H, W] for a list): the evaluation transform of the data
-    pipeline (centre crop, bicubic resize, CLIP mean/std)."""
-
-    def __init__(self, image_size: int):
-        self.image_size = image_size
-
-    def __call__(self, images):
-        many = isinstance(images, (list, tuple))
-        arrays = [np.asarray(eval_transform(I.to_rgb(img), self.image_size))
-                  for img in (images if many else [images])]
-        batch = normalize_batch(arrays)
-        return batch if many else batch[0]

@@ -37,7 +37,7 @@ from alignclip.distributed.process import ignore_preemption_signals, preemption_
 from alignclip.eval.zeroshot import zero_shot_classification
 from alignclip.prompts import build_classifier
 
-TEXT_BATCH = 256  # encode_texts' default batch: encoding chunk by chunk gives the same embeddings
+TEXT_BATCH = 256  # distinct texts per encode_text call
 
 StopCheck = Optional[Callable[[], bool]]
 log = logging.getLogger(__name__)
@@ -120,15 +120,13 @@ def _with_skipped(metrics: dict[str, float], skipped: list, key: str = "images_s
 
 def _encode_texts(model, tokenizer, texts: Sequence[str], device: str, should_stop: StopCheck = None,
                   what: str = "texts") -> np.ndarray:
-    """``encode_texts`` (same batches, same embeddings), raising ``EvaluationStopped`` between batches once
-    ``should_stop()`` is true: ImageNet's 1,000 classes x 80 templates alone are 313 batches."""
-    texts = list(texts)
-    parts = []
-    for start in range(0, len(texts), TEXT_BATCH):
+    """``encode_texts``, raising ``EvaluationStopped`` between batches once ``should_stop()`` is true: ImageNet's
+    1,000 classes x 80 templates alone are 313 batches. The counts are of distinct texts."""
+    def check(done: int, total: int) -> None:
         if should_stop and should_stop():
-            raise EvaluationStopped(f"after {start} of {len(texts)} {what}")
-        parts.append(encode_texts(model, tokenizer, texts[start:start + TEXT_BATCH], TEXT_BATCH, device))
-    return np.concatenate(parts) if parts else encode_texts(model, tokenizer, [], TEXT_BATCH, device)
+            raise EvaluationStopped(f"after {done} of {total} {what}")
+
+    return encode_texts(model, tokenizer, list(texts), TEXT_BATCH, device, before_batch=check)
 
 
 def evaluate_classification(model, tokenizer, data: ClassificationData, device: str = "cpu",

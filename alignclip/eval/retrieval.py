@@ -1,10 +1,21 @@
-"""Image <-> text retrieval with several captions per image: Recall@K in both directions (CLIP_benchmark names)."""
+"""Image <-> text retrieval with several captions per image: Recall@K in both directions, CLIP_benchmark's figures
+under its names, and a tie-aware expectation next to them.
+
+``image_retrieval_recall@K`` / ``text_retrieval_recall@K`` are CLIP_benchmark's own computation (its
+``zeroshot_retrieval.recall_at_k``): the score matrix ``texts @ images.T`` in float32, ``torch.topk``, a query hits
+when one of its own items is among the K returned; exact ties go the way ``torch.topk`` orders them. Identical
+captions (web alt-text is full of them) tie exactly, because every distinct caption is encoded once
+(``alignclip.embeddings.encode_texts``), so the figures equal CB's on the same data in the same order.
+``..._recall_tie_aware@K`` break ties uniformly at random in expectation (``tie_aware_hit_rate``): a query whose
+own caption is one of many identical ones scores chance there, not whatever the index order gives.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from alignclip.analysis.metrics import l2_normalize
 
@@ -29,9 +40,9 @@ def tie_aware_hit_rate(above: np.ndarray, tied_own: np.ndarray, tied_other: np.n
 
 def retrieval_metrics(image_embeddings, text_embeddings, text_to_image: Sequence[int] | None = None,
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K of text->image ("image_retrieval") and image->text ("text_retrieval"), CLIP_benchmark's
-    definition (a query hits when at least one of its own items is among the K most similar), with ties broken
-    uniformly at random in expectation (tie_aware_hit_rate) instead of in the query's favour.
+    """Recall@K of text->image ("image_retrieval") and image->text ("text_retrieval"): CLIP_benchmark's figures
+    (``topk_recall``), then the same with ties broken uniformly at random in expectation (``..._tie_aware@K``,
+    ``tie_aware_hit_rate``).
 
     ``text_to_image[j]`` is the image that caption j describes (default: caption j describes image j)."""
     img, txt = l2_normalize(image_embeddings).astype(np.float32), l2_normalize(text_embeddings).astype(np.float32)
@@ -59,8 +70,26 @@ def retrieval_metrics(image_embeddings, text_embeddings, text_to_image: Sequence
         image_counts[1, s:s + _BLOCK] = ((sims == best_own) & mine).sum(axis=1)
         image_counts[2, s:s + _BLOCK] = ((sims == best_own) & ~mine).sum(axis=1)
         has_caption[s:s + _BLOCK] = mine.any(axis=1)
+    out = topk_recall(image_embeddings, text_embeddings, owner, ks)
+    for k in ks:
+        out[f"image_retrieval_recall_tie_aware@{k}"] = float(np.mean(tie_aware_hit_rate(*text_counts, k)))
+        out[f"text_retrieval_recall_tie_aware@{k}"] = float(np.mean(
+            tie_aware_hit_rate(*image_counts[:, has_caption], k)))
+    return out
+
+
+def topk_recall(image_embeddings, text_embeddings, owner: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """CLIP_benchmark's recall (``zeroshot_retrieval.evaluate``): F.normalize, scores = texts @ images.T, and per
+    query whether ``torch.topk``'s K items hold one of its own; an image without captions counts as a miss (CB's
+    0 / 0 > 0). Unlike CB, a K larger than the gallery takes the whole gallery instead of failing."""
+    img = torch.nn.functional.normalize(torch.as_tensor(np.asarray(image_embeddings, np.float32)), dim=-1)
+    txt = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text_embeddings, np.float32)), dim=-1)
+    scores = txt @ img.t()
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), torch.as_tensor(owner)] = True
     out = {}
     for k in ks:
-        out[f"image_retrieval_recall@{k}"] = float(np.mean(tie_aware_hit_rate(*text_counts, k)))
-        out[f"text_retrieval_recall@{k}"] = float(np.mean(tie_aware_hit_rate(*image_counts[:, has_caption], k)))
-    return out
+        for name, s, p in (("image", scores, positive), ("text", scores.t(), positive.t())):
+            top = torch.topk(s, min(k, s.shape[1]), dim=1)[1]
+            out[f"{name}_retrieval_recall@{k}"] = float(p.gather(1, top).any(dim=1).float().mean())
+    return {key: out[key] for key in [f"{n}_retrieval_recall@{k}" for k in ks for n in ("image", "text")]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from alignclip.analysis.metrics import as_numpy, l2_normalize
 
@@ -18,18 +19,22 @@ def classification_metrics(logits, labels, ks: Sequence[int] = (1, 5)) -> dict[s
         raise ValueError(f"{len(scores)} rows of class scores for {len(y)} labels")
     if len(y) and (y.min() < 0 or y.max() >= scores.shape[1]):
         raise ValueError(f"labels must lie in [0, {scores.shape[1]}), found [{y.min()}, {y.max()}]")
-    order = np.argsort(-scores, axis=1, kind="stable")
+    # CB's own ranking: torch.topk for acc@k and argmax for the predicted class (exact ties go their way)
+    logits = torch.as_tensor(np.asarray(scores, np.float32))
+    order = torch.topk(logits, min(max(ks), logits.shape[1]), dim=1)[1].numpy()
     out = {}
     for k in ks:
         hit = np.any(order[:, :k] == y[:, None], axis=1)
         out[f"acc{k}"] = float(np.mean(hit)) if k <= scores.shape[1] else float("nan")
-    pred = order[:, 0]
+    pred = logits.argmax(dim=1).numpy()
     recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
     out["mean_per_class_recall"] = float(np.mean(recalls))
     return out
 
 
 def zero_shot_classification(image_embeddings, labels, class_embeddings) -> dict[str, float]:
-    """Predict argmax_c cos(image, w_c); report acc1, acc5 and the mean per-class recall."""
-    logits = l2_normalize(image_embeddings) @ l2_normalize(class_embeddings).T
+    """Predict argmax_c cos(image, w_c); report acc1, acc5 and the mean per-class recall. The scores are CB's,
+    100 cos in float32 (the factor keeps its rounding, so its exact ties)."""
+    logits = 100.0 * (torch.as_tensor(l2_normalize(image_embeddings), dtype=torch.float32)
+                      @ torch.as_tensor(l2_normalize(class_embeddings), dtype=torch.float32).T)
     return classification_metrics(logits, labels)

@@ -1,9 +1,11 @@
-"""Our weights in OpenCLIP's and Hugging Face's CLIP layouts (the export formats of alignclip.export).
+"""Our weights in OpenCLIP's and Hugging Face's CLIP layouts (the export formats of alignclip.export), and back
+(``from_openclip`` / ``from_hf``, which alignclip.interop reads foreign models with).
 
 Both libraries build the same pre-norm ViT as ours: a bias-free patch conv, class token, learned positions, a
 pre-norm ``ln_pre`` on images only, blocks of (LN, attention with one fused or three separate q/k/v projections
-with biases, LN, MLP with exact GELU), a final LayerNorm, pooling at the class token (images) or at the first
-end-of-text token, which is the row's largest id (text, causal mask), and a bias-free projection. What differs is
+with biases, LN, MLP with exact GELU or QuickGELU: ``model.act``), a final LayerNorm, pooling at the class token
+(images) or at the first end-of-text token, which is the row's largest id (text, causal mask), and a bias-free
+projection. What differs is
 names and layout: OpenCLIP's projections are ``x @ W`` ([in, out], ours nn.Linear [out, in]); HF splits the fused
 qkv into q/k/v and stores positions as an nn.Embedding. SharedCLIP's one trunk is written into both towers.
 One LayerNorm eps for the whole model (``model.norm_eps``) maps onto OpenCLIP's ``norm_kwargs`` and HF's
@@ -71,11 +73,11 @@ def _renamed(name: str, table: dict[str, str]) -> str:
 
 
 def openclip_config(cfg: ModelConfig, eps: float) -> dict:
-    """``model_cfg`` of open_clip_config.json: OpenCLIP's CLIP with our shape, exact GELU and our eps."""
+    """``model_cfg`` of open_clip_config.json: OpenCLIP's CLIP with our shape, activation and eps."""
     v, t = cfg.vision, cfg.text
     return {
         "embed_dim": cfg.embed_dim,
-        "quick_gelu": False,
+        "quick_gelu": cfg.act == "quick_gelu",
         "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
                        "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio, "norm_kwargs": {"eps": eps}},
         "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
@@ -128,7 +130,7 @@ def to_openclip(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 
 
 def hf_config_kwargs(cfg: ModelConfig, eps: float) -> dict:
-    """Keyword arguments of ``transformers.CLIPConfig`` for our shape (exact GELU, eos pooling at id 49407)."""
+    """Keyword arguments of ``transformers.CLIPConfig`` for our shape and activation (eos pooling at id 49407)."""
     v, t = cfg.vision, cfg.text
     return {
         "projection_dim": cfg.embed_dim,
@@ -136,11 +138,11 @@ def hf_config_kwargs(cfg: ModelConfig, eps: float) -> dict:
         "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.width,
                         "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
                         "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
-                        "hidden_act": "gelu", "layer_norm_eps": eps, "projection_dim": cfg.embed_dim,
+                        "hidden_act": cfg.act, "layer_norm_eps": eps, "projection_dim": cfg.embed_dim,
                         "bos_token_id": SOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID},
         "vision_config": {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
                           "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,
-                          "patch_size": v.patch_size, "num_channels": 3, "hidden_act": "gelu",
+                          "patch_size": v.patch_size, "num_channels": 3, "hidden_act": cfg.act,
                           "layer_norm_eps": eps, "projection_dim": cfg.embed_dim},
     }
 

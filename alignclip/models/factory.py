@@ -26,11 +26,11 @@ def build_model(cfg: ModelConfig) -> ContrastiveModel:
     image_stem = ImageStem(v.image_size, v.patch_size, v.width, eps=outer_eps, stem=v.stem,
                            stem_channels=v.stem_channels)
     text_stem = TextStem(t.vocab_size, t.context_length, t.width)
-    image_trunk = Trunk(v.width, v.layers, v.heads, v.mlp_ratio, cfg.embed_dim, block_eps, outer_eps)
+    image_trunk = Trunk(v.width, v.layers, v.heads, v.mlp_ratio, cfg.embed_dim, block_eps, outer_eps, cfg.act)
     if cfg.arch == "sharedclip":
         text_trunk = None  # the config validator has checked that both towers have the same shape
     elif cfg.arch == "clip":
-        text_trunk = Trunk(t.width, t.layers, t.heads, t.mlp_ratio, cfg.embed_dim, block_eps, outer_eps)
+        text_trunk = Trunk(t.width, t.layers, t.heads, t.mlp_ratio, cfg.embed_dim, block_eps, outer_eps, cfg.act)
     else:
         raise ValueError(f"model.arch must be 'clip' or 'sharedclip', got {cfg.arch!r}")
     model = ContrastiveModel(image_stem, text_stem, image_trunk, text_trunk, cfg.init_temperature,

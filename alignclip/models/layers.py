@@ -92,15 +92,26 @@ class TextStem(nn.Module):
         return self.token_embed(tokens) + self.pos_embed
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (Radford et al. 2021)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Trunk(nn.Module):
     """``layers`` pre-norm blocks, a final LayerNorm and a bias-free projection to the joint embedding."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, embed_dim: int,
-                 block_eps: float = 1e-5, final_eps: float = 1e-5):
+                 block_eps: float = 1e-5, final_eps: float = 1e-5, act: str = "gelu"):
         super().__init__()
         block_norm = functools.partial(nn.LayerNorm, eps=block_eps)
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, act_layer=nn.GELU,
-                                           norm_layer=block_norm) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                                           act_layer=ACTIVATIONS[act], norm_layer=block_norm)
+                                     for _ in range(layers)])
         self.norm = nn.LayerNorm(width, eps=final_eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpointing = False
