@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 def load(path, device="cpu"):
     """(model, tokenizer, image transform) of an exported safetensors file or an OpenCLIP / Hugging Face CLIP
-    folder; see alignclip.export (lazy import)."""
-    from alignclip import export
+    folder; see alignclip.interop (lazy import: ``import alignclip`` stays free of torch)."""
+    from alignclip import interop
 
-    return export.load(path, device)
+    return interop.load(path, device)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from alignclip.config import Config, from_yaml_text, to_yaml
-from alignclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from alignclip.data.transforms import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
@@ -173,21 +172,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     model = build_model(config.model)
     load_weights(model, str(path), strict=True, device=str(device))
     return model.to(device).eval(), config
-
-
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, ImageTransform]:
-    """(model, tokenizer, image transform) of an exported file, or of an OpenCLIP / Hugging Face CLIP
-    (alignclip.interop); no DeepSpeed needed."""
-    from alignclip.interop import foreign_kind, open_model
-    from alignclip.tokenizer import get_tokenizer
-
-    if foreign_kind(str(path)) is not None:
-        opened = open_model(str(path), device)
-        model, config = opened.model, opened.config
-    else:
-        model, config = load_model(path, device)
-    return model, get_tokenizer(config.model.text.context_length), ImageTransform(config.model.vision.image_size)
-
 
 
 # ------------------------------------------------------------------------------------- OpenCLIP and HF folders

@@ -24,12 +24,13 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from alignclip.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig
-from alignclip.data.transforms import CLIP_MEAN, CLIP_STD
+from alignclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,16 @@ def _openclip_name(spec: str) -> tuple[str, str] | None:
 
     arch, _, tag = spec.partition(":")
     return (arch, tag) if arch in open_clip.list_models() and tag else None
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, ImageTransform]:
+    """``alignclip.load``: (model, tokenizer, image transform) of our export or of an OpenCLIP / Hugging Face CLIP;
+    no DeepSpeed needed."""
+    from alignclip.tokenizer import get_tokenizer
+
+    opened = open_model(path, device)
+    config = opened.config
+    return opened.model, get_tokenizer(config.model.text.context_length), ImageTransform(config.model.vision.image_size)
 
 
 def open_model(spec: str | Path, device: str | torch.device = "cpu") -> OpenedModel:

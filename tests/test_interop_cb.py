@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
 
     from alignclip.data.transforms import ImageTransform
     from alignclip.embeddings import encode_texts
-    from alignclip.eval.zeroshot import build_classifier
+    from alignclip.prompts import build_classifier
     from alignclip.export import save_exported, save_openclip
     from alignclip.tokenizer import get_tokenizer
 

@@ -119,7 +119,7 @@ class AlignedModel(nn.Module):
 def load_aligned(model_path: str | Path, aligner_path: str | Path, device: str = "cpu"):
     """(AlignedModel, tokenizer, image transform): an exported model with a distilled aligner after its image
     encoder, used like ``alignclip.load``'s model."""
-    from alignclip.export import load
+    from alignclip.interop import load
 
     model, tokenizer, transform = load(model_path, device)
     return AlignedModel(model, load_aligner(aligner_path).to(device)).eval(), tokenizer, transform

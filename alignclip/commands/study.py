@@ -82,7 +82,7 @@ def plan_text(spec, required: bool = True) -> str:
         variant = next(v for v in spec.variants if v.trains)
         with tempfile.TemporaryDirectory() as scratch:
             config = load_config(write_variant_config(spec, variant, Path(scratch)),
-                                 run_overrides(spec, variant, 0, resolve_sources=False))
+                                 run_overrides(spec, variant, 0))
         samples = config.data.samples_per_epoch
         if not samples and config.data.train == "generated":
             samples = config.data.generated.num_shards * config.data.generated.samples_per_shard

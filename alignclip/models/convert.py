@@ -38,7 +38,7 @@ def require_patch_stem(cfg: ModelConfig) -> None:
         raise ExportError(f"this model's image stem is {cfg.vision.stem!r} (model.vision.stem); OpenCLIP and "
                           f"Hugging Face CLIP have only the one-conv patch stem, so it cannot be exported to them. "
                           f"Its safetensors export (alignclip-export, the default format) loads with "
-                          f"alignclip.export.load")
+                          f"alignclip.load")
 
 
 def exact_norm_eps(cfg: ModelConfig) -> float:

@@ -41,7 +41,7 @@ def plan_study(spec: StudySpec, samples: int) -> list[RunCost]:
             if not variant.trains:
                 continue
             config = load_config(write_variant_config(spec, variant, Path(scratch)),
-                                 run_overrides(spec, variant, 0, resolve_sources=False))
+                                 run_overrides(spec, variant, 0))
             batch = config.train.global_batch_size
             if variant.finetune is not None:
                 steps = variant.finetune.steps

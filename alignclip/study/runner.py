@@ -94,7 +94,10 @@ def _train_wave(spec: StudySpec, variants: list, log: Callable[[str], None], exe
                 states.append(RunState(variant.name, seed, run_dir, "failed",
                                        f"its source {variant.finetune.source} seed {seed} did not finish"))
                 continue
-            overrides = run_overrides(spec, variant, seed)
+            # a fine-tune starts from its source's final checkpoint, exported (safetensors: nothing unpickled)
+            start = (str(exported_model(spec.run_dir(variant.finetune.source, seed)))
+                     if variant.finetune is not None else "")
+            overrides = run_overrides(spec, variant, seed, start)
             run = make_run(config_path, overrides, run_dir=run_dir)
             # generated shards + caption embeddings, once for all runs
             prepared = prepare_data(run.config, spec.study_dir / "semantic")

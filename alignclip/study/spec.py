@@ -385,7 +385,7 @@ def parse_study(raw: dict, source: str = "<study>", overrides: Sequence[str] = (
             if variant.name not in configs:
                 try:
                     configs[variant.name] = load_config(write_variant_config(spec, variant, Path(scratch)),
-                                                        run_overrides(spec, variant, 0, resolve_sources=False))
+                                                        run_overrides(spec, variant, 0))
                 except ConfigError as err:
                     raise _fail(source, f"variant {variant.name}: {err}") from None
             return configs[variant.name]
@@ -427,13 +427,12 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
     return parse_study(raw, str(p), overrides)
 
 
-def run_overrides(spec: StudySpec, variant: Variant, seed: int, resolve_sources: bool = True) -> list[str]:
+def run_overrides(spec: StudySpec, variant: Variant, seed: int, start: str = "") -> list[str]:
     """Study overrides, then the variant's, then the seed and the run's name (the variant's); a fine-tune starts
-    from its source variant's final checkpoint of the same seed (``model.init_from``) and trains
-    ``finetune.steps`` steps (``resolve_sources=False``: a placeholder path, for checking the keys)."""
+    from ``start``, its source variant's final checkpoint of the same seed (``model.init_from``; the runner exports
+    it), and trains ``finetune.steps`` steps (an empty ``start``: a placeholder path, for checking the keys)."""
     out = [*spec.overrides, *variant.overrides, f"train.seed={seed}", f"name={variant.name}"]
     if variant.finetune is not None:
-        start = finetune_start(spec, variant, seed) if resolve_sources else ""
         out += [f"model.init_from={start}", f"train.max_steps={variant.finetune.steps}"]
     return last_wins(out)
 
@@ -446,14 +445,6 @@ def last_wins(overrides: Sequence[str]) -> list[str]:
 
     last = {override_key(item): i for i, item in enumerate(overrides)}
     return [item for i, item in enumerate(overrides) if last[override_key(item)] == i]
-
-
-def finetune_start(spec: StudySpec, variant: Variant, seed: int) -> str:
-    """The weights a fine-tune starts from: the source run's final checkpoint, exported (safetensors: nothing
-    unpickled when the fine-tune loads it)."""
-    from alignclip.study.runner import exported_model
-
-    return str(exported_model(spec.run_dir(variant.finetune.source, seed)))
 
 
 def write_variant_config(spec: StudySpec, variant: Variant, folder: Path | None = None) -> Path:

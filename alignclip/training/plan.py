@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from alignclip.config import Config, from_yaml_text, run_dir_of, to_yaml, with_saved_norm_eps
 from alignclip.distributed.env import DistEnv
 from alignclip.distributed.layout import BatchLayout, batch_layout
+from alignclip.fs import atomic_write
 from alignclip.training import checkpoint as ckpt
 from alignclip.training.deepspeed_config import build_deepspeed_config, resolve_device
 from alignclip.training.fast_path import FastPath, resolve_fast_path
@@ -297,11 +298,8 @@ def resolve_plan(config: Config, env: DistEnv, run_dir: Optional[Path] = None) -
 
 def write_plan(plan: RunPlan) -> Path:
     """``<run_dir>/plan.yaml`` (atomic), rewritten by every session."""
-    target = plan.run_dir / PLAN_FILE
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(f"# the run plan of the session started {_now()} (alignclip.training.plan)\n" + plan.describe())
-    tmp.replace(target)
-    return target
+    return atomic_write(plan.run_dir / PLAN_FILE,
+                        f"# the run plan of the session started {_now()} (alignclip.training.plan)\n" + plan.describe())
 
 
 def _now() -> str:
@@ -316,7 +314,5 @@ def record_config(config: Config, run_dir: Path) -> Path:
     history.mkdir(parents=True, exist_ok=True)
     dated = history / f"config-{_now()}.yaml"
     for target in (dated, run_dir / CONFIG_FILE):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+        atomic_write(target, text)
     return dated
