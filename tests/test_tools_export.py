@@ -168,7 +168,8 @@ def test_hf_folder_loads_with_clip_model_and_processor_and_gives_our_embeddings(
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 
-    from alignclip.export import ImageTransform, save_hf
+    from alignclip.data.transforms import ImageTransform
+    from alignclip.export import save_hf
     from alignclip.tokenizer import get_tokenizer
 
     model, config = _perturbed_model(name)
@@ -306,5 +307,5 @@ def test_hf_folder_has_preprocessor_config_and_alignclip_load_opens_hf_and_openc
         with torch.no_grad():
             torch.testing.assert_close(back.encode_image(images), model.encode_image(images), atol=1e-5, rtol=0)
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ValueError, match="is a folder, not an exported .safetensors"):
+    with pytest.raises(ValueError, match="a folder, but neither an OpenCLIP folder"):
         alignclip.load(tmp_path / "plain")
