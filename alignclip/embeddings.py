@@ -340,12 +340,18 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
                           meta={"model": str(model_path), "source": source, "arch": config.model.arch})
 
 
-def tasks_from_files(classnames: str, templates: str, labels: str, task: str = "classes") -> dict:
+def tasks_from_files(classnames: str, templates: str, labels: str, task: str = "classes", data: str = "") -> dict:
     """A tasks dict (the tasks-JSON layout) for one zero-shot task from plain files: class names one per line,
-    prompt templates one per line (``{c}`` or ``{}`` marks the class name), labels as ``key<TAB>class name`` lines."""
+    prompt templates one per line (``{c}`` or ``{}`` marks the class name), labels as ``key<TAB>class name`` lines.
+    With the shards' spec ``data``, labels keyed by a source file name (the name in the captions file given to
+    ``alignclip-make-shards folder``) are re-keyed to the sample keys through the map that command writes beside
+    the shards (``sources.tsv``)."""
+    from alignclip.data.writer import source_keys
+
     names = [line.strip() for line in Path(classnames).read_text().splitlines() if line.strip()]
     prompts = [line.rstrip("\n") for line in Path(templates).read_text().splitlines() if line.strip()]
     index = {name: i for i, name in enumerate(names)}
+    by_source = source_keys(data) if data else {}
     val_labels = {}
     for line in Path(labels).read_text().splitlines():
         if not line.strip():
@@ -353,7 +359,7 @@ def tasks_from_files(classnames: str, templates: str, labels: str, task: str = "
         key, _, name = line.partition("\t")
         if name.strip() not in index:
             raise ValueError(f"{labels}: class {name.strip()!r} of {key!r} is not in {classnames}")
-        val_labels[key.strip()] = {task: index[name.strip()]}
+        val_labels[by_source.get(key.strip(), key.strip())] = {task: index[name.strip()]}
     return {"zero_shot": {task: {"classnames": names, "templates": prompts, "label": task,
                                  "keys": list(val_labels)}}, "val_labels": val_labels}
 
@@ -406,7 +412,7 @@ def resolve_source(source: str, options: SourceOptions, name: str = "", split: s
     if o.classnames or o.templates or o.labels:
         if not (o.classnames and o.templates and o.labels):
             raise ValueError("zero-shot from files needs all three of --classnames, --templates and --labels")
-        extra = tasks_from_files(o.classnames, o.templates, o.labels)
+        extra = tasks_from_files(o.classnames, o.templates, o.labels, data=o.data)
     es = encode_with_model(p, o.data, split or o.split, o.folder, o.captions, o.tasks, o.limit, o.batch_size,
                            o.arithmetic_text, device=o.device, extra_tasks=extra)
     if o.cache_dir:

@@ -263,6 +263,16 @@ def test_make_shards_keeps_the_source_names(tmp_path):
     assert keys == {"b.png": "000000000", "sub/ä.jpg": "000000001", "sub/b.png": "000000002",
                     "missing.jpg": "000000003", "ä.jpg": "000000001"}
     assert source_keys("generated") == {}
+    # labels keyed by source name, as alignclip-eval / -gap / -distill and a study read them (--labels)
+    from alignclip.embeddings import tasks_from_files
+
+    (tmp_path / "classes.txt").write_text("red\nblue\n")
+    (tmp_path / "templates.txt").write_text("a {c} thing\n")
+    (tmp_path / "labels.tsv").write_text("ä.jpg\tblue\nsub/b.png\tred\n000000000\tred\n")
+    tasks = tasks_from_files(str(tmp_path / "classes.txt"), str(tmp_path / "templates.txt"),
+                             str(tmp_path / "labels.tsv"), data=str(tmp_path / "s"))
+    assert tasks["val_labels"] == {"000000001": {"classes": 1}, "000000002": {"classes": 0},
+                                   "000000000": {"classes": 0}}
 
 
 def test_no_train_reports_without_submitting(tmp_path):

@@ -76,21 +76,13 @@ def encode_set(model_path: str | Path, eval_set: EvalSet, cache_dir: str | Path)
 
 
 def file_tasks(eval_set: EvalSet) -> dict | None:
-    """The zero-shot task of the set's classnames / templates / labels files (None without them). Labels keyed by
-    a source file name (the name in the captions file given to ``alignclip-make-shards folder``) are re-keyed to
-    the shards' sample keys through the key map that command writes beside the shards."""
+    """The zero-shot task of the set's classnames / templates / labels files (None without them); labels keyed by
+    a source file name are re-keyed to the shards' sample keys (``tasks_from_files``)."""
     if not eval_set.labels:
         return None
-    from alignclip.data.writer import source_keys
     from alignclip.embeddings import tasks_from_files
 
-    tasks = tasks_from_files(eval_set.classnames, eval_set.templates, eval_set.labels)
-    by_source = source_keys(eval_set.data)
-    if by_source:
-        tasks["val_labels"] = {by_source.get(k, k): v for k, v in tasks["val_labels"].items()}
-        for task in tasks["zero_shot"].values():
-            task["keys"] = [by_source.get(k, k) for k in task["keys"]]
-    return tasks
+    return tasks_from_files(eval_set.classnames, eval_set.templates, eval_set.labels, data=eval_set.data)
 
 
 def encode_with_probe(model_path: str | Path, eval_set: EvalSet, cache_dir: str | Path) -> tuple:
