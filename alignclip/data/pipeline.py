@@ -336,6 +336,7 @@ class EpochPlan:
     batches_per_epoch: int
     samples_per_epoch: int
     accumulation_steps: int = 1
+    samples_source: str = "data.samples_per_epoch"  # where the figure came from (logged; named when refused)
 
 
 def plan_epoch(config, world_size: int, shards: list[str], spec: str = "") -> EpochPlan:
@@ -351,22 +352,28 @@ def plan_epoch(config, world_size: int, shards: list[str], spec: str = "") -> Ep
     if accumulation < 1 or accumulation * per_rank * world_size != train.global_batch_size:
         raise ConfigError(f"key 'train.micro_batch_size' ({train.micro_batch_size}) x world size ({world_size}) must "
                           f"divide 'train.global_batch_size' ({train.global_batch_size})")
-    samples = data.samples_per_epoch or epoch_samples(data, spec, shards)
+    samples, source = ((data.samples_per_epoch, "data.samples_per_epoch") if data.samples_per_epoch
+                       else epoch_count(data, spec, shards))
     batches = samples // (per_rank * world_size) // accumulation * accumulation
     if batches == 0:
-        raise ConfigError(f"{samples} samples per epoch ('data.samples_per_epoch' or counted from 'data.train') is "
-                          f"less than one global batch ('train.global_batch_size' = {train.global_batch_size})")
-    return EpochPlan(per_rank, batches, samples, accumulation)
+        raise ConfigError(f"{samples} samples per epoch (from {source}) is less than one global batch "
+                          f"('train.global_batch_size' = {train.global_batch_size}); set 'data.samples_per_epoch' "
+                          f"or fix 'data.train'")
+    return EpochPlan(per_rank, batches, samples, accumulation, source)
 
 
-_COUNTS: dict[str, int] = {}  # spec -> samples: counted once per process, so later epochs keep the length
+_COUNTS: dict[str, tuple[int, str]] = {}  # spec -> (samples, source): counted once per process
 
 
 def epoch_samples(data_cfg, spec: str, shards: list[str]) -> int:
-    """Samples per epoch when ``data.samples_per_epoch`` is 0: from the metadata beside the shards, a cached count,
-    or by reading them; on rank 0 only when a process group is up (the figure is broadcast), once per process and
-    spec (a folder that loses shards mid-run keeps its epoch length: the readers wrap to fill it). Logged with
-    where the figure came from."""
+    return epoch_count(data_cfg, spec, shards)[0]
+
+
+def epoch_count(data_cfg, spec: str, shards: list[str]) -> tuple[int, str]:
+    """(samples per epoch, where the figure came from) when ``data.samples_per_epoch`` is 0: from the metadata
+    beside the shards, a cached count, or by reading them; on rank 0 only when a process group is up (the figure is
+    broadcast), once per process and spec (a folder that loses shards mid-run keeps its epoch length: the readers
+    wrap to fill it). Logged with where the figure came from."""
     import torch.distributed as dist
 
     key = spec or "\n".join(shards)
@@ -384,8 +391,8 @@ def epoch_samples(data_cfg, spec: str, shards: list[str]) -> int:
     else:
         samples, source = shardlib.count_samples(shards, policy, cache)
     log.info("data: %d samples per epoch in %d shards, from %s", samples, len(shards), source)
-    _COUNTS[key] = samples
-    return samples
+    _COUNTS[key] = samples, source
+    return samples, source
 
 
 def stream_policy(data_cfg) -> shardlib.StreamPolicy:
