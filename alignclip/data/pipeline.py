@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -99,10 +99,12 @@ def image_skip_kind(err: images.DecodeError) -> str:
     return "too_large_image" if isinstance(err, images.ImageTooLarge) else "corrupt_image"
 
 
-def _attach_sidecar(raw_samples: Iterator[dict], table: dict[str, np.ndarray] | None) -> Iterator[dict]:
+def _attach_sidecar(raw_samples: Iterator[dict], sidecar, text_key: str) -> Iterator[dict]:
+    """Each sample with its row of ``sidecar`` (``semantic.Sidecar``), which must be the sample's: a key or caption
+    the sidecar does not hold raises ``SidecarMismatch`` (it was made from another shard), never a skip."""
     for raw in raw_samples:
-        if table is not None and raw["__key__"] in table:
-            raw["__semantic__"] = table[raw["__key__"]]
+        if sidecar is not None:
+            raw["__semantic__"] = sidecar.row(raw["__shard__"], raw["__key__"], raw.get(text_key, b""))
         yield raw
 
 
@@ -198,16 +200,13 @@ class ShardReader:
         return [self.s.shards[i] for i in rng.permutation(len(self.s.shards))]
 
     def _read_shard(self, shard: str) -> Iterator[dict]:
-        table = None
+        sidecar = None
         if self.s.with_semantic and self.s.semantic_dir:
             from alignclip.semantic import read_sidecar
 
-            try:
-                table = read_sidecar(self.s.semantic_dir, shard)
-            except FileNotFoundError as err:
-                log.warning("data: no semantic sidecar for %s (%s): its samples are skipped", shard, err)
-                table = {}
-        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors, self.s.io), table):
+            sidecar = read_sidecar(self.s.semantic_dir, shard)  # missing or another shard's: SidecarMismatch
+        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors, self.s.io), sidecar,
+                                   self.s.text_key):
             self.errors.add("samples_read")
             yield raw
 
@@ -404,9 +403,12 @@ def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool
     one; every rank probes the same shard, so they agree. ``optional`` (evaluation): only when the first shard's
     sidecar exists, so a validation split without embeddings still gives images and captions."""
     if data_cfg.semantic_dir:
-        from alignclip.semantic import sidecar_path
+        from alignclip.semantic import check_sidecars, sidecar_path
 
-        if not optional or sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
+        if not optional:
+            check_sidecars(data_cfg.semantic_dir, shards)  # every one present and made from its shard: exit 2
+            return True
+        if sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
             return True
     first = next(shardlib.iter_raw_samples(shards[0], policy=stream_policy(data_cfg)), None)
     return first is not None and data_cfg.semantic_key in first
@@ -568,6 +570,10 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
     spec = spec or resolve_spec(config.data, "val")
     shards = shardlib.expand_spec(spec)
     data = config.data
+    if data.semantic_dir and not set(shards) <= set(_listed_shards(data.train)):
+        # The sidecars were made for the training shards: other data (a held-out set whose shards are named like
+        # them, an exported model measured elsewhere) never reads them.
+        data = replace(data, semantic_dir="")
     settings = ReaderSettings(shards=shards, seed=0, epoch=0, rank=0, world_size=1, num_readers=1,
                               batch_size=batch_size, batches_per_epoch=0, start_batch=0,
                               image_size=config.model.vision.image_size,
@@ -597,6 +603,13 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                 return
     if batch:
         yield _eval_batch(reader, batch, tokenizer)
+
+
+def _listed_shards(spec: str) -> list[str]:
+    try:
+        return shardlib.expand_spec(spec) if spec and spec != "generated" else []
+    except FileNotFoundError:
+        return []
 
 
 def _eval_batch(reader: ShardReader, batch: list, tokenizer) -> dict:
