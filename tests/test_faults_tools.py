@@ -121,3 +121,27 @@ def test_the_verified_read_is_read_only_and_takes_latest_first(trained, tmp_path
     (run / "checkpoints" / "latest").write_text("step_00000002\n")
     assert newest_verified(run).name == "step_00000002"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_evaluation_on_a_one_class_folder_writes_null_not_nan_and_says_top5_is_undefined(tmp_path, caplog):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from alignclip.commands.evaluate import main
+    from tests.helpers.tiny import export_untrained, tiny_overrides
+
+    model = export_untrained(tmp_path / "m.safetensors", tiny_overrides("unused"))
+    (tmp_path / "val" / "red").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "val" / "red" / f"{i}.png")
+    assert main(["--model", str(model), "--benchmark", "imagefolder", "--root", str(tmp_path / "val"),
+                 "--workers", "0", "--out", str(tmp_path / "out")]) == 0
+    (path,) = (tmp_path / "out").glob("*zeroshot*.json")
+    text = path.read_text()
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"{path} holds a bare {c}"))  # was: NaN
+    assert record["metrics"]["acc5"] is None and record["metrics"]["acc1"] == 1.0
+    assert "fewer than 5 classes" in record["undefined_metrics"]["acc5"]
+    assert "acc5: top-5 is undefined" in caplog.text
