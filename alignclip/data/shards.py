@@ -189,6 +189,7 @@ _STARTUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT",
 _POLL_S = 0.25  # a blocked read or back-off looks at the signals this often
 _received: list[int] = []  # signals received inside ``interruptible``; empty elsewhere (and in loader workers)
 _progress: list[str] = [""]  # what the innermost ``interruptible`` is doing, for the message
+_raise_in_handler = [False]  # True while blocked in a read that our checks cannot interrupt
 
 
 class Interrupted(SystemExit):
@@ -221,6 +222,8 @@ def interruptible(what: str) -> Iterator[None]:
         chained = previous.get(signum)
         if callable(chained) and chained is not signal.default_int_handler:
             chained(signum, frame)
+        if _raise_in_handler[0]:  # blocked in a foreign read (fsspec): no check of ours would run
+            check_interrupted()
 
     for sig in _STARTUP_SIGNALS:
         handler = signal.getsignal(sig)
@@ -309,7 +312,7 @@ class BoundedStream(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         if self.raw is None:
-            return self.stream.read(size)
+            return _foreign(self.stream.read, size)
         deadline = time.monotonic() + self.timeout_s
         while True:  # in slices, so a start-up count notices a preemption signal within a slice
             check_interrupted()
@@ -341,6 +344,39 @@ class BoundedStream(io.RawIOBase):
         super().close()
 
 
+def _foreign(call, *args):
+    """``call(*args)`` of code that is not ours (a local file's read, fsspec's open and read): any failure becomes
+    an OSError (a ``StalledRead`` after a timeout) so the reader counts it -- s3fs, for one, ends a read that timed
+    out with an IndexError from its own error handling. Inside ``interruptible``, a preemption signal ends the call
+    at once (fsspec waits for its event-loop thread, where no check of ours can run)."""
+    _raise_in_handler[0] = True
+    try:
+        return call(*args)
+    except (OSError, Interrupted):
+        raise
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        chain, cause = [], err
+        while cause is not None and len(chain) < 10:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower() for e in chain):
+            raise StalledRead(f"timed out ({type(err).__name__} after {chain[-1]!r})") from err
+        raise OSError(f"{type(err).__name__}: {err}") from err
+    finally:
+        _raise_in_handler[0] = False
+
+
+def _fsspec_stream(url: str, scheme: str, timeout_s: float):
+    import fsspec
+
+    if scheme == "s3":  # s3fs' own timeouts follow data.io_timeout_s, and its retries give way to ours
+        fs = fsspec.filesystem("s3", config_kwargs={"read_timeout": max(timeout_s, 1),
+                                                    "connect_timeout": max(timeout_s, 1)})
+        fs.retries = 1  # a read that times out is retried data.io_retries times by iter_raw_samples, not 5 more
+        return fs.open(url, "rb")
+    return fsspec.open(url, "rb").open()
+
+
 def open_shard(url: str, timeout_s: float = 60.0) -> BoundedStream:
     """A read stream for a local path, ``file:``, ``pipe:COMMAND``, ``http(s)://`` or any fsspec URL (``s3://`` needs
     the ``s3`` extra: s3fs). Raises OSError (FileNotFoundError for a missing local file)."""
@@ -360,7 +396,7 @@ def open_shard(url: str, timeout_s: float = 60.0) -> BoundedStream:
         except ImportError as err:  # pragma: no cover - fsspec comes with webdataset's extras / huggingface
             raise OSError(f"{url}: reading {scheme}:// needs fsspec (pip install 'alignclip[s3]')") from err
         try:
-            stream = fsspec.open(url, "rb").open()
+            stream = _foreign(_fsspec_stream, url, scheme, timeout_s)
         except ImportError as err:  # e.g. s3:// without s3fs
             raise OSError(f"{url}: {err} (for s3:// install the s3 extra: pip install 'alignclip[s3]')") from err
     return BoundedStream(stream, url, timeout_s)
@@ -456,7 +492,7 @@ def iter_raw_samples(shard: str, errors: ShardErrors | None = None,
                 log.warning("data: %s failed (%r); retry %d of %d", shard, err, attempt + 1, policy.retries)
                 interruptible_sleep(policy.backoff_s * 2 ** attempt)
                 continue
-            kind = ("stalled_shard" if isinstance(err, StalledRead)
+            kind = ("stalled_shard" if isinstance(err, (StalledRead, TimeoutError))
                     else "truncated_shard" if progress[0] else "unreadable_shard")
             detail = f"{shard} after {progress[0]} members: {err!r}"
             if errors is not None:
