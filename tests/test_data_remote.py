@@ -15,9 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from functools import partial
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -26,49 +24,19 @@ from alignclip.config import load_config
 from alignclip.data import build_train_loader
 from alignclip.data.shards import count_samples, iter_raw_samples, metadata_count, shard_identity, StreamPolicy
 from tests.helpers.ranks import free_port
+from tests.helpers.shard_server import serve
 from tests.helpers.launch import final_weights
 from tests.helpers.processes import assert_same_weights, child_env, latest_step, launch, wait_all, wait_for
 from tests.helpers.tiny import scalar_events, tiny_overrides, write_toy_shards
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """Files under the server's root; ``/stall/NAME`` sends the first 4 KiB of ``shards/NAME`` and then nothing
-    until the test ends (bounded by the server's ``release`` event)."""
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        if self.path.startswith("/stall/"):
-            data = (Path(self.directory) / "shards" / self.path[len("/stall/"):]).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[:4096])
-            self.wfile.flush()
-            self.server.stalled.set()
-            self.server.release.wait(120)
-            return
-        super().do_GET()
-
-    def log_message(self, *args) -> None:  # keep the test output quiet
-        pass
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(base URL, root folder with shards/00000..00003.tar + their _stats.json) served on 127.0.0.1."""
+    """(base URL, root folder with shards/00000..00003.tar + their _stats.json, server) served on 127.0.0.1."""
     root = tmp_path_factory.mktemp("www")
     write_toy_shards(root / "shards", num_shards=4, per_shard=32, seed=0)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
-    httpd.daemon_threads = True
-    httpd.stalled, httpd.release = threading.Event(), threading.Event()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", root, httpd
-    finally:
-        httpd.release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=30)
+    with serve(root) as (base, httpd):
+        yield base, root, httpd
 
 
 def _config(train: str, **extra):

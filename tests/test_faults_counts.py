@@ -4,15 +4,9 @@ preemption signal ends the count at once with exit 124 (a real process against a
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import subprocess
 import sys
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -20,44 +14,10 @@ from alignclip.config import ConfigError, load_config
 from alignclip.data import build_train_loader
 from alignclip.data.shards import StreamPolicy, count_samples, shard_identity
 from tests.helpers.processes import child_env, launch, wait_all, wait_for
+from tests.helpers.shard_server import serve
 from tests.helpers.tiny import tiny_overrides, write_toy_shards
 
 POLICY = StreamPolicy(timeout_s=5, retries=0, backoff_s=0.1)
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    """Files under the server's root, except: every path answers 503 while ``server.down`` is set, a name in
-    ``server.missing`` answers 404, and ``/stall/NAME`` sends 4 KiB of ``shards/NAME`` and then nothing until the
-    test releases it."""
-
-    def _fault(self) -> bool:
-        name = self.path.rsplit("/", 1)[-1]
-        if self.server.down.is_set() or name in self.server.missing:
-            self.send_error(503 if self.server.down.is_set() else 404)
-            return True
-        return False
-
-    def do_HEAD(self):  # noqa: N802 (http.server's naming)
-        if not self._fault():
-            super().do_HEAD()
-
-    def do_GET(self):  # noqa: N802
-        if self._fault():
-            return
-        if self.path.startswith("/stall/"):
-            data = (Path(self.directory) / "shards" / self.path[len("/stall/"):]).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[:4096])
-            self.wfile.flush()
-            self.server.stalled.set()
-            self.server.release.wait(300)
-            return
-        super().do_GET()
-
-    def log_message(self, *args) -> None:
-        pass
 
 
 @pytest.fixture
@@ -67,19 +27,8 @@ def server(tmp_path):
     write_toy_shards(root / "shards", num_shards=4, per_shard=8, seed=0)
     for stats in (root / "shards").glob("*_stats.json"):
         stats.unlink()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
-    httpd.daemon_threads = True
-    httpd.down, httpd.stalled, httpd.release = threading.Event(), threading.Event(), threading.Event()
-    httpd.missing = set()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", root / "shards", httpd
-    finally:
-        httpd.release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=30)
+    with serve(root) as (base, httpd):
+        yield base, root / "shards", httpd
 
 
 def _urls(base: str, n: int = 4) -> list[str]:

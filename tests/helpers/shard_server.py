@@ -1,0 +1,64 @@
+"""A real HTTP shard server on 127.0.0.1 (a thread of the test) that can fail on purpose: ``serve(root)``."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+
+class FaultyShardHandler(SimpleHTTPRequestHandler):
+    """Files under the server's root, except: every path answers 503 while ``server.down`` is set, a file name in
+    ``server.missing`` answers 404, and ``GET /stall/NAME`` sends the first 4 KiB of ``shards/NAME`` and then
+    nothing until the test ends (``server.release``, at most 300 s); ``server.stalled`` says it began."""
+
+    def _fault(self) -> bool:
+        name = self.path.rsplit("/", 1)[-1]
+        if self.server.down.is_set() or name in self.server.missing:
+            self.send_error(503 if self.server.down.is_set() else 404)
+            return True
+        return False
+
+    def do_HEAD(self):  # noqa: N802 (http.server's naming)
+        if not self._fault():
+            super().do_HEAD()
+
+    def do_GET(self):  # noqa: N802
+        if self._fault():
+            return
+        if self.path.startswith("/stall/"):
+            data = (Path(self.directory) / "shards" / self.path[len("/stall/"):]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:4096])
+            self.wfile.flush()
+            self.server.stalled.set()
+            self.server.release.wait(300)
+            return
+        super().do_GET()
+
+    def log_message(self, *args) -> None:  # keep the test output quiet
+        pass
+
+
+@contextlib.contextmanager
+def serve(root: Path) -> Iterator[tuple[str, ThreadingHTTPServer]]:
+    """(base URL, server) serving ``root``; the server's ``down`` / ``missing`` / ``stalled`` / ``release`` steer
+    ``FaultyShardHandler``. Stopped (and any stall released) on exit."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(FaultyShardHandler, directory=str(root)))
+    httpd.daemon_threads = True
+    httpd.down, httpd.stalled, httpd.release = threading.Event(), threading.Event(), threading.Event()
+    httpd.missing = set()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    finally:
+        httpd.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=30)
