@@ -154,3 +154,26 @@ def test_embedding_into_a_folder_holding_another_shards_sidecar_is_refused(encod
                                       "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(sem / "00000.sem.npz") in err and str(held_out / "00000.tar") in err
+
+
+def test_the_gap_report_states_the_pairs_it_measured_and_what_it_skipped_and_why(encoder, shards, tmp_path):
+    import json
+
+    from alignclip.commands.gap_analysis import main
+    from tests.helpers.tiny import export_untrained
+
+    sem = tmp_path / "sem"
+    embed_shards([str(shards / "00000.tar"), str(shards / "00001.tar")], encoder, sem)
+    held_out = tmp_path / "held_out"  # named like the training shards; its second shard's captions are latin-1
+    G.write_split(held_out, "train", 2, 16, IMAGE_SIZE, seed=6, prefix="")
+    _rewrite_captions(held_out / "00001.tar", lambda text: b"un caf\xe9")
+    model = export_untrained(tmp_path / "m.safetensors", [
+        f"data.train={shards}", f"data.semantic_dir={sem}", f"model.vision.image_size={IMAGE_SIZE}",
+        "model.vision.patch_size=16", "model.embed_dim=32", "model.vision.width=32", "model.vision.layers=1",
+        "model.vision.heads=2", "model.text.width=32", "model.text.layers=1", "model.text.heads=2"])
+    assert main(["--model", f"m={model}", "--data", str(held_out), "--out", str(tmp_path / "gap")]) == 0
+    figures = json.loads((tmp_path / "gap" / "gap_metrics.json").read_text())["m"]
+    # was: pairs dropped as missing_semantic (the training sidecars joined by name) and nothing said of it
+    assert figures["num_pairs"] == 16 and figures["pairs_skipped"] == {"undecodable_caption": 16}
+    report = (tmp_path / "gap" / "gap_report.md").read_text()
+    assert "16 pairs measured, skipped: 16 undecodable_caption" in report

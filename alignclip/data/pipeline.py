@@ -562,9 +562,11 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
                        prefetch_factor=config.data.prefetch_factor)
 
 
-def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: int = 0) -> Iterator[dict]:
+def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: int = 0,
+                      errors: shardlib.ShardErrors | None = None) -> Iterator[dict]:
     """Every usable sample of a shard spec (default: the validation split) once, in shard order, with the eval
-    transform; in-process. ``limit`` > 0 stops after that many samples."""
+    transform; in-process. ``limit`` > 0 stops after that many samples. ``errors`` receives the skip counts (what
+    a report of the measured pairs states)."""
     from alignclip.tokenizer import get_tokenizer
 
     spec = spec or resolve_spec(config.data, "val")
@@ -583,6 +585,8 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                               with_semantic=_probe_semantic(shards, data, optional=True),
                               max_image_pixels=data.max_image_pixels, io=stream_policy(data))
     reader = ShardReader(settings, 0)
+    if errors is not None:
+        reader.errors = errors
     tokenizer = get_tokenizer(settings.context_length)
     batch: list[tuple[_Sample, np.ndarray]] = []
     seen = 0

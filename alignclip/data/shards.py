@@ -415,6 +415,10 @@ class ShardErrors:
         self.counts = {name: 0 for name in self.FIELDS}
         self._logged = 20 if quiet else 0  # quiet: counts only (a caller that reports them itself)
 
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of what was skipped or failed (no zeros, no plain counters): what a report states."""
+        return {k: v for k, v in self.counts.items() if v and k not in self._QUIET}
+
     def add(self, name: str, detail: str = "", n: int = 1) -> None:
         self.counts[name] += n
         if detail and name not in self._QUIET and self._logged < 20:
