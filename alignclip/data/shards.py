@@ -366,15 +366,22 @@ def _foreign(call, *args):
         _raise_in_handler[0] = False
 
 
-def _fsspec_stream(url: str, scheme: str, timeout_s: float):
+def _fsspec_fs(url: str, timeout_s: float):
+    """(fsspec file system, path) for ``url``; s3fs' own timeouts follow data.io_timeout_s and its retries give
+    way to ours (``data.io_retries`` in ``iter_raw_samples``; s3fs would retry a timed-out read 5 more times)."""
     import fsspec
 
-    if scheme == "s3":  # s3fs' own timeouts follow data.io_timeout_s, and its retries give way to ours
+    if urlparse(url).scheme == "s3":
         fs = fsspec.filesystem("s3", config_kwargs={"read_timeout": max(timeout_s, 1),
                                                     "connect_timeout": max(timeout_s, 1)})
-        fs.retries = 1  # a read that times out is retried data.io_retries times by iter_raw_samples, not 5 more
-        return fs.open(url, "rb")
-    return fsspec.open(url, "rb").open()
+        fs.retries = 1
+        return fs, url
+    return fsspec.core.url_to_fs(url)
+
+
+def _fsspec_stream(url: str, timeout_s: float):
+    fs, path = _fsspec_fs(url, timeout_s)
+    return fs.open(path, "rb")
 
 
 def open_shard(url: str, timeout_s: float = 60.0) -> BoundedStream:
@@ -396,7 +403,7 @@ def open_shard(url: str, timeout_s: float = 60.0) -> BoundedStream:
         except ImportError as err:  # pragma: no cover - fsspec comes with webdataset's extras / huggingface
             raise OSError(f"{url}: reading {scheme}:// needs fsspec (pip install 'alignclip[s3]')") from err
         try:
-            stream = _foreign(_fsspec_stream, url, scheme, timeout_s)
+            stream = _foreign(_fsspec_stream, url, timeout_s)
         except ImportError as err:  # e.g. s3:// without s3fs
             raise OSError(f"{url}: {err} (for s3:// install the s3 extra: pip install 'alignclip[s3]')") from err
     return BoundedStream(stream, url, timeout_s)
@@ -635,10 +642,8 @@ def shard_identity(shard: str, timeout_s: float = 60.0) -> str | None:
         parts = [f"{k}={found[k]}" for k in ("etag", "content-length", "last-modified") if k in found]
         return " ".join(parts) or None
     try:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(shard)
-        info = fs.info(path)
+        fs, path = _fsspec_fs(shard, timeout_s)
+        info = _foreign(fs.info, path)
     except Exception:  # noqa: BLE001 - any failure means "cannot tell", and the count is then not cached
         return None
     parts = [f"{k}={info[k]}" for k in ("ETag", "etag", "size", "LastModified", "mtime") if info.get(k) is not None]
