@@ -13,7 +13,8 @@ from typing import Iterator
 class FaultyShardHandler(SimpleHTTPRequestHandler):
     """Files under the server's root, except: every path answers 503 while ``server.down`` is set, a file name in
     ``server.missing`` answers 404, and ``GET /stall/NAME`` sends the first 4 KiB of ``shards/NAME`` and then
-    nothing until the test ends (``server.release``, at most 300 s); ``server.stalled`` says it began."""
+    nothing until the test ends (``server.release``, at most 300 s); ``server.stalled`` says it began. While
+    ``server.stall_next`` is set, the next GET of a ``.tar`` stalls so (once)."""
 
     def _fault(self) -> bool:
         name = self.path.rsplit("/", 1)[-1]
@@ -30,16 +31,21 @@ class FaultyShardHandler(SimpleHTTPRequestHandler):
         if self._fault():
             return
         if self.path.startswith("/stall/"):
-            data = (Path(self.directory) / "shards" / self.path[len("/stall/"):]).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[:4096])
-            self.wfile.flush()
-            self.server.stalled.set()
-            self.server.release.wait(300)
-            return
+            return self._stall(Path(self.directory) / "shards" / self.path[len("/stall/"):])
+        if self.path.endswith(".tar") and self.server.stall_next.is_set():  # once: a transient stall
+            self.server.stall_next.clear()
+            return self._stall(Path(self.directory) / self.path.lstrip("/"))
         super().do_GET()
+
+    def _stall(self, path: Path) -> None:
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:4096])
+        self.wfile.flush()
+        self.server.stalled.set()
+        self.server.release.wait(300)
 
     def log_message(self, *args) -> None:  # keep the test output quiet
         pass
@@ -52,6 +58,7 @@ def serve(root: Path) -> Iterator[tuple[str, ThreadingHTTPServer]]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(FaultyShardHandler, directory=str(root)))
     httpd.daemon_threads = True
     httpd.down, httpd.stalled, httpd.release = threading.Event(), threading.Event(), threading.Event()
+    httpd.stall_next = threading.Event()
     httpd.missing = set()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
