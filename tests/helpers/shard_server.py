@@ -51,11 +51,16 @@ class FaultyShardHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client gone mid-transfer (a trainer killed on purpose) is expected here: no traceback."""
+
+
 @contextlib.contextmanager
 def serve(root: Path) -> Iterator[tuple[str, ThreadingHTTPServer]]:
     """(base URL, server) serving ``root``; the server's ``down`` / ``missing`` / ``stalled`` / ``release`` steer
     ``FaultyShardHandler``. Stopped (and any stall released) on exit."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(FaultyShardHandler, directory=str(root)))
+    httpd = _QuietServer(("127.0.0.1", 0), partial(FaultyShardHandler, directory=str(root)))
     httpd.daemon_threads = True
     httpd.down, httpd.stalled, httpd.release = threading.Event(), threading.Event(), threading.Event()
     httpd.stall_next = threading.Event()
