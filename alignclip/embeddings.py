@@ -303,6 +303,7 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
     from dataclasses import replace as dc_replace
 
     from alignclip.data import iter_eval_batches
+    from alignclip.data.shards import ShardErrors
     from alignclip.interop import open_model
     from alignclip.tokenizer import get_tokenizer
 
@@ -310,6 +311,7 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
     model, config = opened.model, opened.config
     tokenizer = get_tokenizer(config.model.text.context_length)
     tasks = json.loads(Path(tasks_path).read_text()) if tasks_path else None
+    errors = None  # the shards' skip counts, stated with the pairs measured
     if folder:
         if not captions:
             raise ValueError(f"--folder {folder} needs --captions FILE (filename<TAB>caption lines); for a folder "
@@ -327,7 +329,8 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
                 tasks = dataset.tasks() if split == "val" else split_tasks(config.data, split)
         else:
             spec = data
-        batches = iter_eval_batches(config, batch_size, spec=spec, limit=limit)
+        errors = ShardErrors()
+        batches = iter_eval_batches(config, batch_size, spec=spec, limit=limit, errors=errors)
         source = spec
     if extra_tasks:
         tasks = dict(tasks or {})
@@ -336,8 +339,11 @@ def encode_with_model(model_path: str | Path, data: str = "generated", split: st
         for key, value in extra_tasks["val_labels"].items():
             labels.setdefault(key, {}).update(value)
         tasks["val_labels"] = labels
-    return encode_dataset(model, tokenizer, batches, tasks, device, arithmetic_text,
-                          meta={"model": str(model_path), "source": source, "arch": config.model.arch})
+    es = encode_dataset(model, tokenizer, batches, tasks, device, arithmetic_text,
+                        meta={"model": str(model_path), "source": source, "arch": config.model.arch})
+    if errors is not None:
+        es.meta["pairs_skipped"] = errors.skipped()
+    return es
 
 
 def tasks_from_files(classnames: str, templates: str, labels: str, task: str = "classes", data: str = "") -> dict:

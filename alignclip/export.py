@@ -33,18 +33,20 @@ MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory from a run directory (its ``latest``), a checkpoints directory, or the step dir itself."""
-    from alignclip.training.checkpoint import CHECKPOINT_SUBDIR, find_latest
+    """A step directory from a run directory, a checkpoints directory, or the step dir itself; verified against
+    its manifest as a resume verifies it. A run directory gives its newest checkpoint that verifies (a damaged
+    newer one is named in a warning); a step directory given itself must verify (``CheckpointError``, exit 2)."""
+    from alignclip.training.checkpoint import CHECKPOINT_SUBDIR, CheckpointError, checkpoint_problem, newest_verified
 
     p = Path(path)
     if (p / MODEL_STATES_FILE).is_file():
+        problem = checkpoint_problem(p)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {p} does not verify: {problem}; give its run directory to take the "
+                                  f"newest checkpoint that does")
         return p
     run_dir = p.parent if p.name == CHECKPOINT_SUBDIR else p
-    found = find_latest(run_dir)
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint under {path}: expected a run directory with "
-                                f"{CHECKPOINT_SUBDIR}/latest, or a step_XXXXXXXX directory holding {MODEL_STATES_FILE}")
-    return found
+    return newest_verified(run_dir, warn=log.warning)
 
 
 def run_config_of(step_dir: Path) -> Config:

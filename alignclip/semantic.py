@@ -7,7 +7,8 @@ One interface, two modes:
   frozen SentenceTransformer in inference mode (no gradient);
 * precomputed: ``embed_shards`` runs the same encoder once over every caption of a set of shards and stores fp16
   rows, either in new shards (``KEY.sem.npy`` next to each sample) or in a sidecar per shard
-  (``<semantic_dir>/<shard stem>.sem.npz``, arrays ``keys`` and ``embeddings``) that the pipeline joins by key.
+  (``<semantic_dir>/<shard stem>.sem.npz``, arrays ``keys`` and ``embeddings`` plus the identity of the shard it
+  was made from: see ``Sidecar``) that the pipeline joins by key, refusing one made from another shard.
   Per shard, atomically: a rerun skips finished shards; ``select_part`` splits the list over array jobs.
 
 Model names: any SentenceTransformer name or local folder. The special names ``minilm-offline`` and
@@ -27,7 +28,7 @@ from typing import Sequence
 import torch
 
 from alignclip.data.shards import ShardErrors, iter_raw_samples
-from alignclip.data.sidecars import STORAGE_DTYPE, sidecar_path, write_sidecar
+from alignclip.data.sidecars import STORAGE_DTYPE, read_sidecar, sidecar_path, write_sidecar
 from alignclip.data.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def embed_shard(shard: str, encoder: SemanticEncoder, out_dir: str | Path, mode:
     copy of the shard into ``out_dir`` with ``KEY.<semantic_key>`` added to every sample. Skips finished outputs."""
     output = _output_for(shard, out_dir, mode)
     if output.exists():
+        if mode == "sidecar":  # finished before (a rerun), or another shard's of the same name: refuse that
+            read_sidecar(out_dir, shard, rows=False)
         return EmbedResult(shard, str(output), 0, True)
     if mode == "shards" and output.resolve() == Path(shard).resolve():
         raise ValueError(f"the output folder holds the input shard {shard}: write new shards elsewhere")
@@ -127,7 +130,8 @@ def embed_shard(shard: str, encoder: SemanticEncoder, out_dir: str | Path, mode:
     captions = [s.get(text_key, b"").decode("utf-8", errors="replace").strip() for s in samples]
     embeddings = encoder.encode(captions).numpy().astype(STORAGE_DTYPE)
     if mode == "sidecar":
-        write_sidecar(out_dir, shard, [s["__key__"] for s in samples], embeddings)
+        write_sidecar(out_dir, shard, [s["__key__"] for s in samples], embeddings,
+                      [s.get(text_key, b"") for s in samples])
     elif mode == "shards":
         with ShardWriter(output) as writer:
             for sample, row in zip(samples, embeddings):

@@ -5,15 +5,18 @@
 
 Restarting the same command continues from the run directory's latest checkpoint. Exit codes: 0 finished,
 124 (``alignclip.training.preemption.REQUEUE_EXIT_CODE``) stopped by a preemption signal after saving a checkpoint
-(requeue me), 2 configuration error or no usable checkpoint in a run directory that has some, 1 any other
-failure.
+(requeue me), 2 configuration error, no usable checkpoint in a run directory that has some, or a run directory
+that cannot be written (read-only, full: one line, also in train.log), 1 any other failure.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import sys
+import time
+from pathlib import Path
 from typing import NoReturn, Optional
 
 from alignclip.config import parse_cli
@@ -32,7 +35,47 @@ def _train(argv: Optional[list[str]]) -> int:
     config, _ = parse_cli(argv, prog=PROG)
     from alignclip.training.trainer import train  # after the config check: a typo fails before torch loads
 
-    return train(config).exit_code
+    try:
+        return train(config).exit_code
+    except OSError as err:  # a run folder that cannot be written: one line (also in train.log), exit 2
+        problem = run_folder_problem(err, config)
+        if problem is None:
+            raise
+        report_run_folder_problem(problem, config)
+        return 2
+
+
+_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+def run_folder_problem(err: OSError, config) -> Optional[str]:
+    """One line when ``err`` says the run folder cannot be written (read-only, no permission, full), else None.
+    Not the model's fault nor a passing outage: exit 2, so that a requeue does not meet the same wall."""
+    from alignclip.config import run_dir_of
+    from alignclip.training.checkpoint import CheckpointWriteError
+
+    run_dir = run_dir_of(config).resolve()
+    cause = err.__cause__ if isinstance(err, CheckpointWriteError) else err
+    if isinstance(err, CheckpointWriteError):  # its message names the checkpoint and the cause
+        return str(err) if "no space left" in str(err) or getattr(cause, "errno", None) in _UNWRITABLE else None
+    if err.errno in _UNWRITABLE and err.filename:
+        path = Path(os.fsdecode(err.filename)).resolve()
+        if path == run_dir or run_dir in path.parents:
+            return f"cannot write {path}: {(err.strerror or '').lower()} (the run folder {run_dir})"
+    return None
+
+
+def report_run_folder_problem(problem: str, config) -> None:
+    """The line on stderr, and in train.log when that can still take it (a full disk often can: the failed save
+    freed its space)."""
+    from alignclip.config import run_dir_of
+
+    print(f"run folder error: {problem}", file=sys.stderr)
+    try:
+        with open(run_dir_of(config) / "train.log", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR run folder error: {problem}\n")
+    except OSError:
+        pass
 
 
 def cli() -> NoReturn:

@@ -1,68 +1,42 @@
 """Remote shards for real: an HTTP server on 127.0.0.1 (a thread of the test) serves shards; 404, a refused
 connection and a stalled transfer are counted, logged with the URL and skipped after a bounded timeout and retry
 count; training over HTTP runs to the end and resumes exactly after a kill; SIGTERM during a stalled read still
-saves and exits 124. ``pipe:`` sources get the same deadline."""
+saves and exits 124. ``pipe:`` sources get the same deadline. ``s3://`` shards are read from moto's S3 server
+(started by the test, behind a proxy that can stall one object): the same batches, a missing object and a stall
+counted and skipped, and a preemption signal ends a count stalled on S3."""
 
 from __future__ import annotations
 
+import http.client
 import logging
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from alignclip.config import load_config
 from alignclip.data import build_train_loader
-from alignclip.data.shards import count_samples, iter_raw_samples, metadata_count, StreamPolicy
+from alignclip.data.shards import count_samples, iter_raw_samples, metadata_count, shard_identity, StreamPolicy
 from tests.helpers.ranks import free_port
+from tests.helpers.shard_server import serve
 from tests.helpers.launch import final_weights
-from tests.helpers.processes import assert_same_weights, latest_step, launch, wait_all, wait_for
+from tests.helpers.processes import assert_same_weights, child_env, latest_step, launch, wait_all, wait_for
 from tests.helpers.tiny import scalar_events, tiny_overrides, write_toy_shards
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    """Files under the server's root; ``/stall/NAME`` sends the first 4 KiB of ``shards/NAME`` and then nothing
-    until the test ends (bounded by the server's ``release`` event)."""
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        if self.path.startswith("/stall/"):
-            data = (Path(self.directory) / "shards" / self.path[len("/stall/"):]).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[:4096])
-            self.wfile.flush()
-            self.server.stalled.set()
-            self.server.release.wait(120)
-            return
-        super().do_GET()
-
-    def log_message(self, *args) -> None:  # keep the test output quiet
-        pass
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(base URL, root folder with shards/00000..00003.tar + their _stats.json) served on 127.0.0.1."""
+    """(base URL, root folder with shards/00000..00003.tar + their _stats.json, server) served on 127.0.0.1."""
     root = tmp_path_factory.mktemp("www")
     write_toy_shards(root / "shards", num_shards=4, per_shard=32, seed=0)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
-    httpd.daemon_threads = True
-    httpd.stalled, httpd.release = threading.Event(), threading.Event()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", root, httpd
-    finally:
-        httpd.release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=30)
+    with serve(root) as (base, httpd):
+        yield base, root, httpd
 
 
 def _config(train: str, **extra):
@@ -158,3 +132,135 @@ def test_sigterm_while_a_read_is_stalled_still_checkpoints_and_exits_124(server,
     log = (tmp_path / "rank0.out").read_text()
     assert f"stalled_shard) {base}/stall/00002.tar" in log
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ s3://
+class _S3Proxy(BaseHTTPRequestHandler):
+    """Forwards every request to moto's server as it is (signed headers included); a GET of an object whose key
+    holds "stall" sends the headers and 4 KiB of the body, then nothing until the test releases it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _forward(self):  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+        response = upstream.getresponse()
+        data = response.read()
+        upstream.close()
+        self.send_response(response.status)
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        for key, value in headers.items():
+            if key not in ("transfer-encoding", "connection", "server", "date", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", headers.get("content-length", str(len(data))))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if self.command == "GET" and "stall" in self.path and response.status < 300:
+            self.wfile.write(data[:4096])
+            self.wfile.flush()
+            self.server.stalled.set()
+            self.server.release.wait(300)
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(proxy, local shard folder): moto's S3 server on 127.0.0.1 with bucket "data" holding shards/00000..00003.tar
+    (+ _stats.json), bare/00000..00001.tar (no metadata) and shards/stall-00000.tar; the AWS variables point s3fs
+    (and the loader's workers) at the proxy in front of it."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    root = tmp_path_factory.mktemp("s3")
+    write_toy_shards(root / "shards", num_shards=4, per_shard=32, seed=0)
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _S3Proxy)
+    proxy.daemon_threads = True
+    proxy.upstream_port = port
+    proxy.stalled, proxy.release = threading.Event(), threading.Event()
+    thread = threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                             "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="data")
+        for path in sorted((root / "shards").iterdir()):
+            client.upload_file(str(path), "data", f"shards/{path.name}")
+        for i in range(2):
+            client.upload_file(str(root / "shards" / f"{i:05d}.tar"), "data", f"bare/{i:05d}.tar")
+        client.upload_file(str(root / "shards" / "00000.tar"), "data", "shards/stall-00000.tar")
+        yield proxy, root / "shards"
+    finally:
+        proxy.release.set()
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=30)
+        moto.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_s3_shards_give_the_same_batches_as_the_local_files_and_their_count_is_cached_by_etag(s3, tmp_path):
+    _, folder = s3
+    spec = "s3://data/shards/{00000..00003}.tar"
+    remote = build_train_loader(_config(spec), 0, 1, epoch=1)
+    local = build_train_loader(_config(str(folder / "{00000..00003}.tar")), 0, 1, epoch=1)
+    got, expected = list(remote), list(local)
+    assert len(got) == len(expected) == 8
+    for a, b in zip(got, expected):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    bare = ["s3://data/bare/00000.tar", "s3://data/bare/00001.tar"]
+    assert "ETag" in shard_identity(bare[0]) and shard_identity("s3://data/bare/nothing.tar") is None
+    assert count_samples(bare, cache_dir=tmp_path)[0] == 64
+    n, source = count_samples(bare, cache_dir=tmp_path)
+    assert n == 64 and source.startswith("the cached count")
+
+
+def test_a_missing_and_a_stalled_s3_object_are_counted_named_and_skipped(s3, caplog):
+    proxy, _ = s3
+    spec = "s3://data/shards/{00000..00003}.tar::s3://data/shards/missing.tar::s3://data/shards/stall-00000.tar"
+    loader = build_train_loader(_config(spec, **{"data.workers": 0, "data.samples_per_epoch": 128}), 0, 1, epoch=0)
+    assert len(list(loader)) == len(loader) == 8
+    stats = loader.stats()
+    assert stats["unreadable_shard"] == 1 and stats["stalled_shard"] == 1, stats
+    assert proxy.stalled.is_set()
+    assert "unreadable_shard) s3://data/shards/missing.tar" in caplog.text
+    # was: s3fs's five 15 s retries, then an IndexError from its error handling that ended the reader
+    assert "stalled_shard) s3://data/shards/stall-00000.tar" in caplog.text and "timed out" in caplog.text
+
+
+def test_sigterm_ends_a_count_stalled_on_s3_at_once_with_exit_124(s3, tmp_path):
+    proxy, _ = s3
+    proxy.stalled.clear()
+    script = ("import sys\nfrom alignclip.data.shards import StreamPolicy, count_samples\n"
+              "count_samples(sys.argv[1:], StreamPolicy(timeout_s=600, retries=0))\nprint('count ended')")
+    proc = subprocess.Popen([sys.executable, "-c", script, "s3://data/shards/stall-00000.tar"],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(proxy.stalled.is_set, [proc], timeout=300, poll=0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)  # the read's own timeout is 600 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 124 and "SIGTERM during the start-up sample count" in out, out

@@ -127,3 +127,38 @@ def test_bench_data_stages_and_plan_arithmetic_on_tiny_shards(tmp_path):
     assert bench_data.median_stages(runs + [{"error": "boom"}]) == {"error": "boom"}
     before = bench_data.extract_commit("HEAD", tmp_path / "before")
     assert (Path(before) / "alignclip" / "data" / "pipeline.py").is_file()
+
+
+def test_validate_counts_what_training_uses_a_latin1_caption_and_an_empty_tar(tmp_path, capsys):
+    from alignclip.config import load_config
+    from alignclip.data import build_train_loader
+    from alignclip.data.writer import ShardWriter
+    from tests.helpers.tiny import draw_shape
+
+    make_shards = command("make_shards")
+    out = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    with ShardWriter(out / "00000.tar") as writer:
+        for i in range(16):  # the last one is latin-1 ("café" as one 0xE9 byte): training drops it
+            caption = "un caf\xe9 rouge".encode("latin-1") if i == 15 else f"a red square {i}".encode()
+            writer.write(f"{i:09d}", {"jpg": draw_shape("red", "square", rng), "txt": caption})
+    for stats in out.glob("*_stats.json"):
+        stats.unlink()
+    report = tmp_path / "report.json"
+    assert make_shards(["validate", str(out), "--json", str(report)]) == 1  # was 0: "16 usable"
+    assert "1 caption(s) not UTF-8" in capsys.readouterr().out
+    totals = json.loads(report.read_text())["totals"]
+    assert totals["usable"] == 15 and totals["undecodable_caption"] == 1
+
+    config = load_config(None, [f"data.train={out}", "data.workers=0", "data.samples_per_epoch=15",
+                                "train.global_batch_size=15", "model.vision.image_size=32",
+                                "model.vision.patch_size=16", "data.shuffle_buffer=1"])
+    loader = build_train_loader(config, 0, 1, epoch=0)
+    (batch,) = list(loader)
+    assert len(batch["key"]) == totals["usable"] and loader.stats()["undecodable_caption"] == 1
+
+    with tarfile.open(out / "00001.tar", "w"):
+        pass  # a valid tar with no member
+    assert make_shards(["validate", str(out / "00001.tar"), "--json", str(report)]) == 1  # was 0, silently
+    assert "empty_shard" in capsys.readouterr().out
+    assert json.loads(report.read_text())["shards"][0]["damaged"] == "empty_shard"

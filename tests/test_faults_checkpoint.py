@@ -149,7 +149,7 @@ def test_full_disk_names_the_path_says_no_space_and_leaves_no_partial_checkpoint
     run.mkdir()
     (run / "checkpoints").symlink_to(tiny_tmpfs)
     done = _train(run, base_run[1])
-    assert done.returncode == 1
+    assert done.returncode == 2  # one line, exit 2 (tests/test_faults_run_folder.py)
     tmp = run / "checkpoints" / "step_00000002.tmp"
     assert f"writing checkpoint {tmp} failed: no space left on device" in done.stderr, done.stderr[-3000:]
     assert not tmp.exists() and not list(tiny_tmpfs.glob("*.tmp"))  # the partial save is gone: space freed

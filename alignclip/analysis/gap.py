@@ -29,10 +29,18 @@ def check_same_data(sources: Mapping[str, str], counts: Mapping[str, int]) -> No
                          f"or pass --allow-mixed-data to put them side by side anyway")
 
 
+def _describe_skipped(skipped) -> str:
+    if not isinstance(skipped, Mapping):
+        return str(skipped)
+    return ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
+
+
 def analyse_gap(pairs: Mapping[str, tuple], out_dir: str | Path, seed: int = 0, title: str = "Modality gap",
-                sources: Mapping[str, str] | None = None) -> dict:
+                sources: Mapping[str, str] | None = None, skipped: Mapping[str, Mapping[str, int]] | None = None,
+                ) -> dict:
     """pairs: model name -> (image embeddings, text embeddings), row i paired; sources: model name -> the data
-    it was measured on (recorded per model as ``data_source``, with the pair count ``num_pairs``). Writes into
+    it was measured on (recorded per model as ``data_source``, with the pair count ``num_pairs``); skipped: model
+    name -> {reason: samples of the data left out} (``pairs_skipped``; "unknown" when not given). Writes into
     ``out_dir``: gap_metrics.json, cosine_cdf.png, pca_projection.png, explained_variance.png, gap_report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,6 +49,7 @@ def analyse_gap(pairs: Mapping[str, tuple], out_dir: str | Path, seed: int = 0, 
         figures[name] = gap_metrics(img, txt, seed=seed)
         figures[name]["num_pairs"] = int(len(img))
         figures[name]["data_source"] = (sources or {}).get(name, "unknown")
+        figures[name]["pairs_skipped"] = dict(skipped[name]) if skipped and name in skipped else "unknown"
         figures[name]["explained_variance_image"] = explained_variance_ratio(img)[:EXPLAINED_VARIANCE_KEPT].tolist()
         figures[name]["explained_variance_text"] = explained_variance_ratio(txt)[:EXPLAINED_VARIANCE_KEPT].tolist()
     (out / "gap_metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -49,8 +58,8 @@ def analyse_gap(pairs: Mapping[str, tuple], out_dir: str | Path, seed: int = 0, 
                                                                                     seed=seed)),
             ("Cumulative PCA explained variance", plot_explained_variance(pairs, out / "explained_variance.png"))]
     table = markdown_table({name: {c: f[c] for c in TABLE_COLUMNS} for name, f in figures.items()}, TABLE_COLUMNS)
-    table += "\n\nData: " + "; ".join(f"{name}: {f['data_source']} ({f['num_pairs']} pairs)"
-                                       for name, f in figures.items())
+    table += "\n\nData: " + "; ".join(f"{name}: {f['data_source']} ({f['num_pairs']} pairs measured, skipped: "
+                                       f"{_describe_skipped(f['pairs_skipped'])})" for name, f in figures.items())
     write_markdown(out / "gap_report.md", title,
                    [("Metrics", table + "\n\nFormulas: docs/analysis.md. All on L2-normalised embeddings; "
                                         f"linear separability with a seeded (seed {seed}) 80/20 split.")],

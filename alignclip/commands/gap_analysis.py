@@ -58,18 +58,22 @@ def _run(args, models, aligners) -> int:
     from alignclip.analysis.gap import analyse_gap, check_same_data
     from alignclip.commands.sources import resolve_source
 
-    pairs, sources = {}, {}
+    pairs, sources, skipped = {}, {}, {}
     for name, source in models:
         es = resolve_source(source, args, name)
         pairs[name] = es.pairs()
         sources[name] = str(es.meta.get("source", source))
+        if isinstance(es.meta.get("pairs_skipped"), dict):  # measured from shards (a cache keeps it)
+            skipped[name] = es.meta["pairs_skipped"]
     if not args.allow_mixed_data:
         check_same_data(sources, {name: len(p[0]) for name, p in pairs.items()})
     for name, path in aligners:
         img, txt = pairs[name]
         mapped = f"{name}+{Path(path).stem}"
         pairs[mapped], sources[mapped] = (load_aligner(path).map_image(img), txt), sources[name]
-    figures = analyse_gap(pairs, args.out, seed=args.seed, sources=sources)
+        if name in skipped:
+            skipped[mapped] = skipped[name]
+    figures = analyse_gap(pairs, args.out, seed=args.seed, sources=sources, skipped=skipped)
     for name, f in figures.items():
         print(f"{name}: alignment {f['alignment_score']:.4f}  L2M {f['centroid_distance']:.4f}  "
               f"RMG(cos) {f['rmg_cosine']:.4f}  separability {f['linear_separability']:.3f}")

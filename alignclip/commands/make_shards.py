@@ -90,6 +90,7 @@ def _validate(args) -> int:
             status = "ok" if r.ok else "PROBLEM"
             print(f"{status:8s} {r.shard}: {r.samples} samples, {r.usable} usable, {r.corrupt_image} corrupt, "
                   f"{r.missing_image} no image, {r.empty_caption} empty caption"
+                  + (f", {r.undecodable_caption} caption(s) not UTF-8" if r.undecodable_caption else "")
                   + (f", {r.damaged}" if r.damaged else "")
                   + (f", stats.json says {r.stats_count}" if r.stats_count not in (None, r.samples) else "")
                   + (f"; e.g. {r.bad_keys[:3]}" if r.bad_keys else ""))

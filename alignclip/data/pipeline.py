@@ -38,7 +38,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from alignclip.data import device_decode, images
 from alignclip.data import shards as shardlib
 from alignclip.data import transforms as T
-from alignclip.data.sidecars import read_sidecar, sidecar_path
+from alignclip.data.sidecars import check_sidecars, read_sidecar, sidecar_path
 from alignclip.distributed.layout import BatchLayout, batch_layout
 from alignclip.distributed.process import ignore_preemption_signals, preemption_signals_blocked
 
@@ -116,10 +116,12 @@ def image_skip_kind(err: images.DecodeError) -> str:
     return "too_large_image" if isinstance(err, images.ImageTooLarge) else "corrupt_image"
 
 
-def _attach_sidecar(raw_samples: Iterator[dict], table: dict[str, np.ndarray] | None) -> Iterator[dict]:
+def _attach_sidecar(raw_samples: Iterator[dict], sidecar, text_key: str) -> Iterator[dict]:
+    """Each sample with its row of ``sidecar`` (``semantic.Sidecar``), which must be the sample's: a key or caption
+    the sidecar does not hold raises ``SidecarMismatch`` (it was made from another shard), never a skip."""
     for raw in raw_samples:
-        if table is not None and raw["__key__"] in table:
-            raw["__semantic__"] = table[raw["__key__"]]
+        if sidecar is not None:
+            raw["__semantic__"] = sidecar.row(raw["__shard__"], raw["__key__"], raw.get(text_key, b""))
         yield raw
 
 
@@ -215,14 +217,11 @@ class ShardReader:
         return [self.s.shards[i] for i in rng.permutation(len(self.s.shards))]
 
     def _read_shard(self, shard: str) -> Iterator[dict]:
-        table = None
+        sidecar = None
         if self.s.with_semantic and self.s.semantic_dir:
-            try:
-                table = read_sidecar(self.s.semantic_dir, shard)
-            except FileNotFoundError as err:
-                log.warning("data: no semantic sidecar for %s (%s): its samples are skipped", shard, err)
-                table = {}
-        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors, self.s.io), table):
+            sidecar = read_sidecar(self.s.semantic_dir, shard)  # missing or another shard's: SidecarMismatch
+        for raw in _attach_sidecar(shardlib.iter_raw_samples(shard, self.errors, self.s.io), sidecar,
+                                   self.s.text_key):
             self.errors.add("samples_read")
             yield raw
 
@@ -356,6 +355,7 @@ class EpochPlan:
     batches_per_epoch: int
     samples_per_epoch: int
     accumulation_steps: int = 1
+    samples_source: str = "data.samples_per_epoch"  # where the figure came from (logged; named when refused)
 
 
 def plan_epoch(config, layout: BatchLayout, shards: list[str], spec: str = "") -> EpochPlan:
@@ -364,22 +364,29 @@ def plan_epoch(config, layout: BatchLayout, shards: list[str], spec: str = "") -
     from alignclip.config import ConfigError
 
     per_rank, accumulation = layout.micro_batch, layout.accumulation
-    samples = config.data.samples_per_epoch or epoch_samples(config.data, spec, shards)
+    data = config.data
+    samples, source = ((data.samples_per_epoch, "data.samples_per_epoch") if data.samples_per_epoch
+                       else epoch_count(data, spec, shards))
     batches = samples // (per_rank * layout.world_size) // accumulation * accumulation
     if batches == 0:
-        raise ConfigError(f"{samples} samples per epoch ('data.samples_per_epoch' or counted from 'data.train') is "
-                          f"less than one global batch ('train.global_batch_size' = {layout.global_batch})")
-    return EpochPlan(per_rank, batches, samples, accumulation)
+        raise ConfigError(f"{samples} samples per epoch (from {source}) is less than one global batch "
+                          f"('train.global_batch_size' = {layout.global_batch}); set 'data.samples_per_epoch' "
+                          f"or fix 'data.train'")
+    return EpochPlan(per_rank, batches, samples, accumulation, source)
 
 
-_COUNTS: dict[str, int] = {}  # spec -> samples: counted once per process, so later epochs keep the length
+_COUNTS: dict[str, tuple[int, str]] = {}  # spec -> (samples, source): counted once per process
 
 
 def epoch_samples(data_cfg, spec: str, shards: list[str]) -> int:
-    """Samples per epoch when ``data.samples_per_epoch`` is 0: from the metadata beside the shards, a cached count,
-    or by reading them; on rank 0 only when a process group is up (the figure is broadcast), once per process and
-    spec (a folder that loses shards mid-run keeps its epoch length: the readers wrap to fill it). Logged with
-    where the figure came from."""
+    return epoch_count(data_cfg, spec, shards)[0]
+
+
+def epoch_count(data_cfg, spec: str, shards: list[str]) -> tuple[int, str]:
+    """(samples per epoch, where the figure came from) when ``data.samples_per_epoch`` is 0: from the metadata
+    beside the shards, a cached count, or by reading them; on rank 0 only when a process group is up (the figure is
+    broadcast), once per process and spec (a folder that loses shards mid-run keeps its epoch length: the readers
+    wrap to fill it). Logged with where the figure came from."""
     import torch.distributed as dist
 
     key = spec or "\n".join(shards)
@@ -397,8 +404,8 @@ def epoch_samples(data_cfg, spec: str, shards: list[str]) -> int:
     else:
         samples, source = shardlib.count_samples(shards, policy, cache)
     log.info("data: %d samples per epoch in %d shards, from %s", samples, len(shards), source)
-    _COUNTS[key] = samples
-    return samples
+    _COUNTS[key] = samples, source
+    return samples, source
 
 
 def stream_policy(data_cfg) -> shardlib.StreamPolicy:
@@ -410,7 +417,10 @@ def _probe_semantic(shards: list[str], data_cfg, optional: bool = False) -> bool
     one; every rank probes the same shard, so they agree. ``optional`` (evaluation): only when the first shard's
     sidecar exists, so a validation split without embeddings still gives images and captions."""
     if data_cfg.semantic_dir:
-        if not optional or sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
+        if not optional:
+            check_sidecars(data_cfg.semantic_dir, shards)  # every one present and made from its shard: exit 2
+            return True
+        if sidecar_path(data_cfg.semantic_dir, shards[0]).is_file():
             return True
     first = next(shardlib.iter_raw_samples(shards[0], policy=stream_policy(data_cfg)), None)
     return first is not None and data_cfg.semantic_key in first
@@ -610,14 +620,20 @@ def build_train_loader(config, rank: int, world_size: int, epoch: int, start_bat
                        prefetch_factor=config.data.prefetch_factor, timeout_s=config.data.loader_timeout_s)
 
 
-def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: int = 0) -> Iterator[dict]:
+def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: int = 0,
+                      errors: shardlib.ShardErrors | None = None) -> Iterator[dict]:
     """Every usable sample of a shard spec (default: the validation split) once, in shard order, with the eval
-    transform; in-process. ``limit`` > 0 stops after that many samples."""
+    transform; in-process. ``limit`` > 0 stops after that many samples. ``errors`` receives the skip counts (what
+    a report of the measured pairs states)."""
     from alignclip.tokenizer import get_tokenizer
 
     spec = spec or resolve_spec(config.data, "val")
     shards = shardlib.expand_spec(spec)
     data = config.data
+    if data.semantic_dir and not set(shards) <= set(_listed_shards(data.train)):
+        # The sidecars were made for the training shards: other data (a held-out set whose shards are named like
+        # them, an exported model measured elsewhere) never reads them.
+        data = replace(data, semantic_dir="")
     settings = ReaderSettings(shards=shards, seed=0, epoch=0, rank=0, world_size=1, num_readers=1,
                               batch_size=batch_size, batches_per_epoch=0, start_batch=0,
                               image_size=config.model.vision.image_size,
@@ -627,6 +643,8 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                               with_semantic=_probe_semantic(shards, data, optional=True),
                               max_image_pixels=data.max_image_pixels, io=stream_policy(data))
     reader = ShardReader(settings, 0)
+    if errors is not None:
+        reader.errors = errors
     tokenizer = get_tokenizer(settings.context_length)
     batch: list[tuple[_Sample, np.ndarray]] = []
     seen = 0
@@ -647,6 +665,13 @@ def iter_eval_batches(config, batch_size: int, spec: str | None = None, limit: i
                 return
     if batch:
         yield _eval_batch(reader, batch, tokenizer)
+
+
+def _listed_shards(spec: str) -> list[str]:
+    try:
+        return shardlib.expand_spec(spec) if spec and spec != "generated" else []
+    except FileNotFoundError:
+        return []
 
 
 def _eval_batch(reader: ShardReader, batch: list, tokenizer) -> dict:

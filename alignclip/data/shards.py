@@ -12,6 +12,7 @@ webdataset names them (the key is a member's name up to its first '.', the exten
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -19,8 +20,10 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import tarfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -133,6 +136,82 @@ def slot_shards(shards: Sequence[str], slot: Slot, seed: int, epoch: int) -> lis
     return epoch_shard_order(shards, seed, epoch)[slot.index::slot.count]
 
 
+# ---------------------------------------------------------------------------- interruptible start-up reads
+REQUEUE_EXIT_CODE = 124  # the trainer's "stopped cleanly, requeue me" (alignclip.training.preemption)
+_STARTUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                         if hasattr(signal, name))
+_POLL_S = 0.25  # a blocked read or back-off looks at the signals this often
+_received: list[int] = []  # signals received inside ``interruptible``; empty elsewhere (and in loader workers)
+_progress: list[str] = [""]  # what the innermost ``interruptible`` is doing, for the message
+_raise_in_handler = [False]  # True while blocked in a read that our checks cannot interrupt
+
+
+class Interrupted(SystemExit):
+    """A preemption signal arrived during start-up reading (the sample count): nothing was trained, so nothing is
+    saved, and the process leaves with the requeue code. A ``SystemExit``, so every caller (the trainer, a
+    submitit job, a tool) ends with 124 without having to know this module."""
+
+    def __init__(self, message: str):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def interruptible(what: str) -> Iterator[None]:
+    """While inside, the preemption signals (TERM, INT, HUP, USR1, USR2) are recorded -- and handed on to the
+    handler installed before (the trainer's flag) -- and ``check_interrupted`` raises ``Interrupted`` at the next
+    check: between shards and samples, and every ``_POLL_S`` of a blocked remote read or retry back-off. Without
+    this, a SIGTERM during a count of dead shards waited for every timeout (minutes per shard) and Slurm's grace
+    period ended in SIGKILL. Main thread only (elsewhere a no-op: signals reach the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, object] = {}
+
+    def record(signum, frame) -> None:
+        _received.append(signum)
+        chained = previous.get(signum)
+        if callable(chained) and chained is not signal.default_int_handler:
+            chained(signum, frame)
+        if _raise_in_handler[0]:  # blocked in a foreign read (fsspec): no check of ours would run
+            check_interrupted()
+
+    for sig in _STARTUP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is None or handler == signal.SIG_IGN:  # installed outside Python, or ignored on purpose
+            continue
+        previous[sig] = handler
+        signal.signal(sig, record)
+    _progress[:] = [what]
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _received.clear()
+
+
+def check_interrupted(done: str = "") -> None:
+    """Raise ``Interrupted`` when a preemption signal arrived inside ``interruptible``; else nothing (cheap)."""
+    if _received:
+        name = signal.Signals(_received[0]).name
+        message = (f"{name} during {_progress[0]}{' after ' + done if done else ''}: nothing was trained, nothing "
+                   f"saved; exit {REQUEUE_EXIT_CODE} (requeue)")
+        _received.clear()
+        log.error("data: %s", message)
+        raise Interrupted(message)
+
+
+def interruptible_sleep(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        check_interrupted()
+        time.sleep(min(left, _POLL_S))
+
+
 # ------------------------------------------------------------------------------------------- opening streams
 @dataclass(frozen=True)
 class StreamPolicy:
@@ -187,11 +266,15 @@ class BoundedStream(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         if self.raw is None:
-            return self.stream.read(size)
-        if self.timeout_s > 0:
-            ready, _, _ = select.select([self.raw], [], [], self.timeout_s)
-            if not ready:
+            return _foreign(self.stream.read, size)
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # in slices, so a start-up count notices a preemption signal within a slice
+            check_interrupted()
+            left = deadline - time.monotonic() if self.timeout_s > 0 else _POLL_S
+            if left <= 0:
                 raise StalledRead(f"no data for {self.timeout_s:g} s (data.io_timeout_s)")
+            if select.select([self.raw], [], [], min(left, _POLL_S))[0]:
+                break
         data = self.raw.read(size if size and size > 0 else 1 << 16)
         if not data:
             status = self.proc.wait(timeout=self.timeout_s or None)
@@ -215,6 +298,46 @@ class BoundedStream(io.RawIOBase):
         super().close()
 
 
+def _foreign(call, *args):
+    """``call(*args)`` of code that is not ours (a local file's read, fsspec's open and read): any failure becomes
+    an OSError (a ``StalledRead`` after a timeout) so the reader counts it -- s3fs, for one, ends a read that timed
+    out with an IndexError from its own error handling. Inside ``interruptible``, a preemption signal ends the call
+    at once (fsspec waits for its event-loop thread, where no check of ours can run)."""
+    _raise_in_handler[0] = True
+    try:
+        return call(*args)
+    except (OSError, Interrupted):
+        raise
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        chain, cause = [], err
+        while cause is not None and len(chain) < 10:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower() for e in chain):
+            raise StalledRead(f"timed out ({type(err).__name__} after {chain[-1]!r})") from err
+        raise OSError(f"{type(err).__name__}: {err}") from err
+    finally:
+        _raise_in_handler[0] = False
+
+
+def _fsspec_fs(url: str, timeout_s: float):
+    """(fsspec file system, path) for ``url``; s3fs' own timeouts follow data.io_timeout_s and its retries give
+    way to ours (``data.io_retries`` in ``iter_raw_samples``; s3fs would retry a timed-out read 5 more times)."""
+    import fsspec
+
+    if urlparse(url).scheme == "s3":
+        fs = fsspec.filesystem("s3", config_kwargs={"read_timeout": max(timeout_s, 1),
+                                                    "connect_timeout": max(timeout_s, 1)})
+        fs.retries = 1
+        return fs, url
+    return fsspec.core.url_to_fs(url)
+
+
+def _fsspec_stream(url: str, timeout_s: float):
+    fs, path = _fsspec_fs(url, timeout_s)
+    return fs.open(path, "rb")
+
+
 def open_shard(url: str, timeout_s: float = 60.0) -> BoundedStream:
     """A read stream for a local path, ``file:``, ``pipe:COMMAND``, ``http(s)://`` or any fsspec URL (``s3://`` needs
     the ``s3`` extra: s3fs). Raises OSError (FileNotFoundError for a missing local file)."""
@@ -234,7 +357,7 @@ def open_shard(url: str, timeout_s: float = 60.0) -> BoundedStream:
         except ImportError as err:  # pragma: no cover - fsspec comes with webdataset's extras / huggingface
             raise OSError(f"{url}: reading {scheme}:// needs fsspec (pip install 'alignclip[s3]')") from err
         try:
-            stream = fsspec.open(url, "rb").open()
+            stream = _foreign(_fsspec_stream, url, timeout_s)
         except ImportError as err:  # e.g. s3:// without s3fs
             raise OSError(f"{url}: {err} (for s3:// install the s3 extra: pip install 'alignclip[s3]')") from err
     return BoundedStream(stream, url, timeout_s)
@@ -249,9 +372,13 @@ class ShardErrors:
               "stalled_shard", "shard_retries", "wrapped_passes")
     _QUIET = ("samples_read", "wrapped_passes", "shard_retries")
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.counts = {name: 0 for name in self.FIELDS}
-        self._logged = 0
+        self._logged = 20 if quiet else 0  # quiet: counts only (a caller that reports them itself)
+
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of what was skipped or failed (no zeros, no plain counters): what a report states."""
+        return {k: v for k, v in self.counts.items() if v and k not in self._QUIET}
 
     def add(self, name: str, detail: str = "", n: int = 1) -> None:
         self.counts[name] += n
@@ -328,9 +455,9 @@ def iter_raw_samples(shard: str, errors: ShardErrors | None = None,
                 if errors is not None:
                     errors.add("shard_retries")
                 log.warning("data: %s failed (%r); retry %d of %d", shard, err, attempt + 1, policy.retries)
-                time.sleep(policy.backoff_s * 2 ** attempt)
+                interruptible_sleep(policy.backoff_s * 2 ** attempt)
                 continue
-            kind = ("stalled_shard" if isinstance(err, StalledRead)
+            kind = ("stalled_shard" if isinstance(err, (StalledRead, TimeoutError))
                     else "truncated_shard" if progress[0] else "unreadable_shard")
             detail = f"{shard} after {progress[0]} members: {err!r}"
             if errors is not None:
@@ -412,31 +539,123 @@ def stats_count(shard: str) -> int | None:
         return None
 
 
-def read_count(shards: Sequence[str], policy: StreamPolicy = StreamPolicy()) -> int:
-    """Samples in the shards by reading every tar (slow on a big list)."""
-    return sum(sum(1 for _ in iter_raw_samples(shard, policy=policy)) for shard in shards)
+def read_count(shards: Sequence[str], policy: StreamPolicy = StreamPolicy()) -> tuple[int, ShardErrors]:
+    """Samples in the shards by reading every tar (slow on a big list), and what the reading skipped or failed."""
+    errors = ShardErrors()
+    total = 0
+    for i, shard in enumerate(shards):
+        check_interrupted(f"{i} of {len(shards)} shards")
+        for _ in iter_raw_samples(shard, errors, policy):
+            total += 1
+            check_interrupted(f"{i} of {len(shards)} shards")
+    return total, errors
+
+
+_FAILED_READS = ("unreadable_shard", "stalled_shard", "truncated_shard")
+
+
+def _run_bounded(command: list[str], timeout_s: float) -> tuple[int, bytes]:
+    """(exit status, stdout) of a short command, killed after ``timeout_s``; interruptible like a read."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + max(timeout_s, 1)
+    try:
+        while proc.poll() is None:
+            check_interrupted()
+            if time.monotonic() > deadline:
+                return -1, b""
+            time.sleep(0.02)
+        return proc.returncode, proc.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def shard_identity(shard: str, timeout_s: float = 60.0) -> str | None:
+    """What changes when a shard's content changes, without reading it: size and modification time (local),
+    ETag / Content-Length / Last-Modified (http(s) HEAD, fsspec's ``info``). None when it cannot be told: the
+    shard is missing or unreachable, a ``pipe:`` source, or a server that sends none of those headers."""
+    if shard.startswith("pipe:"):
+        return None
+    scheme = urlparse(shard).scheme if "://" in shard else ""
+    if scheme in ("", "file"):
+        try:
+            stat = os.stat(shard[len("file://"):] if shard.startswith("file://") else shard.removeprefix("file:"))
+        except OSError:
+            return None
+        return f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
+    if scheme in ("http", "https"):
+        status, out = _run_bounded(["curl", "--fail", "--silent", "--head", "--location", "--max-time",
+                                    f"{max(timeout_s, 1):g}", shard], timeout_s + 5)
+        if status != 0:
+            return None
+        last = out.decode("latin-1").replace("\r\n", "\n").strip().split("\n\n")[-1]  # after redirects
+        headers = dict(line.split(":", 1) for line in last.splitlines()[1:] if ":" in line)
+        found = {k.strip().lower(): v.strip() for k, v in headers.items()}
+        parts = [f"{k}={found[k]}" for k in ("etag", "content-length", "last-modified") if k in found]
+        return " ".join(parts) or None
+    try:
+        fs, path = _fsspec_fs(shard, timeout_s)
+        info = _foreign(fs.info, path)
+    except Exception:  # noqa: BLE001 - any failure means "cannot tell", and the count is then not cached
+        return None
+    parts = [f"{k}={info[k]}" for k in ("ETag", "etag", "size", "LastModified", "mtime") if info.get(k) is not None]
+    return " ".join(parts) or None
+
+
+def _describe_failures(errors: ShardErrors) -> str:
+    failed = {k: errors.counts[k] for k in _FAILED_READS if errors.counts[k]}
+    return ", ".join(f"{n} {k}" for k, n in failed.items())
 
 
 def count_samples(shards: Sequence[str], policy: StreamPolicy = StreamPolicy(), cache_dir: str | Path = "",
                   ) -> tuple[int, str]:
-    """(samples, where the figure came from): the metadata beside the shards, else a cached earlier count (a
-    JSON file in ``cache_dir`` named by the shard list), else by reading the shards once (then cached)."""
-    n = metadata_count(shards, policy.timeout_s)
-    if n is not None:
-        return n, "sizes.json / *_stats.json beside the shards"
-    digest = hashlib.sha256("\n".join(shards).encode()).hexdigest()[:20]
-    cache = Path(cache_dir) / f"count-{digest}.json" if cache_dir else None
-    if cache is not None and cache.is_file():
-        try:
-            return int(json.loads(cache.read_text())["samples"]), f"the cached count {cache}"
-        except (ValueError, KeyError, TypeError):
-            pass
-    n = read_count(shards, policy)
-    if cache is not None:
+    """(samples, where the figure came from -- the trainer logs it, and names it when the figure is refused).
+
+    In order: the metadata beside the shards (``sizes.json`` / ``*_stats.json``); else a cached earlier count, a
+    JSON file in ``cache_dir`` whose name is a hash of the shard list AND each shard's identity
+    (``shard_identity``: size + mtime locally, ETag / Content-Length remotely), so a shard rewritten, added or
+    removed gives another file and a recount; else reading every shard. A reading pass is cached only when every
+    shard was identified and none failed (unreadable, stalled, truncated): a count from a storage blip is used
+    for this start only. Preemption signals end it within a fraction of a second (``Interrupted``, exit 124)."""
+    with interruptible(f"the start-up sample count of {len(shards)} shards"):
+        n = metadata_count(shards, policy.timeout_s)
+        if n is not None:
+            return n, "sizes.json / *_stats.json beside the shards"
+        cache, why_not = None, ""
+        if cache_dir:
+            identities = []
+            for i, shard in enumerate(shards):
+                check_interrupted(f"identifying {i} of {len(shards)} shards")
+                identities.append(shard_identity(shard, policy.timeout_s))
+            unknown = [s for s, ident in zip(shards, identities) if ident is None]
+            if unknown:
+                why_not = (f"not cached: {len(unknown)} shard(s) cannot be identified by size/mtime or "
+                           f"ETag/Content-Length, e.g. {unknown[0]}")
+            else:
+                listing = "\n".join(f"{s}\t{ident}" for s, ident in zip(shards, identities))
+                cache = Path(cache_dir) / f"count-{hashlib.sha256(listing.encode()).hexdigest()[:20]}.json"
+        if cache is not None and cache.is_file():
+            try:
+                return (int(json.loads(cache.read_text())["samples"]),
+                        f"the cached count {cache} (the shards' sizes and dates / ETags unchanged since)")
+            except (ValueError, KeyError, TypeError, OSError):
+                log.warning("data: ignoring the unreadable cached count %s", cache)
+        n, errors = read_count(shards, policy)
+    failed = _describe_failures(errors)
+    if failed:
+        why_not = f"not cached: {failed} during the count (see the warnings above)"
+    elif cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             first = shards[0] if shards else ""
             atomic_write(cache, json.dumps({"samples": n, "shards": len(shards), "first": first}))
+            why_not = f"cached in {cache}"
         except OSError as err:
+            why_not = f"not cached: {err}"
             log.warning("data: cannot cache the sample count in %s: %s", cache, err)
-    return n, f"reading the {len(shards)} shards" + (f" (cached in {cache})" if cache is not None else "")
+    if failed:
+        log.warning("data: the sample count of %d shards had %s; it is used for this start only (not cached)",
+                    len(shards), failed)
+    return n, f"reading the {len(shards)} shards" + (f" ({why_not})" if why_not else "")

@@ -9,10 +9,30 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 from pathlib import Path
 from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+_TOP_K = re.compile(r"^acc(\d+)$")
+
+
+def finite_metrics(metrics: dict[str, Any], where: str = "") -> tuple[dict[str, Any], dict[str, str]]:
+    """(metrics with every NaN / infinity replaced by None, {metric: why it is undefined}), each one warned about.
+    JSON has no NaN: ``json.dumps`` would write a bare ``NaN`` that strict readers refuse. CLIP_benchmark reports
+    ``acc<k>`` as NaN when the task has fewer than k classes (a one-class folder has no top-5)."""
+    clean, undefined = {}, {}
+    for name, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            top_k = _TOP_K.match(name)
+            undefined[name] = (f"top-{top_k.group(1)} is undefined: the task has fewer than {top_k.group(1)} classes"
+                               if top_k and math.isnan(value) else f"the value is {value} (not finite)")
+            log.warning("%s%s: %s; written as null", f"{where}: " if where else "", name, undefined[name])
+            value = None
+        clean[name] = value
+    return clean, undefined
 
 
 def _slug(text: str) -> str:
@@ -26,9 +46,12 @@ def write_result(out_dir: str | Path, dataset: str, model: str, task: str, metri
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{_slug(dataset)}_{_slug(model)}_{_slug(task)}.json"
+    metrics, undefined = finite_metrics(metrics, f"{dataset} {task}")
     record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
               "language": language, **extra}
-    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    if undefined:
+        record["undefined_metrics"] = undefined
+    path.write_text(json.dumps(record, indent=2, sort_keys=False, allow_nan=False) + "\n")
     return path
 
 
@@ -60,6 +83,8 @@ def result_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
 
 
 def _cell(value) -> str:
+    if value is None:
+        return "undefined"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4f}"
     return str(value)

@@ -480,5 +480,40 @@ def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False
                           + "\n  ".join(failures) + f"\nmove {root} aside to start the run afresh")
 
 
+def checkpoint_problem(checkpoint: Path) -> Optional[str]:
+    """None when ``checkpoint`` passes what ``resume`` checks before it loads (every file against the manifest,
+    then a readable trainer state), else what failed, naming the file. Read-only."""
+    problem = verify_manifest(checkpoint)
+    if problem is None:
+        try:
+            read_state(checkpoint)
+        except CheckpointError as err:
+            problem = str(err)
+    return problem
+
+
+def newest_verified(run_dir: str | Path, warn=None) -> Path:
+    """Read-only, for tools that read a run folder (export, and evaluation / gap analysis through it): the newest
+    checkpoint that verifies, in ``resume``'s order (``latest`` first, then newest first); each damaged newer one
+    is named through ``warn``, as ``resume`` does. ``FileNotFoundError`` when the run has no checkpoint,
+    ``CheckpointError`` (exit 2) naming each one when none verifies. Nothing is removed or written."""
+    warn = warn or _warn
+    root = checkpoints_dir(run_dir)
+    ordered = candidates(root)
+    if not ordered:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir}: expected {root}/step_XXXXXXXX "
+                                f"directories (with {STATE_FILE})")
+    failures = []
+    for checkpoint in ordered:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            if failures:
+                warn(f"WARNING: reading {checkpoint}, an OLDER checkpoint, because {len(failures)} newer one(s) "
+                     f"failed verification: " + "; ".join(failures))
+            return checkpoint
+        failures.append(problem)
+    raise CheckpointError(f"no checkpoint in {root} verifies ({len(ordered)} tried): " + "; ".join(failures))
+
+
 def _warn(message: str) -> None:
     print(f"[checkpoint] {message}", file=sys.stderr, flush=True)

@@ -264,13 +264,11 @@ def plan_semantic(config: Config, data=None) -> SemanticPlan:
     if not build_objective(config.loss).needs_semantic:
         return SemanticPlan("none", 0)
     if config.data.semantic_dir and data is not None:
-        from alignclip.semantic import read_sidecar
+        from alignclip.data.sidecars import read_sidecar
 
-        try:
-            rows = read_sidecar(config.data.semantic_dir, data.shards[0])
-            width = int(next(iter(rows.values())).shape[0]) if rows else 0
-        except (OSError, ValueError, KeyError):
-            width = 0
+        # the width of the first shard's rows (data.plan_train_data checked every sidecar against its shard)
+        embeddings = read_sidecar(config.data.semantic_dir, data.shards[0]).embeddings
+        width = int(embeddings.shape[1]) if embeddings.ndim == 2 and len(embeddings) else 0
         return SemanticPlan("sidecar", width, config.data.semantic_dir)
     if data is not None and data.with_semantic:
         return SemanticPlan("shards", data.semantic_dim, config.data.semantic_key)
