@@ -1,6 +1,7 @@
 """Export a real DeepSpeed checkpoint (ZeRO 0 and 1) to safetensors and load it back without DeepSpeed; export to
 OpenCLIP and Hugging Face folders that those libraries load and that give our embeddings."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -251,9 +252,15 @@ def _zero0_step_dir(root: Path, model, config) -> Path:
     """A ZeRO-0 checkpoint as the engine lays it out (run/config.yaml, checkpoints/step_*/model states)."""
     from alignclip.config import save_config
 
+    from dataclasses import asdict
+
+    from alignclip.training import checkpoint as ckpt
+
     step = root / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
     torch.save({"module": model.state_dict()}, step / "mp_rank_00_model_states.pt")
+    (step / ckpt.STATE_FILE).write_text(json.dumps(asdict(ckpt.TrainerState(step=1))))
+    ckpt.write_manifest(step)  # tools verify what they read, as resume does
     save_config(config, root)
     return step
 
