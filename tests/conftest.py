@@ -25,7 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Files that take longest, longest first (measured on 2 cores; the rest keep their order after them). Only the
 # order changes: every test still runs, and a file missing from this list is simply scheduled later.
 LONGEST_FIRST = (
-    "test_launch_slurm", "test_study_e2e", "test_train_distributed", "test_faults_checkpoint",
+    "test_launch_slurm", "test_chaos", "test_study_own_data", "test_study_e2e", "test_faults_data",
+    "test_faults_counts", "test_faults_run_folder", "test_interop_init", "test_interop_cb", "test_plan", "test_train_distributed", "test_faults_checkpoint",
     "test_faults_preemption", "test_tools_metrics", "test_data_remote", "test_launch_api", "test_train_step",
     "test_packaging", "test_tools_export", "test_run_default", "test_faults_eval_preemption", "test_perf_bench_step",
     "test_gpu_check", "test_tools_eval", "test_train_resume_config", "test_losses_clamp", "test_perf_race",
