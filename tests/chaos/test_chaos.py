@@ -10,10 +10,9 @@ from tests.chaos.harness import Harness, Trial
 
 pytestmark = [pytest.mark.heavy, pytest.mark.timeout(3600)]
 
-# SIGHUP at a step is not in the fixed set: the trainer's handling of HUP (save, then exit 124) is another
-# change; until it lands, the long mode reports it as "lost" (killed without a save, resumed from the last one).
 TRIALS = [Trial(1, "TERM", "step", 3), Trial(2, "INT", "count", 0), Trial(3, "USR1", "step", 1),
-          Trial(4, "HUP", "count", 0), Trial(5, "KILL", "step", 3), Trial(6, "stall", "count", 0)]
+          Trial(4, "HUP", "count", 0), Trial(5, "KILL", "step", 3), Trial(6, "stall", "count", 0),
+          Trial(7, "HUP", "step", 3)]
 
 
 @pytest.fixture(scope="module")
