@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,14 @@ def run_folder_problem(err: OSError, config) -> Optional[str]:
         path = Path(os.fsdecode(err.filename)).resolve()
         if path == run_dir or run_dir in path.parents:
             return f"cannot write {path}: {(err.strerror or '').lower()} (the run folder {run_dir})"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and not err.filename:
+        # a writer that names no file (TensorBoard's event thread, a log flush) on the run folder's full disk
+        try:
+            full = shutil.disk_usage(run_dir).free < 16 * 2**20
+        except OSError:
+            full = False
+        if full:
+            return f"no space left on device: the run folder {run_dir} is full (its logs or TensorBoard events)"
     return None
 
 

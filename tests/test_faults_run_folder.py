@@ -54,7 +54,12 @@ def test_a_full_run_folder_is_one_line_exit_2_and_in_train_log(mount, tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]  # was 1, the message inside a 49-line traceback
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     tmp = run / "checkpoints" / "step_00000002.tmp"
-    expected = f"run folder error: writing checkpoint {tmp} failed: no space left on device"
-    assert expected in done.stderr
-    assert expected in (run / "train.log").read_text()  # was: not in train.log
+    # the checkpoint write usually meets the full disk first; on a busy machine TensorBoard's event thread may
+    # (it names no file): either way one line that says so, also in train.log
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("run folder error: ")]
+    assert line in {f"run folder error: writing checkpoint {tmp} failed: no space left on device",
+                    f"run folder error: no space left on device: the run folder {run.resolve()} is full (its logs or "
+                    f"TensorBoard events)"} or line.startswith(f"run folder error: writing checkpoint {tmp} failed: "
+                                                              f"no space left on device"), line
+    assert line in (run / "train.log").read_text()  # was: not in train.log
     assert not tmp.exists()

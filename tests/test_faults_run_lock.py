@@ -85,7 +85,8 @@ def test_a_live_holder_on_another_node_keeps_its_lock(tmp_path, monkeypatch):
 @pytest.mark.heavy
 def test_a_second_trainer_on_the_run_folder_exits_2_at_once_naming_the_first(tmp_path):
     run = tmp_path / "run"
-    overrides = tiny_overrides(tmp_path / "data", run, **{"train.max_steps": 400, "train.epochs": 200})
+    # long enough that it is still training when the second one (slow to start on a busy machine) is refused
+    overrides = tiny_overrides(tmp_path / "data", run, **{"train.max_steps": 100000, "train.epochs": 50000})
     first = subprocess.Popen([sys.executable, "-m", "alignclip.train", *overrides], env=child_env(), cwd=REPO_ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
