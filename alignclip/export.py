@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignclip.checkpoints import CHECKPOINT_SUBDIR, CheckpointError, checkpoint_problem, newest_verified
 from alignclip.config import Config, from_yaml_text, to_yaml
 from alignclip.data.transforms import CLIP_MEAN, CLIP_STD
 
@@ -36,8 +37,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory from a run directory, a checkpoints directory, or the step dir itself; verified against
     its manifest as a resume verifies it. A run directory gives its newest checkpoint that verifies (a damaged
     newer one is named in a warning); a step directory given itself must verify (``CheckpointError``, exit 2)."""
-    from alignclip.training.checkpoint import CHECKPOINT_SUBDIR, CheckpointError, checkpoint_problem, newest_verified
-
     p = Path(path)
     if (p / MODEL_STATES_FILE).is_file():
         problem = checkpoint_problem(p)

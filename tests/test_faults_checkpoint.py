@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from alignclip import checkpoints
+from alignclip.training import checkpoint as ckpt
 from tests.helpers import REPO_ROOT
 from tests.helpers.launch import final_weights, job_env, job_overrides, max_weight_difference
-from alignclip.training import checkpoint as ckpt
+from tests.helpers.tmpfs import tmpfs
 
 STEPS = 6
 
@@ -50,7 +52,7 @@ def _copy(base_run, tmp_path: Path) -> Path:
 
 
 def _step(run: Path, step: int) -> Path:
-    return run / "checkpoints" / ckpt.step_name(step)
+    return run / "checkpoints" / checkpoints.step_name(step)
 
 
 def _overwrite_bytes(path: Path) -> None:
@@ -108,7 +110,7 @@ def test_planted_pickle_in_the_rng_file_does_not_run_and_the_checkpoint_is_refus
     torch.save({"torch": Payload(marker)}, newest / "rng_state_rank0.pt")
     manifest = json.loads((newest / "manifest.json").read_text())
     manifest["files"]["rng_state_rank0.pt"] = {"size": (newest / "rng_state_rank0.pt").stat().st_size,
-                                               "sha256": ckpt.file_digest(newest / "rng_state_rank0.pt")}
+                                               "sha256": checkpoints.file_digest(newest / "rng_state_rank0.pt")}
     (newest / "manifest.json").write_text(json.dumps(manifest))
     done = _train(run, base_run[1])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -133,13 +135,8 @@ def test_no_checkpoint_that_verifies_stops_with_exit_2_naming_each(base_run, tmp
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 1 MiB tmpfs (root only), unmounted in teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "full"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True, timeout=30)
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True, timeout=30)
+    with tmpfs(tmp_path / "full", "1m") as mount:
+        yield mount
 
 
 @pytest.mark.heavy
@@ -161,20 +158,20 @@ def test_manifest_names_changed_missing_extra_and_resized_files(tmp_path):
     folder.mkdir()
     (folder / "a.pt").write_bytes(os.urandom(3 * 1024))
     (folder / "b.json").write_text("{}")
-    ckpt.write_manifest(folder)
-    assert ckpt.verify_manifest(folder) is None
+    checkpoints.write_manifest(folder)
+    assert checkpoints.verify_manifest(folder) is None
     _overwrite_bytes(folder / "a.pt")
-    assert ckpt.verify_manifest(folder) == f"{folder / 'a.pt'}: SHA-256 differs from the manifest (the bytes " \
+    assert checkpoints.verify_manifest(folder) == f"{folder / 'a.pt'}: SHA-256 differs from the manifest (the bytes " \
                                            "changed after the save)"
     (folder / "a.pt").write_bytes(b"x")
-    assert ckpt.verify_manifest(folder) == f"{folder / 'a.pt'}: 1 bytes, the manifest says 3072"
+    assert checkpoints.verify_manifest(folder) == f"{folder / 'a.pt'}: 1 bytes, the manifest says 3072"
     (folder / "a.pt").unlink()
-    assert ckpt.verify_manifest(folder) == f"{folder / 'a.pt'}: listed in the manifest but missing"
-    ckpt.write_manifest(folder)
+    assert checkpoints.verify_manifest(folder) == f"{folder / 'a.pt'}: listed in the manifest but missing"
+    checkpoints.write_manifest(folder)
     (folder / "extra.bin").write_bytes(b"1")
-    assert ckpt.verify_manifest(folder) == f"{folder / 'extra.bin'}: not listed in the manifest"
+    assert checkpoints.verify_manifest(folder) == f"{folder / 'extra.bin'}: not listed in the manifest"
     (folder / "manifest.json").write_text("{")
-    assert "unreadable manifest" in ckpt.verify_manifest(folder)
+    assert "unreadable manifest" in checkpoints.verify_manifest(folder)
 
 
 def test_file_digest_streams_and_equals_hashlib(tmp_path):
@@ -182,7 +179,7 @@ def test_file_digest_streams_and_equals_hashlib(tmp_path):
 
     data = os.urandom((8 << 20) + 12345)  # more than one chunk
     (tmp_path / "f").write_bytes(data)
-    assert ckpt.file_digest(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert checkpoints.file_digest(tmp_path / "f") == hashlib.sha256(data).hexdigest()
 
 
 def test_rng_states_round_trip_through_weights_only_load(tmp_path):
@@ -191,7 +188,7 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path):
 
     random.seed(5)
     np.random.standard_normal()  # a cached gaussian in numpy's state
-    torch.save(ckpt.capture_rng(), tmp_path / ckpt.RNG_FILE.format(rank=0))
+    torch.save(ckpt.capture_rng(), tmp_path / checkpoints.RNG_FILE.format(rank=0))
     expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.standard_normal())
     torch.manual_seed(0), np.random.seed(0), random.seed(0)
     ckpt.restore_rng(ckpt.load_rng(tmp_path, 0))
@@ -202,7 +199,7 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path):
 
 def test_planted_payload_in_the_rng_file_fails_to_load_without_running(tmp_path):
     marker = tmp_path / "payload_ran"
-    torch.save({"torch": Payload(marker)}, tmp_path / ckpt.RNG_FILE.format(rank=0))
+    torch.save({"torch": Payload(marker)}, tmp_path / checkpoints.RNG_FILE.format(rank=0))
     with pytest.raises(pickle.UnpicklingError):
         ckpt.load_rng(tmp_path, 0)
     assert not marker.exists()
@@ -213,14 +210,14 @@ def test_an_old_checkpoint_without_manifest_still_loads_its_pickled_rng(tmp_path
     import random
 
     old = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save(old, tmp_path / ckpt.LEGACY_RNG.format(rank=0))
+    torch.save(old, tmp_path / checkpoints.LEGACY_RNG.format(rank=0))
     expected = np.random.rand(2)
     np.random.seed(1)
-    assert ckpt.verify_manifest(tmp_path) is None
+    assert checkpoints.verify_manifest(tmp_path) is None
     ckpt.restore_rng(ckpt.load_rng(tmp_path, 0))
     assert np.array_equal(np.random.rand(2), expected)
     # the legacy (unpickling) path is closed to checkpoints that have a manifest
-    ckpt.write_manifest(tmp_path)
+    checkpoints.write_manifest(tmp_path)
     assert ckpt.load_rng(tmp_path, 0) is None
 
 

@@ -21,7 +21,8 @@ def _two_checkpoints(rank, world_size, run_dir: str):
     from alignclip.config import load_config, save_config
     from alignclip.losses import build_objective
     from alignclip.models import build_model
-    from alignclip.training.checkpoint import TrainerState, save_checkpoint
+    from alignclip.checkpoints import TrainerState
+    from alignclip.training.checkpoint import save_checkpoint
     from alignclip.training.deepspeed_config import build_deepspeed_config
     from alignclip.training.engine import initialize_engine
 
@@ -111,7 +112,7 @@ def test_a_damaged_step_directory_or_a_run_without_an_intact_checkpoint_is_one_l
 
 
 def test_the_verified_read_is_read_only_and_takes_latest_first(trained, tmp_path):
-    from alignclip.training.checkpoint import newest_verified
+    from alignclip.checkpoints import newest_verified
 
     pristine, _ = trained
     run = _copy(pristine, tmp_path)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from alignclip import checkpoints
 from alignclip.config import ConfigError, load_config, to_yaml
 from alignclip.distributed.env import detect
 from alignclip.training import checkpoint as ckpt
@@ -32,15 +33,15 @@ def _saved_run(tmp_path: Path, overrides: list[str], step: int = 2, batch_in_epo
                accumulation: int = 1) -> Path:
     """A run directory whose newest checkpoint holds a trainer state and the config it trained with."""
     run = tmp_path / "run"
-    folder = ckpt.checkpoints_dir(run) / ckpt.step_name(step)
+    folder = checkpoints.checkpoints_dir(run) / checkpoints.step_name(step)
     folder.mkdir(parents=True)
     config = load_config(None, overrides)
-    state = ckpt.TrainerState(step=step, samples_seen=step * config.train.global_batch_size,
+    state = checkpoints.TrainerState(step=step, samples_seen=step * config.train.global_batch_size,
                               batch_in_epoch=batch_in_epoch, accumulation=accumulation,
                               text_lr_scale=config.optim.text_lr_scale)
-    (folder / ckpt.STATE_FILE).write_text(json.dumps(asdict(state)))
+    (folder / checkpoints.STATE_FILE).write_text(json.dumps(asdict(state)))
     (folder / "config.yaml").write_text(to_yaml(config))
-    (folder.parent / ckpt.LATEST).write_text(folder.name + "\n")
+    (folder.parent / checkpoints.LATEST).write_text(folder.name + "\n")
     return run
 
 
@@ -123,7 +124,7 @@ def _plan_for(steps_per_epoch: int, overrides: list[str]):
 
 def test_carry_keeps_the_samples_seen_in_the_epoch_exactly():
     # 3 steps of 16 into the epoch = 48 samples = 6 steps of 8, or 3 steps of 4 x 4 accumulated micro-batches
-    state = ckpt.TrainerState(step=3, samples_seen=48, epoch=1, batch_in_epoch=3, accumulation=1)
+    state = checkpoints.TrainerState(step=3, samples_seen=48, epoch=1, batch_in_epoch=3, accumulation=1)
     smaller = carried_position(state, 16, _plan_for(8, [*BASE, "train.global_batch_size=8"]))
     assert (smaller.epoch, smaller.batch_in_epoch, smaller.samples_seen) == (1, 6, 48)
     accumulated = carried_position(state, 16, _plan_for(4, [*BASE, "train.micro_batch_size=4"]))
@@ -168,7 +169,7 @@ def test_a_tiny_run_writes_its_plan_and_configs_and_a_refused_resume_builds_noth
     carried = _train(tiny_overrides(tmp_path / "data", run, **{"train.max_steps": 5, "train.global_batch_size": 8,
                                                                 "train.resume_changes": "carry"}))
     assert carried.returncode == 0, carried.stderr[-3000:]
-    state = json.loads((run / "checkpoints" / "step_00000005" / ckpt.STATE_FILE).read_text())
+    state = json.loads((run / "checkpoints" / "step_00000005" / checkpoints.STATE_FILE).read_text())
     # 3 steps x 16 = 48 samples = 6 steps of 8 into the epoch; then 2 more steps of 8
     assert (state["samples_seen"], state["batch_in_epoch"], state["epoch"]) == (64, 8, 0)
     log = (run / "train.log").read_text()

@@ -18,7 +18,8 @@ def _train_and_checkpoint(rank, world_size, run_root: str):
     from alignclip.config import load_config, save_config
     from alignclip.losses import build_objective
     from alignclip.models import build_model
-    from alignclip.training.checkpoint import TrainerState, save_checkpoint
+    from alignclip.checkpoints import TrainerState
+    from alignclip.training.checkpoint import save_checkpoint
     from alignclip.training.deepspeed_config import build_deepspeed_config
     from alignclip.training.engine import initialize_engine
 
@@ -254,13 +255,13 @@ def _zero0_step_dir(root: Path, model, config) -> Path:
 
     from dataclasses import asdict
 
-    from alignclip.training import checkpoint as ckpt
+    from alignclip import checkpoints
 
     step = root / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
     torch.save({"module": model.state_dict()}, step / "mp_rank_00_model_states.pt")
-    (step / ckpt.STATE_FILE).write_text(json.dumps(asdict(ckpt.TrainerState(step=1))))
-    ckpt.write_manifest(step)  # tools verify what they read, as resume does
+    (step / checkpoints.STATE_FILE).write_text(json.dumps(asdict(checkpoints.TrainerState(step=1))))
+    checkpoints.write_manifest(step)  # tools verify what they read, as resume does
     save_config(config, root)
     return step
 

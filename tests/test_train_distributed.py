@@ -121,7 +121,7 @@ def _online_semantic_steps(rank: int, world_size: int, overrides: list[str]):
     run.feed.start_epoch()  # this epoch's loader, as the loop starts it
     batches = run.feed.batches
     stats = run.read_stats([run.train_step(batches) for _ in range(3)])
-    encoder = type(run.components.semantic_encoder).__name__
+    encoder = type(run.stepper.captions.encoder).__name__
     run.close()
     return stats, encoder
 
@@ -288,7 +288,7 @@ ckpt.save_checkpoint(run.engine, run.run_dir, run.state, keep=3)
 
 @pytest.mark.heavy
 def test_kill_during_checkpoint_write_leaves_latest_loadable(toy_data, tmp_path):
-    from alignclip.training.checkpoint import find_latest
+    from alignclip.checkpoints import find_latest
 
     overrides = tiny_overrides(toy_data, tmp_path, **{"train.max_steps": 3})
     env = child_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from alignclip import checkpoints
 from alignclip.training import checkpoint as ckpt
 from tests.helpers import REPO_ROOT
 from tests.helpers.ranks import run_on_ranks
@@ -111,7 +112,7 @@ def test_a_text_lr_scale_of_1_resumed_below_1_names_the_key_and_keeps_the_checkp
     changed = _overrides(toy_data, run, 1, 0.1, steps=2)
     outcome, = run_on_ranks(_session, 1, changed, False)
     err = outcome["error"]
-    assert isinstance(err, ckpt.ConfigChangeError) and not isinstance(err, ckpt.CheckpointError)
+    assert isinstance(err, ckpt.ConfigChangeError) and not isinstance(err, checkpoints.CheckpointError)
     message = str(err)
     assert message.startswith("key 'optim.text_lr_scale' is 0.1 but checkpoint "), message
     assert "step_00000001 was written with 1:" in message and "The checkpoint is fine" in message
@@ -120,7 +121,7 @@ def test_a_text_lr_scale_of_1_resumed_below_1_names_the_key_and_keeps_the_checkp
     kind, message, warnings = run_on_ranks(_resume_loop, 1, changed)[0]
     assert kind == "ConfigChangeError" and "key 'optim.text_lr_scale' is 0.1" in message and not warnings
     assert _snapshot(run) == before  # checkpoint, latest and config.yaml as they were
-    assert ckpt.verify_manifest(run / "checkpoints" / "step_00000001") is None
+    assert checkpoints.verify_manifest(run / "checkpoints" / "step_00000001") is None
     # the advice works: the saved value resumes
     resumed, = run_on_ranks(_session, 1, _overrides(toy_data, run, 1, 1.0, steps=2), False)
     assert resumed["step"] == 1 and resumed["adam_steps"] == [1.0]
@@ -153,7 +154,7 @@ def test_another_text_lr_scale_below_1_and_another_weight_decay_take_effect_on_r
     lr = out["lr"]  # the resumed step's: the text groups at 0.2 of the image side's
     assert lr["decay_text"] == pytest.approx(0.2 * lr["decay"])
     assert lr["no_decay_text"] == pytest.approx(0.2 * lr["no_decay"])
-    state = json.loads((run / "checkpoints" / "step_00000002" / ckpt.STATE_FILE).read_text())
+    state = json.loads((run / "checkpoints" / "step_00000002" / checkpoints.STATE_FILE).read_text())
     assert state["text_lr_scale"] == 0.2  # the next resume compares against the value trained with now
 
 
@@ -162,13 +163,13 @@ def test_a_checkpoint_from_before_the_recorded_scale_resumes_by_its_config(toy_d
     match): the run's config.yaml (0.1) says its layout. The same value resumes unchanged, 1 names the key."""
     run = _copy(saved_run(1, 0.1), tmp_path)
     newest = run / "checkpoints" / "step_00000001"
-    state = json.loads((newest / ckpt.STATE_FILE).read_text())
+    state = json.loads((newest / checkpoints.STATE_FILE).read_text())
     assert state.pop("text_lr_scale") == 0.1
-    (newest / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    manifest = json.loads((newest / ckpt.MANIFEST).read_text())
-    manifest["files"][ckpt.STATE_FILE] = {"size": (newest / ckpt.STATE_FILE).stat().st_size,
-                                          "sha256": ckpt.file_digest(newest / ckpt.STATE_FILE)}
-    (newest / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    (newest / checkpoints.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    manifest = json.loads((newest / checkpoints.MANIFEST).read_text())
+    manifest["files"][checkpoints.STATE_FILE] = {"size": (newest / checkpoints.STATE_FILE).stat().st_size,
+                                          "sha256": checkpoints.file_digest(newest / checkpoints.STATE_FILE)}
+    (newest / checkpoints.MANIFEST).write_text(json.dumps(manifest))
     outcome, = run_on_ranks(_session, 1, _overrides(toy_data, run, 1, 1.0, steps=2), False)
     assert isinstance(outcome.get("error"), ckpt.ConfigChangeError) and "written with 0.1:" in str(outcome["error"])
     same, = run_on_ranks(_session, 1, _overrides(toy_data, run, 1, 0.1, steps=2), False)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from alignclip import checkpoints
 from alignclip.config import ConfigError, load_config
 from alignclip.distributed.env import detect, expand_nodelist, port_for_job, setup_distributed_env, tasks_on_node
 from alignclip.training import checkpoint as ckpt
@@ -234,37 +235,37 @@ def test_nodelist_and_tasks_per_node_parsing():
 
 # ------------------------------------------------------------------------------------ checkpoint bookkeeping
 def _fake_checkpoint(root, step: int, complete: bool = True):
-    d = root / ckpt.step_name(step)
+    d = root / checkpoints.step_name(step)
     d.mkdir(parents=True)
     if complete:
-        (d / ckpt.STATE_FILE).write_text('{"step": %d}' % step)
+        (d / checkpoints.STATE_FILE).write_text('{"step": %d}' % step)
     return d
 
 
 def test_find_latest_skips_incomplete_and_follows_the_pointer(tmp_path):
-    root = ckpt.checkpoints_dir(tmp_path)
-    assert ckpt.find_latest(tmp_path) is None
+    root = checkpoints.checkpoints_dir(tmp_path)
+    assert checkpoints.find_latest(tmp_path) is None
     _fake_checkpoint(root, 10)
     _fake_checkpoint(root, 20)
     _fake_checkpoint(root, 30, complete=False)  # a directory without trainer_state.json is not a checkpoint
     (root / "step_00000040.tmp").mkdir()
-    assert ckpt.find_latest(tmp_path) == root / ckpt.step_name(20)
-    (root / ckpt.LATEST).write_text(ckpt.step_name(10) + "\n")
-    assert ckpt.find_latest(tmp_path) == root / ckpt.step_name(10)
-    (root / ckpt.LATEST).write_text(ckpt.step_name(99) + "\n")  # dangling pointer: newest complete instead
-    assert ckpt.find_latest(tmp_path) == root / ckpt.step_name(20)
+    assert checkpoints.find_latest(tmp_path) == root / checkpoints.step_name(20)
+    (root / checkpoints.LATEST).write_text(checkpoints.step_name(10) + "\n")
+    assert checkpoints.find_latest(tmp_path) == root / checkpoints.step_name(10)
+    (root / checkpoints.LATEST).write_text(checkpoints.step_name(99) + "\n")  # dangling pointer: newest complete instead
+    assert checkpoints.find_latest(tmp_path) == root / checkpoints.step_name(20)
 
 
 def test_prune_keeps_the_newest_k(tmp_path):
-    root = ckpt.checkpoints_dir(tmp_path)
+    root = checkpoints.checkpoints_dir(tmp_path)
     for step in (1, 2, 3, 4, 5):
         _fake_checkpoint(root, step)
     ckpt.prune(root, keep=2)
-    assert [p.name for p in ckpt.complete_checkpoints(root)] == [ckpt.step_name(4), ckpt.step_name(5)]
+    assert [p.name for p in checkpoints.complete_checkpoints(root)] == [checkpoints.step_name(s) for s in (4, 5)]
 
 
 def test_resume_with_another_world_size_says_how_to_convert(tmp_path):
-    state = ckpt.TrainerState(step=5, world_size=8)
+    state = checkpoints.TrainerState(step=5, world_size=8)
     expected = "(?s)restart with 8 ranks.*universal_checkpoint=true.*ds_to_universal"
     with pytest.raises(ckpt.CheckpointWorldSizeError, match=expected):
         ckpt.check_world_size(state, tmp_path / "step_00000005", world_size=4, universal=False)
@@ -274,17 +275,17 @@ def test_resume_with_another_world_size_says_how_to_convert(tmp_path):
 
 def test_a_text_lr_scale_across_1_stops_naming_the_key_and_what_to_do(tmp_path):
     checkpoint = tmp_path / "step_00000005"
-    below = ckpt.TrainerState(step=5, text_lr_scale=0.1)
+    below = checkpoints.TrainerState(step=5, text_lr_scale=0.1)
     expected = ("(?s)key 'optim.text_lr_scale' is 1 but checkpoint .*step_00000005 was written with 0.1.*"
                 "checkpoint is fine.*resume with optim.text_lr_scale=0.1 \\(or any other value below 1\\).*"
                 "new run directory")
     with pytest.raises(ckpt.ConfigChangeError, match=expected) as caught:
         ckpt.check_text_lr_scale(below, checkpoint, 1.0)
-    assert isinstance(caught.value, ConfigError) and not isinstance(caught.value, ckpt.CheckpointError)
+    assert isinstance(caught.value, ConfigError) and not isinstance(caught.value, checkpoints.CheckpointError)
     with pytest.raises(ckpt.ConfigChangeError, match="is 0.2 but .* written with 1: .*optim.text_lr_scale=1, "):
-        ckpt.check_text_lr_scale(ckpt.TrainerState(text_lr_scale=1.0), checkpoint, 0.2)
+        ckpt.check_text_lr_scale(checkpoints.TrainerState(text_lr_scale=1.0), checkpoint, 0.2)
     ckpt.check_text_lr_scale(below, checkpoint, 0.2)  # the same layout: load_checkpoint applies the new value
-    ckpt.check_text_lr_scale(ckpt.TrainerState(text_lr_scale=1.0), checkpoint, 1.0)
+    ckpt.check_text_lr_scale(checkpoints.TrainerState(text_lr_scale=1.0), checkpoint, 1.0)
 
 
 def test_a_trainer_state_without_text_lr_scale_takes_the_run_directorys_config(tmp_path):
@@ -292,8 +293,8 @@ def test_a_trainer_state_without_text_lr_scale_takes_the_run_directorys_config(t
     (a config from before the key existed: 1); without a config.yaml nothing is checked."""
     from alignclip.config import save_config
 
-    legacy = _fake_checkpoint(ckpt.checkpoints_dir(tmp_path), 7)
-    state = ckpt.read_state(legacy)
+    legacy = _fake_checkpoint(checkpoints.checkpoints_dir(tmp_path), 7)
+    state = checkpoints.read_state(legacy)
     assert state.text_lr_scale is None
     assert ckpt.trained_text_lr_scale(state, legacy) is None
     ckpt.check_text_lr_scale(state, legacy, 0.1)
@@ -307,7 +308,7 @@ def test_a_trainer_state_without_text_lr_scale_takes_the_run_directorys_config(t
     with pytest.raises(ckpt.ConfigChangeError, match="written with 1:"):
         ckpt.check_text_lr_scale(state, legacy, 0.1)
     # the state's own record wins over the config
-    assert ckpt.trained_text_lr_scale(ckpt.TrainerState(text_lr_scale=0.25), legacy) == 0.25
+    assert ckpt.trained_text_lr_scale(checkpoints.TrainerState(text_lr_scale=0.25), legacy) == 0.25
 
 
 def test_the_optimizer_groups_keep_this_runs_hyper_parameters_over_a_loaded_state():

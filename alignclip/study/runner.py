@@ -47,7 +47,7 @@ class StudyJob(TrainJob):
 
 
 def mark_done(run_dir: Path) -> None:
-    from alignclip.training.checkpoint import find_latest
+    from alignclip.checkpoints import find_latest
 
     latest = find_latest(run_dir)
     record = {"checkpoint": latest.name if latest else None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,24 +1,12 @@
-"""Step checkpoints: complete or absent, a ``latest`` pointer, keep the last K, automatic resume.
-
-Layout (docs/training.md)::
-
-    <run_dir>/checkpoints/
-        latest                          one line: the name of the newest complete checkpoint
-        step_00001000/
-            mp_rank_00_model_states.pt  DeepSpeed engine save (module weights, engine counters)
-            *_optim_states.pt           DeepSpeed ZeRO optimizer partitions, one per data-parallel rank
-            rng_state_rank<R>.pt        torch / CUDA / numpy / python RNG states of rank R, plain tensors and
-                                        numbers only (loads with ``torch.load(weights_only=True)``)
-            trainer_state.json          TrainerState below (JSON)
-            config.yaml                 the resolved config this checkpoint was trained with (the resume
-                                        checks compare it with the new one: alignclip.training.plan)
-            manifest.json               size and SHA-256 of every other file (written last)
+"""Step checkpoints of a training run: complete or absent, a ``latest`` pointer, keep the last K, automatic
+resume. The folder's layout, the manifest and reading a checkpoint back (verified) are ``alignclip.checkpoints``;
+this module writes them from an engine and loads them into one.
 
 A run resumed at another world size (``deepspeed.universal_checkpoint=true``) first converts its checkpoint into
 DeepSpeed's universal form, ``step_X_universal/`` beside it (rank 0, once), and loads that.
 
-Verification: ``manifest.json`` lists every file of the checkpoint with its size and SHA-256; it is written last
-and atomically, and a resume checks it before loading. ``resume`` walks the complete checkpoints newest first: a
+Verification: a resume checks each checkpoint as every reader does (``alignclip.checkpoints.checkpoint_problem``:
+the manifest, then the trainer state) before it loads it. ``resume`` walks the complete checkpoints newest first: a
 missing/extra/resized/changed file or a load error is reported loudly (which file of which checkpoint) and the
 next older checkpoint is tried; when none verifies, ``CheckpointError`` (exit 2). Hashing streams each file in
 8 MiB chunks and is split over the ranks (file i is hashed by rank i mod world), so its cost is one extra read of
@@ -41,50 +29,28 @@ ranks (as on a Slurm cluster).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import random
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from alignclip.checkpoints import (CONFIG_FILE, LATEST, LEGACY_RNG, MANIFEST, RNG_FILE, STATE_FILE, CheckpointError,
+                                   TrainerState, candidates, checkpoint_problem, checkpoints_dir, complete_checkpoints,
+                                   print_warning, read_state, step_name, write_manifest)
 from alignclip.config import ConfigError, saved_text_lr_scale
-from alignclip.distributed.process import any_rank, barrier, rank, world_size
+from alignclip.distributed.process import any_rank, barrier, rank
 from alignclip.fs import atomic_write, publish_dir
 from alignclip.training.optim import group_settings, restore_group_settings, splits_text_groups
 
-CHECKPOINT_SUBDIR = "checkpoints"
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
-CONFIG_FILE = "config.yaml"  # the config the checkpoint trained with (alignclip.training.parts.Checkpointer)
-LEGACY_RNG = "rng_rank{rank}.pt"  # pickled RNG states of checkpoints written before manifests existed
-RNG_FILE = "rng_state_rank{rank}.pt"
-_HASH_CHUNK = 8 << 20
 _LOW_SPACE_BYTES = 1 << 20  # after a failed write, less free space than this means the disk filled up
 UNIVERSAL_SUFFIX = "_universal"
-
-
-@dataclass
-class TrainerState:
-    step: int = 0  # optimizer steps done
-    samples_seen: int = 0  # global samples consumed by those steps
-    epoch: int = 0  # the epoch the next batch comes from
-    batch_in_epoch: int = 0  # loader batches (per rank) of that epoch already consumed: the data position
-    skipped_steps: int = 0  # batches dropped for a non-finite loss (train.nonfinite=skip)
-    world_size: int = 1
-    accumulation: int = 1  # micro-batches per step: converts batch_in_epoch when the world size changes
-    config_hash: str = ""
-    # optim.text_lr_scale of the run: it decides the optimizer's group layout. None in checkpoints written before it
-    # was recorded (trained_text_lr_scale then asks the run's config.yaml)
-    text_lr_scale: Optional[float] = None
 
 
 class CheckpointWorldSizeError(RuntimeError):
@@ -96,25 +62,8 @@ class ConfigChangeError(ConfigError):
     naming the key (exit 2 like any config error), and no older checkpoint is tried."""
 
 
-class CheckpointError(ConfigError):
-    """No usable checkpoint in a run directory that has some: the run's input is broken, exit 2 like a config
-    error (``python -m alignclip.train`` maps ConfigError to exit 2)."""
-
-    kind, listing = "checkpoint error", True
-
-
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed; the message names the path and the cause (e.g. no space left on device)."""
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_SUBDIR
-
-
 
 
 # ----------------------------------------------------------------------------------------------------- RNG
@@ -167,67 +116,6 @@ def load_rng(checkpoint: Path, rank: int) -> Optional[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ manifest
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, streamed in chunks (ZeRO partitions can be many GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files_of(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def _shared_digests(folder: Path, names: list[str]) -> dict[str, str]:
-    """Digests of ``names`` under ``folder``; file i is hashed by rank i mod world and the results are gathered
-    (collective when the world has > 1 rank)."""
-    mine = {n: file_digest(folder / n) for n in names[rank()::world_size()]}
-    if world_size() == 1:
-        return mine
-    gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, mine)
-    return {k: v for part in gathered for k, v in part.items()}
-
-
-def write_manifest(folder: Path) -> None:
-    """Collective: size and SHA-256 of every file in ``folder`` into ``folder/manifest.json`` (rank 0, atomic)."""
-    names = _files_of(folder)
-    digests = _shared_digests(folder, names)
-    if rank() == 0:
-        files = {n: {"size": (folder / n).stat().st_size, "sha256": digests[n]} for n in names}
-        atomic_write(folder / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
-
-
-def verify_manifest(checkpoint: Path) -> Optional[str]:
-    """Collective: None if every file matches ``manifest.json``, else what failed (naming the file). A
-    checkpoint written before manifests existed has none: accepted (None), its load still has to succeed."""
-    manifest_path = checkpoint / MANIFEST
-    if not manifest_path.is_file():
-        if any(checkpoint.glob(RNG_FILE.format(rank="*"))):  # written since manifests exist: it lost its manifest
-            return f"{manifest_path}: missing"
-        return None
-    try:
-        expected = json.loads(manifest_path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{manifest_path}: unreadable manifest ({err})"
-    present = set(_files_of(checkpoint))
-    for name in sorted(set(expected) - present):
-        return f"{checkpoint / name}: listed in the manifest but missing"
-    for name in sorted(present - set(expected)):
-        return f"{checkpoint / name}: not listed in the manifest"
-    for name in sorted(expected):
-        size = (checkpoint / name).stat().st_size
-        if size != expected[name]["size"]:
-            return f"{checkpoint / name}: {size} bytes, the manifest says {expected[name]['size']}"
-    digests = _shared_digests(checkpoint, sorted(expected))
-    for name in sorted(expected):
-        if digests[name] != expected[name]["sha256"]:
-            return f"{checkpoint / name}: SHA-256 differs from the manifest (the bytes changed after the save)"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------- save
 def save_checkpoint(engine, run_dir: str | Path, state: TrainerState, keep: int,
                     extra: Optional[dict[str, bytes]] = None) -> Path:
@@ -288,15 +176,6 @@ def remove_stale(root: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-             and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
 def prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (``keep`` <= 0 keeps all)."""
     if keep <= 0:
@@ -306,41 +185,6 @@ def prune(root: Path, keep: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- load
-def find_latest(run_dir: str | Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names, if complete; else the newest complete one; None for a fresh run."""
-    root = checkpoints_dir(run_dir)
-    ordered = candidates(root)
-    readable = [c for c in ordered if _peek_state(c) is not None]
-    return readable[0] if readable else None
-
-
-def candidates(root: Path) -> list[Path]:
-    """Complete checkpoints, newest first, the one ``latest`` names leading."""
-    ordered = complete_checkpoints(root)[::-1]
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named in ordered:
-            ordered.remove(named)
-            ordered.insert(0, named)
-    return ordered
-
-
-def read_state(checkpoint: Path) -> TrainerState:
-    path = checkpoint / STATE_FILE
-    try:
-        return TrainerState(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: unreadable trainer state ({type(err).__name__}: {err})") from None
-
-
-def _peek_state(checkpoint: Path) -> Optional[TrainerState]:
-    try:
-        return read_state(checkpoint)
-    except CheckpointError:
-        return None
-
-
 def check_world_size(state: TrainerState, checkpoint: Path, world_size: int, universal: bool) -> None:
     """ZeRO partitions the optimizer state by rank: another world size needs a universal checkpoint."""
     if state.world_size == world_size or universal:
@@ -444,7 +288,7 @@ def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False
     but none is usable: ``CheckpointError``. A world-size mismatch or a config change the checkpoint cannot follow
     (``check_text_lr_scale``) is not a corruption and raises at once.
     """
-    warn = warn or _warn
+    warn = warn or print_warning
     root = checkpoints_dir(run_dir)
     if rank() == 0 and root.is_dir():
         remove_stale(root)
@@ -452,13 +296,8 @@ def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False
     ordered = candidates(root)
     failures = []
     for checkpoint in ordered:
-        problem = verify_manifest(checkpoint)
+        problem = checkpoint_problem(checkpoint)
         state = None
-        if problem is None:
-            try:
-                state = read_state(checkpoint)
-            except CheckpointError as err:
-                problem = str(err)
         if problem is None:
             try:  # load_checkpoint checks the world size and the group layout first (the plan did for the newest)
                 state = load_checkpoint(engine, checkpoint, world_size, universal, accumulation, text_lr_scale)
@@ -480,40 +319,3 @@ def resume(engine, run_dir: str | Path, world_size: int, universal: bool = False
                           + "\n  ".join(failures) + f"\nmove {root} aside to start the run afresh")
 
 
-def checkpoint_problem(checkpoint: Path) -> Optional[str]:
-    """None when ``checkpoint`` passes what ``resume`` checks before it loads (every file against the manifest,
-    then a readable trainer state), else what failed, naming the file. Read-only."""
-    problem = verify_manifest(checkpoint)
-    if problem is None:
-        try:
-            read_state(checkpoint)
-        except CheckpointError as err:
-            problem = str(err)
-    return problem
-
-
-def newest_verified(run_dir: str | Path, warn=None) -> Path:
-    """Read-only, for tools that read a run folder (export, and evaluation / gap analysis through it): the newest
-    checkpoint that verifies, in ``resume``'s order (``latest`` first, then newest first); each damaged newer one
-    is named through ``warn``, as ``resume`` does. ``FileNotFoundError`` when the run has no checkpoint,
-    ``CheckpointError`` (exit 2) naming each one when none verifies. Nothing is removed or written."""
-    warn = warn or _warn
-    root = checkpoints_dir(run_dir)
-    ordered = candidates(root)
-    if not ordered:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir}: expected {root}/step_XXXXXXXX "
-                                f"directories (with {STATE_FILE})")
-    failures = []
-    for checkpoint in ordered:
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            if failures:
-                warn(f"WARNING: reading {checkpoint}, an OLDER checkpoint, because {len(failures)} newer one(s) "
-                     f"failed verification: " + "; ".join(failures))
-            return checkpoint
-        failures.append(problem)
-    raise CheckpointError(f"no checkpoint in {root} verifies ({len(ordered)} tried): " + "; ".join(failures))
-
-
-def _warn(message: str) -> None:
-    print(f"[checkpoint] {message}", file=sys.stderr, flush=True)

@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from alignclip import checkpoints
 from alignclip.distributed.process import any_rank_of
 from alignclip.training import checkpoint as ckpt
 from alignclip.training.monitor import memory_gb
@@ -48,7 +49,7 @@ class DataFeed:
     preemption signal pending here) it fetches nothing: the run stops before the next step whatever the data does,
     and a stalled source must not hold the save back."""
 
-    def __init__(self, plan, state: ckpt.TrainerState, log, stopping=lambda: False):
+    def __init__(self, plan, state: checkpoints.TrainerState, log, stopping=lambda: False):
         self.plan, self.state, self.log, self.stopping = plan, state, log, stopping
         self.accumulation = plan.layout.accumulation
         self.epoch_batches = plan.data.epoch.batches_per_epoch
@@ -307,6 +308,6 @@ class Checkpointer(Periodic):
 
     def save_now(self):
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.state, self.keep,
-                                    extra={ckpt.CONFIG_FILE: self.config_bytes})
+                                    extra={checkpoints.CONFIG_FILE: self.config_bytes})
         self.monitor.flush()
         return path

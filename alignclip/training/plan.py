@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from alignclip import checkpoints
 from alignclip.config import Config, from_yaml_text, run_dir_of, to_yaml, with_saved_norm_eps
 from alignclip.distributed.env import DistEnv
 from alignclip.distributed.layout import BatchLayout, batch_layout
@@ -189,7 +190,7 @@ def config_changes(old: Config, new: Config) -> list[ConfigChange]:
 def saved_config_of(checkpoint: Path, run_dir: Path) -> Optional[Config]:
     """The config ``checkpoint`` trained with: its own copy, else (checkpoints written before they kept one) the
     run directory's config.yaml (a failed resume never rewrote it)."""
-    for path in (checkpoint / ckpt.CONFIG_FILE, run_dir / CONFIG_FILE):
+    for path in (checkpoint / checkpoints.CONFIG_FILE, run_dir / CONFIG_FILE):
         if path.is_file():
             return from_yaml_text(path.read_text())
     return None
@@ -217,10 +218,10 @@ def check_changes(changes: list[ConfigChange], checkpoint: Path, carry_allowed: 
 
 def plan_resume(config: Config, run_dir: Path, world_size: int) -> tuple[Config, ResumePlan]:
     """The checkpoint to resume and every check on it; (the config to train with, the decision)."""
-    latest = ckpt.find_latest(run_dir)
+    latest = checkpoints.find_latest(run_dir)
     if latest is None:
         return config, ResumePlan(None)
-    state = ckpt.read_state(latest)
+    state = checkpoints.read_state(latest)
     ckpt.check_world_size(state, latest, world_size, config.deepspeed.universal_checkpoint)
     ckpt.check_text_lr_scale(state, latest, config.optim.text_lr_scale)
     config, legacy_eps = with_saved_norm_eps(config, run_dir)
@@ -237,7 +238,7 @@ def plan_resume(config: Config, run_dir: Path, world_size: int) -> tuple[Config,
     return config, ResumePlan(latest, state.step, saved_global, tuple(changes), carry, legacy_eps)
 
 
-def carried_position(state: ckpt.TrainerState, saved_global_batch: int, plan: "RunPlan") -> ckpt.TrainerState:
+def carried_position(state: checkpoints.TrainerState, saved_global_batch: int, plan: "RunPlan") -> checkpoints.TrainerState:
     """The loaded position in this run's layout, by samples seen in the epoch (``train.resume_changes=carry``):
     exact when the samples already read in the epoch are a whole number of new global batches, else the
     refusal names the figures."""
