@@ -88,6 +88,31 @@ class SemanticEncoder:
 
 
 # ------------------------------------------------------------------------------------------ precomputing
+class CaptionEmbeddings:
+    """E_s of a batch from the one source a run's plan names (``alignclip.training.plan.plan_semantic``): the
+    batch's own rows (``shards``: precomputed in the shards, ``sidecar``: read beside them by the loader), the
+    sentence encoder run on the captions (``online``: loaded once, here, and frozen), or ``none`` (no IMSep)."""
+
+    SOURCES = ("none", "shards", "sidecar", "online")
+
+    def __init__(self, source: str, device: torch.device, encoder: str = PAPER_MODEL, batch_size: int = 256,
+                 non_blocking: bool = False):
+        if source not in self.SOURCES:
+            raise ValueError(f"caption embeddings from {source!r}: expected one of {', '.join(self.SOURCES)}")
+        self.source, self.device, self.non_blocking = source, device, non_blocking
+        self.encoder = SemanticEncoder(encoder, device.type, batch_size=batch_size) if source == "online" else None
+
+    def __call__(self, batch: dict) -> torch.Tensor | None:
+        if self.source == "none":
+            return None
+        if self.encoder is not None:
+            return self.encoder.encode(list(batch["caption"])).to(self.device).float()
+        rows = batch.get("semantic")
+        if rows is None:  # the plan checked the shards/sidecars: a batch without rows is our bug
+            raise RuntimeError(f"the run reads caption embeddings from the {self.source}, but a batch has none")
+        return rows.to(self.device, non_blocking=self.non_blocking).float()
+
+
 def select_part(shards: Sequence[str], part: int | None = None, num_parts: int | None = None) -> list[str]:
     """Shards of array task ``part`` of ``num_parts`` (every ``num_parts``-th one). Defaults come from
     SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (relative to SLURM_ARRAY_TASK_MIN), else the whole list."""

@@ -94,7 +94,10 @@ def test_a_second_trainer_on_the_run_folder_exits_2_at_once_naming_the_first(tmp
         while not ((run / "train.log").exists() and " step 1 " in (run / "train.log").read_text()):
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
             time.sleep(0.05)
-        second = subprocess.run([sys.executable, "-m", "alignclip.train", *overrides], env=child_env(),
+        # the second one's shards do not exist: it is refused by the lock before its plan reads any shard (a
+        # start-up count of a big remote dataset would otherwise come first)
+        nowhere = f"data.train={tmp_path / 'nowhere'}/{{00000..00001}}.tar"
+        second = subprocess.run([sys.executable, "-m", "alignclip.train", *overrides, nowhere], env=child_env(),
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"PID {first.pid}" in second.stderr and "in use by another trainer" in second.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -64,7 +64,6 @@ class Components:
     engine: object  # deepspeed.DeepSpeedEngine
     objective: nn.Module
     input_dtype: torch.dtype
-    semantic_encoder: object = field(default=None, repr=False)  # SBERT, built on first use (online E_s only)
 
     @property
     def model(self) -> nn.Module:
@@ -77,22 +76,6 @@ class Components:
 
         return (images_to_device(device_images(batch, self.device), self.device, self.input_dtype, self.fast),
                 tokens_to_device(batch["text"], self.device, self.fast))
-
-    def semantic_embeddings(self, batch: dict, log=None) -> Optional[torch.Tensor]:
-        """E_s for IMSep's rescaling: precomputed in the shards when present, else SBERT online (frozen)."""
-        if not getattr(self.objective, "needs_semantic", False):
-            return None
-        if batch.get("semantic") is not None:
-            return batch["semantic"].to(self.device, non_blocking=self.fast.non_blocking).float()
-        if self.semantic_encoder is None:
-            from alignclip.semantic import SemanticEncoder
-
-            loss = self.config.loss
-            self.semantic_encoder = SemanticEncoder(loss.semantic_model, self.device.type,
-                                                    batch_size=loss.semantic_batch_size)
-            if log is not None:
-                log(f"semantic embeddings: encoding captions online with {loss.semantic_model}")
-        return self.semantic_encoder.encode(list(batch["caption"])).to(self.device).float()
 
 
 def build_components(plan: "StepPlan", model: Optional[nn.Module] = None) -> Components:

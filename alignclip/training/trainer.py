@@ -31,10 +31,12 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
-from alignclip.config import Config
+from alignclip import checkpoints
+from alignclip.config import Config, run_dir_of
 from alignclip.distributed.env import DistEnv, setup_distributed_env
 from alignclip.distributed.process import any_rank, is_lost_peer
 from alignclip.losses.temperature import clamp_logit_scale_
+from alignclip.semantic import CaptionEmbeddings
 from alignclip.training import checkpoint as ckpt
 from alignclip.training import parts
 from alignclip.training.components import Components, build_components, init_process_group
@@ -85,13 +87,16 @@ class StepResult:
 
 class Stepper:
     """The optimizer step over built ``components``: the trainer's, and the benchmarks' (``Stepper(components,
-    total_steps)``: no run directory, data, monitor or checkpoints) -- the same ``train_step``."""
+    total_steps)``: no run directory, data, monitor or checkpoints) -- the same ``train_step``. ``captions``: where
+    E_s comes from (the plan's source; default: the batches' own rows when the objective needs them)."""
 
-    def __init__(self, components: Components, total_steps: int, state: Optional[ckpt.TrainerState] = None,
-                 steps_per_epoch: int = 0, log=print):
+    def __init__(self, components: Components, total_steps: int, state: Optional[checkpoints.TrainerState] = None,
+                 steps_per_epoch: int = 0, log=print, captions: Optional[CaptionEmbeddings] = None):
         self.components = components
+        self.captions = captions or CaptionEmbeddings("shards" if components.objective.needs_semantic else "none",
+                                                      components.device, non_blocking=components.fast.non_blocking)
         self.config, self.env, self.engine = components.config, components.env, components.engine
-        self.state = state or ckpt.TrainerState(world_size=self.env.world_size,
+        self.state = state or checkpoints.TrainerState(world_size=self.env.world_size,
                                                 accumulation=components.layout.accumulation,
                                                 text_lr_scale=self.config.optim.text_lr_scale)
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch or total_steps
@@ -117,7 +122,7 @@ class Stepper:
             outputs = engine(*c.to_device(batch))
             text = scale_text_gradient(outputs["text_embeds"], engine.module, opt.text_lr_scale)
             loss = c.objective(outputs["image_embeds"], text, outputs["log_logit_scale"],
-                               c.semantic_embeddings(batch, self.log), step=state.step)
+                               self.captions(batch), step=state.step)
             bad_term = self.nonfinite_term(loss)  # host sync (the one per micro-batch)
             if bad_term is not None:
                 self.apply_nonfinite_policy(f"non-finite loss term '{bad_term}' at epoch {state.epoch}, batch "
@@ -217,14 +222,15 @@ class Trainer:
         self.preemption = PreemptionFlag(device=device)  # early: a signal during set-up must not kill the job
         self.lock = self.monitor = self.feed = None
         try:
+            # the lock first: a second trainer on this run folder is refused at once, before the start-up count
+            self.lock = self.take_lock(run_dir_of(config), env)
             # everything decided and checked before anything is built: a ConfigError names the key(s)
             self.plan = plan = resolve_plan(config, env)
-            self.lock = self.take_lock(plan, env)
             config, run_dir = plan.config, plan.run_dir
             if env.is_main:
                 write_deepspeed_config(plan.step.ds_config, run_dir)
             components = build_components(plan.step)
-            state = ckpt.TrainerState(world_size=env.world_size, accumulation=plan.layout.accumulation,
+            state = checkpoints.TrainerState(world_size=env.world_size, accumulation=plan.layout.accumulation,
                                       text_lr_scale=config.optim.text_lr_scale)
             # verified resume: the newest checkpoint whose manifest and load check out (older ones on failure,
             # loudly); stale .tmp folders of an interrupted save are removed first
@@ -239,10 +245,14 @@ class Trainer:
             if env.is_main:  # written only now: a refused or failed resume keeps the run's configs as they were
                 record_config(config, run_dir)
                 write_plan(plan)
+            loss = config.loss  # E_s from the plan's source; an online encoder loads here, once
+            captions = CaptionEmbeddings(plan.semantic.source, components.device, encoder=loss.semantic_model,
+                                         batch_size=loss.semantic_batch_size, non_blocking=components.fast.non_blocking)
         except BaseException:
             self.close()
             raise
-        self.stepper = Stepper(components, plan.total_steps, state, plan.steps_per_epoch, log=self.log)
+        self.stepper = Stepper(components, plan.total_steps, state, plan.steps_per_epoch, log=self.log,
+                               captions=captions)
         self.components, self.engine, self.state, self.env = components, components.engine, state, env
         self.config, self.run_dir, self.total_steps = config, run_dir, plan.total_steps
         self.monitor = monitor = Monitor(run_dir, config.logging, env.is_main, plan.total_steps, state.step)
@@ -266,19 +276,19 @@ class Trainer:
             self.close()
             raise
 
-    def take_lock(self, plan: RunPlan, env: DistEnv) -> Optional[RunLock]:
+    def take_lock(self, run_dir: Path, env: DistEnv) -> Optional[RunLock]:
         """Rank 0 locks the run directory; every rank learns whether it could (one collective)."""
         lock, refusal = None, None
         if env.is_main:
             try:
-                lock = RunLock.acquire(plan.run_dir, warn=lambda m: print(m, flush=True))
+                lock = RunLock.acquire(run_dir, warn=lambda m: print(m, flush=True))
             except RunLockedError as err:
                 refusal = err
         if any_rank(refusal is not None, self.preemption.device):
-            raise refusal or RunLockedError(f"run directory {plan.run_dir} is in use by another trainer (see rank 0)")
+            raise refusal or RunLockedError(f"run directory {run_dir} is in use by another trainer (see rank 0)")
         return lock
 
-    def report_start(self, plan: RunPlan, state: ckpt.TrainerState) -> None:
+    def report_start(self, plan: RunPlan, state: checkpoints.TrainerState) -> None:
         mon, layout, env = self.monitor, plan.layout, plan.step.env
         if self.latest is not None:
             mon.info(f"resumed from {self.latest} at step {state.step} (epoch {state.epoch}, batch "

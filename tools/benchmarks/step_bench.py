@@ -148,6 +148,11 @@ def run_case(case: BenchCase) -> BenchResult:
         data = plan_train_data(config, plan.layout)
     semantic = plan_semantic(config, data)  # E_s's width from the shards, the sidecar or the encoder
     semantic_dim = semantic.width or semantic_dim_of(config.loss)
+    if case.with_data:
+        from alignclip.semantic import CaptionEmbeddings
+
+        captions = CaptionEmbeddings(semantic.source, device, encoder=config.loss.semantic_model,
+                                     batch_size=config.loss.semantic_batch_size, non_blocking=fast.non_blocking)
 
     def sync():
         if device.type == "cuda":
@@ -172,8 +177,8 @@ def run_case(case: BenchCase) -> BenchResult:
             host = next(source)
             images, tokens = parts.to_device(host)
             batch = {"image": images, "text": tokens}
-            if objective.needs_semantic:  # precomputed, or online SBERT as the trainer does without them
-                batch["semantic"] = parts.semantic_embeddings(host)
+            if objective.needs_semantic:  # from the plan's source, as the trainer reads them
+                batch["semantic"] = captions(host)
         else:
             batch = fixed
         sync()
