@@ -140,3 +140,24 @@ def test_sigterm_to_the_trainer_during_its_start_up_count_exits_124_at_once_savi
     out = (tmp_path / "rank0.out").read_text()
     assert "SIGTERM during the start-up sample count" in out, out[-3000:]
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+@pytest.mark.heavy
+def test_two_ranks_rank_0_signalled_during_the_count_both_exit_124_without_waiting_for_the_collective_timeout(
+        server, tmp_path):
+    """Only rank 0 counts (the others wait in the figure's broadcast): a signal to rank 0 alone reaches the others
+    through that broadcast, so they leave at once with 124 instead of after ``train.collective_timeout_s``
+    (here 3,000 s: longer than this test waits)."""
+    base, _, httpd = server
+    data = {"train": f"{base}/stall/00000.tar::{base}/shards/{{00000..00003}}.tar", "val": f"{base}/shards/00003.tar"}
+    run = tmp_path / "run"
+    procs = launch(tiny_overrides(data, run, **{"data.io_timeout_s": 600, "data.io_retries": 0,
+                                                "train.collective_timeout_s": 3000,
+                                                "data.cache_dir": str(tmp_path / "cache")}),
+                   world_size=2, log_dir=tmp_path)
+    wait_for(httpd.stalled.is_set, procs, timeout=600, poll=0.05)
+    procs[0].send_signal(signal.SIGTERM)
+    assert wait_all(procs, timeout=600) == [124, 124]
+    out = (tmp_path / "rank1.out").read_text()
+    assert "rank 0: SIGTERM during the start-up sample count" in out, out[-3000:]
+    assert "Traceback" not in out

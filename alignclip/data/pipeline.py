@@ -39,6 +39,7 @@ import io
 import itertools
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -51,6 +52,7 @@ from alignclip.data import transforms as T
 from alignclip.data.sidecars import check_sidecars, read_sidecar, sidecar_path
 from alignclip.distributed.layout import BatchLayout, batch_layout
 from alignclip.distributed.process import ignore_preemption_signals, preemption_signals_blocked
+from alignclip.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +363,6 @@ class EpochPlan:
 def plan_epoch(config, layout: BatchLayout, shards: list[str], spec: str = "") -> EpochPlan:
     """Per-rank batch size and the number of batches per epoch, identical on every rank (the batch split is
     ``layout``'s, written once in ``alignclip.distributed.layout``)."""
-    from alignclip.config import ConfigError
 
     per_rank, accumulation = layout.micro_batch, layout.accumulation
     data = config.data
@@ -397,15 +398,44 @@ def epoch_count(data_cfg, spec: str, shards: list[str]) -> tuple[int, str]:
     policy = stream_policy(data_cfg)
     cache = dataset_dir(data_cfg).parent / "counts"  # data.cache_dir (the generated dataset's root)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [shardlib.count_samples(shards, policy, cache) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        samples, source = box[0]
-        source += " (on rank 0)"
+        samples, source = shared_count(shards, policy, cache)
     else:
         samples, source = shardlib.count_samples(shards, policy, cache)
     log.info("data: %d samples per epoch in %d shards, from %s", samples, len(shards), source)
     _COUNTS[key] = samples, source
     return samples, source
+
+
+def shared_count(shards: list[str], policy: shardlib.StreamPolicy, cache: Path) -> tuple[int, str]:
+    """Rank 0 counts and broadcasts the figure; when its count ends otherwise (a preemption signal, an error), the
+    other ranks hear so from the same broadcast and end the same way at once, instead of waiting in it until the
+    collective timeout."""
+    import torch.distributed as dist
+
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("counted", *shardlib.count_samples(shards, policy, cache))]
+        except shardlib.Interrupted as err:
+            box = [("interrupted", str(err))]
+            raise
+        except BaseException as err:
+            box = [("config" if isinstance(err, ConfigError) else "failed", f"{type(err).__name__}: {err}")]
+            raise
+        finally:
+            dist.broadcast_object_list(box, src=0)
+    else:
+        dist.broadcast_object_list(box, src=0)
+    outcome = box[0]
+    if outcome[0] == "interrupted":
+        message = f"rank 0: {outcome[1]}"
+        log.error("data: %s", message)
+        raise shardlib.Interrupted(message)
+    if outcome[0] == "config":
+        raise ConfigError(f"rank 0: {outcome[1]}")
+    if outcome[0] == "failed":
+        raise RuntimeError(f"rank 0 failed while counting the samples of the training shards: {outcome[1]}")
+    return outcome[1], outcome[2] + " (on rank 0)"
 
 
 def stream_policy(data_cfg) -> shardlib.StreamPolicy:
@@ -478,7 +508,6 @@ def plan_train_data(config, layout: BatchLayout, at_start: bool = True) -> Train
     caption embeddings. Config errors name the key. ``at_start``: too few shards for the readers is a config error
     at the start of a run; in a later epoch a folder that lost shards is not (readers without a shard read from the
     whole list)."""
-    from alignclip.config import ConfigError
 
     spec = resolve_spec(config.data, "train")
     try:
@@ -587,7 +616,6 @@ def reduce_stats(stats: dict[str, int]) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- entry points
 def resolve_spec(data_cfg, split: str) -> str:
     """``data.train`` / ``data.val`` as a shard spec; "generated" is rendered under the cache dir if absent."""
-    from alignclip.config import ConfigError
     from alignclip.data import generated
 
     spec = data_cfg.train if split == "train" else data_cfg.val
