@@ -112,19 +112,21 @@ def uniformity(x: Any) -> float:
     """U(X) = log 1/(N(N-1)) sum_{i != j} exp(-2 ||x_i - x_j||^2) (Fahim, Murphy & Fyshe 2024, arXiv 2405.18570,
     eq. 2; i != j as in the training loss)."""
     a = l2_normalize(x)
-    n = a.shape[0]
-    if n < 2:
-        raise ValueError(f"uniformity needs at least 2 embeddings, found {n}")
-    return float(np.log(_offdiag_sum(a, a, lambda s: np.exp(-2.0 * s)) / (n * (n - 1))))
+    return _log_mean_offdiag_gaussian(a, a, "uniformity needs at least 2 embeddings")
 
 
 def cross_modal_uniformity(img: Any, txt: Any) -> float:
     """L_xuniform = log 1/(N(N-1)) sum_{i != j} exp(-2 ||x_i - y_j||^2) (Fahim, Murphy & Fyshe 2024,
     arXiv 2405.18570, eq. 4)."""
     a, b = _paired(img, txt)
+    return _log_mean_offdiag_gaussian(a, b, "cross-modal uniformity needs at least 2 pairs")
+
+
+def _log_mean_offdiag_gaussian(a: np.ndarray, b: np.ndarray, too_few: str) -> float:
+    """log 1/(N(N-1)) sum_{i != j} exp(-2 ||a_i - b_j||^2), the kernel of both uniformities."""
     n = a.shape[0]
     if n < 2:
-        raise ValueError(f"cross-modal uniformity needs at least 2 pairs, found {n}")
+        raise ValueError(f"{too_few}, found {n}")
     return float(np.log(_offdiag_sum(a, b, lambda s: np.exp(-2.0 * s)) / (n * (n - 1))))
 
 

@@ -338,12 +338,7 @@ def contrastive_terms_with(row_ce: RowCE, image_local: Tensor, text_local: Tenso
                            imsep_rescale: bool, chunk_size: int, single_process_shortcuts: bool) -> ContrastiveTerms:
     """The terms of ``dense.contrastive_terms`` computed with the row-wise primitive ``row_ce``; when
     ``single_process_shortcuts`` and the call is a single process's, with ``OneBatchCrossEntropies`` instead."""
-    unknown = set(imsep_sides) - set(IMSEP_SIDES)
-    if unknown:
-        raise ValueError(f"imsep_sides: unknown side(s) {sorted(unknown)}; expected a subset of {IMSEP_SIDES}")
-    if imsep_sides and imsep_rescale and (semantic_local is None or semantic_all is None):
-        raise ValueError("IMSep with rescaling needs semantic embeddings (semantic_local and semantic_all); "
-                         "pass them, or set loss.imsep_rescale=false for D = 1")
+    dense.check_imsep_inputs(imsep_sides, imsep_rescale, semantic_local, semantic_all)
     chunk = _check_chunk(chunk_size)
     scale = logit_scale.exp()
     one_batch = single_process_shortcuts and offset == 0 and image_local is image_all and text_local is text_all

@@ -87,6 +87,17 @@ def imsep_loss(same_local: Tensor, same_all: Tensor, positive_logit: Tensor, log
     return F.cross_entropy(logit_scale.exp() * logits, labels)  # eq. 11
 
 
+def check_imsep_inputs(imsep_sides: tuple[str, ...], imsep_rescale: bool, semantic_local: Optional[Tensor],
+                       semantic_all: Optional[Tensor]) -> None:
+    """The IMSep arguments every implementation of ``contrastive_terms`` takes, checked once for all."""
+    unknown = set(imsep_sides) - set(IMSEP_SIDES)
+    if unknown:
+        raise ValueError(f"imsep_sides: unknown side(s) {sorted(unknown)}; expected a subset of {IMSEP_SIDES}")
+    if imsep_sides and imsep_rescale and (semantic_local is None or semantic_all is None):
+        raise ValueError("IMSep with rescaling needs semantic embeddings (semantic_local and semantic_all); "
+                         "pass them, or set loss.imsep_rescale=false for D = 1")
+
+
 def contrastive_terms(image_local: Tensor, text_local: Tensor, image_all: Tensor, text_all: Tensor,
                       semantic_local: Optional[Tensor], semantic_all: Optional[Tensor], logit_scale: Tensor,
                       offset: int, *, cross_modal: bool = True, imsep_sides: tuple[str, ...] = (),
@@ -106,12 +117,7 @@ def contrastive_terms(image_local: Tensor, text_local: Tensor, image_all: Tensor
     Returns:
         ContrastiveTerms, each a mean over the local rows or ``None``.
     """
-    unknown = set(imsep_sides) - set(IMSEP_SIDES)
-    if unknown:
-        raise ValueError(f"imsep_sides: unknown side(s) {sorted(unknown)}; expected a subset of {IMSEP_SIDES}")
-    if imsep_sides and imsep_rescale and (semantic_local is None or semantic_all is None):
-        raise ValueError("IMSep with rescaling needs semantic embeddings (semantic_local and semantic_all); "
-                         "pass them, or set loss.imsep_rescale=false for D = 1")
+    check_imsep_inputs(imsep_sides, imsep_rescale, semantic_local, semantic_all)
     image_to_text = text_to_image = None
     if cross_modal:
         image_to_text, text_to_image = cross_modal_cross_entropies(
