@@ -96,8 +96,9 @@ def test_a_second_trainer_on_the_run_folder_exits_2_at_once_naming_the_first(tmp
             time.sleep(0.05)
         # the second one's shards do not exist: it is refused by the lock before its plan reads any shard (a
         # start-up count of a big remote dataset would otherwise come first)
-        nowhere = f"data.train={tmp_path / 'nowhere'}/{{00000..00001}}.tar"
-        second = subprocess.run([sys.executable, "-m", "alignclip.train", *overrides, nowhere], env=child_env(),
+        nowhere = [o if not o.startswith("data.train=") else f"data.train={tmp_path / 'nowhere'}/{{00000..00001}}.tar"
+                   for o in overrides]
+        second = subprocess.run([sys.executable, "-m", "alignclip.train", *nowhere], env=child_env(),
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"PID {first.pid}" in second.stderr and "in use by another trainer" in second.stderr
