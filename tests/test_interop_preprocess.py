@@ -16,12 +16,12 @@ SIZE = 64
 SIZES = [(600, 393), (393, 600), (67, 64), (64, 71), (5, 3), (1, 9), (4096, 2731), (64, 64)]
 
 
-def hf_shifted(img: Image.Image) -> bool:
-    """Whether HF's floored crop offset differs from torchvision's rounded one: (resized long side - 64) is 3
-    modulo 4 (67 x 64, 64 x 71, and the 4096 x 2731 picture, resized to 95 x 64)."""
+def hf_shifted(img: Image.Image, size: int = SIZE) -> bool:
+    """Whether HF's floored crop offset differs from torchvision's rounded one: (resized long side - size) is 3
+    modulo 4 (at 64 px: 67 x 64, 64 x 71, and the 4096 x 2731 picture, resized to 95 x 64)."""
     from alignclip.data.transforms import shortest_edge_size
 
-    return (max(shortest_edge_size(img.width, img.height, SIZE)) - SIZE) % 4 == 3
+    return (max(shortest_edge_size(img.width, img.height, size)) - size) % 4 == 3
 
 
 def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -50,9 +50,9 @@ def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
     return Image.open(out)
 
 
-def _cases():
+def real_looking_cases() -> list[tuple[str, Image.Image]]:
+    """(name, picture): non-square both ways, tiny, 1 px wide, huge, square, and a transparent PNG."""
     cases = [(f"{w}x{h}", photo(w, h, i)) for i, (w, h) in enumerate(SIZES)]
-    assert [hf_shifted(img) for _, img in cases].count(True) == 3
     return cases + [("transparent 300x200", photo(300, 200, 99, "RGBA"))]
 
 
@@ -80,37 +80,45 @@ def exported(tmp_path_factory):
     return model, save_openclip(model, config, root / "oc"), save_hf(model, config, root / "hf")
 
 
-def _floored_crop(img: Image.Image) -> torch.Tensor:
+def _cases():
+    cases = real_looking_cases()
+    assert [hf_shifted(img) for _, img in cases].count(True) == 3
+    return cases
+
+
+def _floored_crop(img: Image.Image, size: int = SIZE) -> torch.Tensor:
     """HF's PIL backend: the same resize, the crop offset floored."""
     from alignclip.data.transforms import normalize_batch, shortest_edge_size
 
-    w, h = shortest_edge_size(img.width, img.height, SIZE)
+    w, h = shortest_edge_size(img.width, img.height, size)
     resized = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - SIZE) // 2, (h - SIZE) // 2
-    return normalize_batch([np.asarray(resized.crop((left, top, left + SIZE, top + SIZE)))])[0]
+    left, top = (w - size) // 2, (h - size) // 2
+    return normalize_batch([np.asarray(resized.crop((left, top, left + size, top + size)))])[0]
 
 
-def test_pixels_and_embeddings_equal_through_each_librarys_own_preprocess(exported):
+def worst_through_own_preprocess(model, oc_dir, hf_dir, size: int, cases) -> dict[str, float]:
+    """The largest difference, over ``cases``, between our pixels / image embeddings and those of the OpenCLIP and
+    HF exports loaded by their libraries, each through its own preprocess (HF's PIL backend; where its floored crop
+    offset moves the crop, our model is run on HF's pixels: that is HF's crop, not the export, differing)."""
     import open_clip
     from transformers import AutoImageProcessor, CLIPModel
 
     from alignclip.data.images import to_rgb
     from alignclip.data.transforms import ImageTransform
 
-    model, oc_dir, hf_dir = exported
     oc_model, _, oc_preprocess = open_clip.create_model_and_transforms(f"local-dir:{oc_dir}")
     oc_model.eval()
     hf_model = CLIPModel.from_pretrained(str(hf_dir)).eval()
     hf_pil = AutoImageProcessor.from_pretrained(str(hf_dir), backend="pil")
-    ours = ImageTransform(SIZE)
+    ours = ImageTransform(size)
     worst = {"openclip pixels": 0.0, "hf pixels": 0.0, "openclip embeddings": 0.0, "hf embeddings": 0.0}
-    for name, img in _cases():
+    for name, img in cases:
         theirs_input = to_rgb(img)  # the libraries drop alpha; ours composites on white (ImageTransform's doc)
         pixels = ours(img)
         oc_pixels = oc_preprocess(theirs_input)
         hf_pixels = torch.from_numpy(np.asarray(hf_pil(theirs_input, return_tensors="np")["pixel_values"][0]))
         worst["openclip pixels"] = max(worst["openclip pixels"], float((oc_pixels - pixels).abs().max()))
-        expected_hf = _floored_crop(to_rgb(img)) if hf_shifted(img) else pixels
+        expected_hf = _floored_crop(to_rgb(img), size) if hf_shifted(img, size) else pixels
         torch.testing.assert_close(hf_pixels, expected_hf, atol=1e-6, rtol=0, msg=name)
         worst["hf pixels"] = max(worst["hf pixels"], float((hf_pixels - expected_hf).abs().max()))
         with torch.no_grad():
@@ -122,6 +130,12 @@ def test_pixels_and_embeddings_equal_through_each_librarys_own_preprocess(export
         worst["openclip embeddings"] = max(worst["openclip embeddings"],
                                            float((oc_embedding - embedding).abs().max()))
         worst["hf embeddings"] = max(worst["hf embeddings"], float((hf_embedding - expected).abs().max()))
+    return worst
+
+
+def test_pixels_and_embeddings_equal_through_each_librarys_own_preprocess(exported):
+    model, oc_dir, hf_dir = exported
+    worst = worst_through_own_preprocess(model, oc_dir, hf_dir, SIZE, _cases())
     print(worst)
     assert worst["openclip pixels"] <= 1e-6 and worst["hf pixels"] <= 1e-6
     assert worst["openclip embeddings"] <= 1e-5 and worst["hf embeddings"] <= 1e-5
