@@ -50,6 +50,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -464,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.trials):
                 trial, started = Trial.draw(args.seed + i), time.monotonic()
                 outcome, detail = harness.run(trial)
+                if outcome == "survived":  # ~50 MB of checkpoints a trial; a failed trial's folder is kept
+                    shutil.rmtree(harness.root / f"trial-{trial.seed}", ignore_errors=True)
                 row = {**asdict(trial), "outcome": outcome, "detail": detail,
                        "seconds": round(time.monotonic() - started, 1)}
                 rows.append(row)
