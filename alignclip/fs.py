@@ -9,9 +9,13 @@ truncated file under its final name.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
+
+# errors that say a folder cannot take a write (read-only, no permission, full, over quota): the user's to fix
+UNWRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
 
 
 def temp_path(path: str | Path) -> Path:

@@ -16,12 +16,14 @@ import errno
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NoReturn, Optional
 
 from alignclip.config import parse_cli
 from alignclip.errors import ConfigError, run_command
+from alignclip.fs import UNWRITABLE_ERRNOS
 
 PROG = "alignclip-train"
 
@@ -36,6 +38,8 @@ def _train(argv: Optional[list[str]]) -> int:
     config, _ = parse_cli(argv, prog=PROG)
     from alignclip.training.trainer import train  # after the config check: a typo fails before torch loads
 
+    quiet_unwritable_in_writer_threads()
+
     try:
         return train(config).exit_code
     except OSError as err:  # a run folder that cannot be written: one line (also in train.log), exit 2
@@ -44,9 +48,6 @@ def _train(argv: Optional[list[str]]) -> int:
             raise
         report_run_folder_problem(problem, config)
         return 2
-
-
-_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def run_folder_problem(err: OSError, config) -> Optional[str]:
@@ -58,8 +59,9 @@ def run_folder_problem(err: OSError, config) -> Optional[str]:
     run_dir = run_dir_of(config).resolve()
     cause = err.__cause__ if isinstance(err, CheckpointWriteError) else err
     if isinstance(err, CheckpointWriteError):  # its message names the checkpoint and the cause
-        return str(err) if "no space left" in str(err) or getattr(cause, "errno", None) in _UNWRITABLE else None
-    if err.errno in _UNWRITABLE and err.filename:
+        unwritable = "no space left" in str(err) or getattr(cause, "errno", None) in UNWRITABLE_ERRNOS
+        return str(err) if unwritable else None
+    if err.errno in UNWRITABLE_ERRNOS and err.filename:
         path = Path(os.fsdecode(err.filename)).resolve()
         if path == run_dir or run_dir in path.parents:
             return f"cannot write {path}: {(err.strerror or '').lower()} (the run folder {run_dir})"
@@ -72,6 +74,21 @@ def run_folder_problem(err: OSError, config) -> Optional[str]:
         if full:
             return f"no space left on device: the run folder {run_dir} is full (its logs or TensorBoard events)"
     return None
+
+
+def quiet_unwritable_in_writer_threads() -> None:
+    """No traceback from TensorBoard's event thread when the run folder cannot take its write (full, read-only):
+    the writer keeps the error and raises it in the trainer at its next write, flush or close, which reports the
+    one line (``run_folder_problem``); the thread's own traceback on stderr came first and buried that line.
+    Every other error of a thread prints as before."""
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in UNWRITABLE_ERRNOS
+                and type(args.thread).__module__.startswith("tensorboard.")):
+            default(args)
+
+    threading.excepthook = hook
 
 
 def report_run_folder_problem(problem: str, config) -> None:

@@ -22,6 +22,7 @@ import pytest
 from tests.helpers import REPO_ROOT
 from tests.helpers.launch import final_weights, max_weight_difference, trainer_state
 from tests.helpers.processes import child_env
+from tests.helpers.shard_server import serve
 from tests.helpers.tiny import tiny_overrides, write_toy_shards
 
 STEPS = 24  # 3 epochs of 8 steps (4 shards x 32 samples, batch 16)
@@ -153,6 +154,29 @@ def test_a_loader_timeout_is_a_data_source_failure(toy_data, tmp_path, monkeypat
     with pytest.raises(pipeline.DataSourceError) as err:
         next(iter(pipeline.build_train_loader(config, 0, 1, 0)))
     assert err.value.cause == "data: DataLoader timed out after 1.0 seconds"
+
+
+def test_an_outage_across_the_end_of_a_pass_fails_the_source_instead_of_skipping_every_shard(tmp_path):
+    """The shard server answers 503 to the next 8 shard requests (two passes' worth of 4 shards), from the first
+    batch on, mid-pass. Every shard failing one after another is the source failing: DataSourceError (the trainer
+    saves and exits 124; the requeued run reads the same data). Before, only a whole pass without a sample counted:
+    the outage's tail of pass 0 and all of pass 1 were skipped, and a third pass, the server back, filled the
+    epoch with other data (found by the chaos harness: a finished run with other weights)."""
+    from alignclip.config import load_config
+    from alignclip.data import pipeline
+
+    write_toy_shards(tmp_path / "www" / "shards", num_shards=4, per_shard=8)
+    with serve(tmp_path / "www") as (base, server):
+        data = {"train": f"{base}/shards/{{00000..00003}}.tar", "val": f"{base}/shards/00003.tar"}
+        config = load_config(None, tiny_overrides(data, tmp_path / "run", **{
+            "data.io_retries": 0, "data.io_timeout_s": 5, "train.global_batch_size": 8, "data.samples_per_epoch": 32}))
+        batches = iter(pipeline.build_train_loader(config, 0, 1, 0))
+        assert len(next(batches)["key"]) == 8
+        server.fail_next.value = 8
+        with pytest.raises(pipeline.DataSourceError, match="found no usable sample in any of the 4 shards"):
+            for _ in range(3):
+                next(batches)
+        assert server.fail_next.value > 0, "the source was back before the reader gave up"
 
 
 # ------------------------------------------------------------------------------------------- two ranks

@@ -188,6 +188,15 @@ def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator)
 
 
 # ------------------------------------------------------------------------------------------- reader level
+@dataclass
+class _PassState:
+    """Where a plain (not resampled) reader is in its passes over the shards."""
+
+    pass_index: int = 0
+    borrowing: bool = False
+    failing: set = field(default_factory=set)
+
+
 class ShardReader:
     """One reader's batches for one epoch: reader ``r`` of rank ``settings.rank``."""
 
@@ -256,25 +265,49 @@ class ShardReader:
                                               f"counts {self.errors.counts}")
             yield from shuffled(endless(), self.s.shuffle_buffer, self._shuffle_rng)
             return
-        borrowing = False
-        for pass_index in itertools.count():
-            if pass_index:
+        state = _PassState()
+        while True:
+            yield from shuffled(self._passes(state), self.s.shuffle_buffer, self._shuffle_rng)
+
+    def _passes(self, state: "_PassState") -> Iterator[_Sample]:
+        """Usable samples of the next pass, and of the ones after it while a pass ends on shards that gave nothing:
+        the shuffle buffer drains only at a pass that ended on a good shard. ``state.failing`` holds the shards that
+        gave nothing since one last did, across passes; once it holds every shard of the run, the source has failed
+        (a storage outage): raised at once, so that every sample given so far is what the uninterrupted reader gave
+        (before, an outage that began mid-pass skipped the pass's remaining shards, drained the buffer, and one that
+        ended within the next pass filled the epoch with other data: a finished run, other weights, only a count)."""
+        while True:
+            if state.pass_index:
                 self.errors.add("wrapped_passes")
             usable = 0
-            pass_shards = self._borrowed_shards(pass_index) if borrowing else self._pass_shards(pass_index)
-            for sample in shuffled((x for shard in pass_shards for x in self._usable(shard)),
-                                   self.s.shuffle_buffer, self._shuffle_rng):
-                usable += 1
-                yield sample
-            if usable == 0 and not borrowing:
+            shards = (self._borrowed_shards(state.pass_index) if state.borrowing
+                      else self._pass_shards(state.pass_index))
+            state.pass_index += 1
+            for shard in shards:
+                gave = False
+                for sample in self._usable(shard):
+                    if not gave:
+                        gave = True
+                        state.failing.clear()
+                    usable += 1
+                    yield sample
+                if not gave:
+                    state.failing.add(shard)
+                    if len(state.failing) == len(set(self.s.shards)):
+                        raise DataSourceError(f"data: rank {self.s.rank} reader {self.reader} found no usable "
+                                              f"sample in any of the {len(state.failing)} shards, one after "
+                                              f"another; counts {self.errors.counts}")
+            if usable == 0 and not state.borrowing:
                 # Its shards vanished or hold nothing usable: fill the quota from the whole list (in an order of
                 # this reader's own), so the epoch keeps its length.
-                borrowing = True
+                state.borrowing = True
                 log.warning("data: rank %d reader %d: no usable sample in its shards %s; reading from all %d "
                             "shards instead", self.s.rank, self.reader, self._pass_shards(0), len(self.s.shards))
             elif usable == 0:  # wrapping again would loop forever
                 raise DataSourceError(f"data: rank {self.s.rank} reader {self.reader} found no usable sample in "
                                       f"any of the {len(self.s.shards)} shards; counts {self.errors.counts}")
+            if not state.failing:
+                return
 
     def __iter__(self) -> Iterator[dict]:
         from alignclip.tokenizer import get_tokenizer

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from alignclip.config import Config, LoggingConfig, to_yaml
+from alignclip.fs import UNWRITABLE_ERRNOS
 
 
 def memory_gb() -> dict[str, float]:
@@ -46,12 +47,24 @@ def memory_gb() -> dict[str, float]:
     return stats
 
 
+class RunLogHandler(logging.FileHandler):
+    """train.log's handler. A write the run folder cannot take (full, read-only) is raised to the trainer, which
+    stops with one line naming the run folder (exit 2); logging's default printed "--- Logging error ---" with
+    two tracebacks and trained on without its log until the next checkpoint met the full disk."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's naming)
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError) and err.errno in UNWRITABLE_ERRNOS:
+            raise err
+        super().handleError(record)
+
+
 def _file_logger(run_dir: Path) -> logging.Logger:
     logger = logging.getLogger(f"alignclip.train[{run_dir}]")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     if not logger.handlers:
-        handler = logging.FileHandler(run_dir / "train.log", mode="a")
+        handler = RunLogHandler(run_dir / "train.log", mode="a")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     return logger

@@ -12,12 +12,19 @@ from typing import Iterator
 
 class FaultyShardHandler(SimpleHTTPRequestHandler):
     """Files under the server's root, except: every path answers 503 while ``server.down`` is set, a file name in
-    ``server.missing`` answers 404, and ``GET /stall/NAME`` sends the first 4 KiB of ``shards/NAME`` and then
+    ``server.missing`` answers 404, the next ``server.fail_next.value`` GETs of a ``.tar`` answer 503 (an outage
+    of a known length, counted in requests), and ``GET /stall/NAME`` sends the first 4 KiB of ``shards/NAME`` and then
     nothing until the test ends (``server.release``, at most 300 s); ``server.stalled`` says it began. While
     ``server.stall_next`` is set, the next GET of a ``.tar`` stalls so (once)."""
 
     def _fault(self) -> bool:
         name = self.path.rsplit("/", 1)[-1]
+        if self.command == "GET" and name.endswith(".tar"):
+            with self.server.fail_next.lock:
+                if self.server.fail_next.value > 0:
+                    self.server.fail_next.value -= 1
+                    self.send_error(503)
+                    return True
         if self.server.down.is_set() or name in self.server.missing:
             self.send_error(503 if self.server.down.is_set() else 404)
             return True
@@ -56,15 +63,21 @@ class _QuietServer(ThreadingHTTPServer):
         """A client gone mid-transfer (a trainer killed on purpose) is expected here: no traceback."""
 
 
+class _Counter:
+    def __init__(self) -> None:
+        self.value, self.lock = 0, threading.Lock()
+
+
 @contextlib.contextmanager
 def serve(root: Path) -> Iterator[tuple[str, ThreadingHTTPServer]]:
-    """(base URL, server) serving ``root``; the server's ``down`` / ``missing`` / ``stalled`` / ``release`` steer
-    ``FaultyShardHandler``. Stopped (and any stall released) on exit."""
+    """(base URL, server) serving ``root``; the server's ``down`` / ``missing`` / ``fail_next`` / ``stalled`` /
+    ``release`` steer ``FaultyShardHandler``. Stopped (and any stall released) on exit."""
     httpd = _QuietServer(("127.0.0.1", 0), partial(FaultyShardHandler, directory=str(root)))
     httpd.daemon_threads = True
     httpd.down, httpd.stalled, httpd.release = threading.Event(), threading.Event(), threading.Event()
     httpd.stall_next = threading.Event()
     httpd.missing = set()
+    httpd.fail_next = _Counter()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:
