@@ -8,27 +8,12 @@ duplicate and non-ASCII captions."""
 import pytest
 import torch
 
+from tests.helpers.tiny import perturbed_model, zero0_checkpoint
 from tests.test_interop_preprocess import real_looking_cases, worst_through_own_preprocess
-from tests.test_tools_export import _zero0_step_dir
 
 CAPTIONS = ["a triangle", "a triangle", "a red circle", "ein grünes Quadrat", "一个蓝色的菱形", "x",
             "a photo of a cross " * 8]
 CONFIGS = ["embedded_clip", "embedded_default"]
-
-
-def _perturbed(name: str, overrides: list[str]):
-    """(model, config) of a shipped experiment config, every weight moved off its initial value (a trained model's
-    stand-in: the architecture is what these tests check)."""
-    from alignclip.config import load_config
-    from alignclip.models import build_model
-
-    config = load_config(f"experiment/{name}", overrides)
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model, config
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
@@ -37,8 +22,8 @@ def exported(request, tmp_path_factory):
     from alignclip.commands.export import main
 
     root = tmp_path_factory.mktemp(request.param)
-    model, config = _perturbed(request.param, ["model.vision.stem=patch"])
-    _zero0_step_dir(root / "run", model, config)
+    model, config = perturbed_model(f"experiment/{request.param}", ["model.vision.stem=patch"])
+    zero0_checkpoint(root / "run", model, config)
     for fmt in ("openclip", "hf"):
         assert main([str(root / "run"), str(root / fmt), "--format", fmt]) == 0
     return model, config, root / "openclip", root / "hf"
@@ -56,9 +41,9 @@ def test_make_runs_models_share_the_architecture_and_context():
 def test_make_runs_models_with_the_conv_stem_are_refused_by_name_and_nothing_is_written(name, tmp_path, capsys):
     from alignclip.commands.export import main
 
-    model, config = _perturbed(name, [])
+    model, config = perturbed_model(f"experiment/{name}")
     assert config.model.vision.stem == "conv"
-    _zero0_step_dir(tmp_path / "run", model, config)
+    zero0_checkpoint(tmp_path / "run", model, config)
     for fmt in ("openclip", "hf"):
         assert main([str(tmp_path / "run"), str(tmp_path / fmt), "--format", fmt]) == 2
         err = capsys.readouterr().err

@@ -1,7 +1,6 @@
 """Export a real DeepSpeed checkpoint (ZeRO 0 and 1) to safetensors and load it back without DeepSpeed; export to
 OpenCLIP and Hugging Face folders that those libraries load and that give our embeddings."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from tests.helpers.ranks import run_on_ranks
+from tests.helpers.tiny import perturbed_model, zero0_checkpoint
 
 
 def _train_and_checkpoint(rank, world_size, run_root: str):
@@ -109,20 +109,6 @@ TEXTS = ["a red circle", "two blue squares left of a star", "x", "a photo of a c
 LARGEST_DIFFERENCE: dict[str, float] = {}  # (model, library) -> max |ours - theirs|, printed by the last test
 
 
-def _perturbed_model(name):
-    """A tiny model whose weights are all away from their (often zero or one) initial values."""
-    from alignclip.config import load_config
-    from alignclip.models import build_model
-
-    config = load_config(name)
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model, config
-
-
 def _record(key, *diffs):
     LARGEST_DIFFERENCE[key] = max(float(d.abs().max()) for d in diffs)
     print(f"{key}: largest embedding difference {LARGEST_DIFFERENCE[key]:.2e}")
@@ -139,7 +125,7 @@ def test_openclip_local_dir_loads_without_key_warnings_and_gives_our_embeddings(
     from alignclip.export import save_openclip
     from alignclip.tokenizer import get_tokenizer
 
-    model, config = _perturbed_model(name)
+    model, config = perturbed_model(name)
     out = save_openclip(model, config, tmp_path / "oc")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "open_clip_config.json",
                                                      "open_clip_model.safetensors"]
@@ -174,7 +160,7 @@ def test_hf_folder_loads_with_clip_model_and_processor_and_gives_our_embeddings(
     from alignclip.export import save_hf
     from alignclip.tokenizer import get_tokenizer
 
-    model, config = _perturbed_model(name)
+    model, config = perturbed_model(name)
     out = save_hf(model, config, tmp_path / "hf")
     theirs = CLIPModel.from_pretrained(str(out)).eval()
     processor = CLIPProcessor.from_pretrained(str(out))
@@ -249,30 +235,13 @@ def test_export_tool_errors_are_one_line_exit_2(tmp_path):
     assert main is not None
 
 
-def _zero0_step_dir(root: Path, model, config) -> Path:
-    """A ZeRO-0 checkpoint as the engine lays it out (run/config.yaml, checkpoints/step_*/model states)."""
-    from alignclip.config import save_config
-
-    from dataclasses import asdict
-
-    from alignclip import checkpoints
-
-    step = root / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, step / "mp_rank_00_model_states.pt")
-    (step / checkpoints.STATE_FILE).write_text(json.dumps(asdict(checkpoints.TrainerState(step=1))))
-    checkpoints.write_manifest(step)  # tools verify what they read, as resume does
-    save_config(config, root)
-    return step
-
-
 def test_export_refuses_an_existing_output_unless_force_and_loses_nothing(tmp_path, capsys):
     import open_clip
 
     from alignclip.commands.export import main
 
-    model, config = _perturbed_model("model/clip_tiny")
-    step = _zero0_step_dir(tmp_path / "run", model, config)
+    model, config = perturbed_model("model/clip_tiny")
+    step = zero0_checkpoint(tmp_path / "run", model, config)
     out = tmp_path / "oc"
     assert main([str(step), str(out), "--format", "openclip"]) == 0
     (out / "stale.bin").write_text("from an older export")
@@ -301,7 +270,7 @@ def test_hf_folder_has_preprocessor_config_and_alignclip_load_opens_hf_and_openc
     from alignclip.export import save_hf, save_openclip
     from alignclip.tokenizer import get_tokenizer
 
-    model, config = _perturbed_model("model/clip_tiny")
+    model, config = perturbed_model("model/clip_tiny")
     hf = save_hf(model, config, tmp_path / "hf")
     oc = save_openclip(model, config, tmp_path / "oc")
     assert (hf / "preprocessor_config.json").is_file()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import json
 import os
@@ -63,6 +64,7 @@ from tests.helpers.launch import final_weights, max_weight_difference
 from tests.helpers.processes import launch, latest_step
 from tests.helpers.shard_server import serve
 from tests.helpers.tiny import tiny_overrides, write_toy_shards
+from tests.helpers.tmpfs import tmpfs
 
 # one epoch of 16 shards of 8 samples; one batch in flight (prefetch 1): the reader opens shards up to step 6,
 # so a fault in the shard server at a step meets its reads
@@ -240,20 +242,16 @@ class Harness:
         """(outcome, what happened)."""
         folder = self.root / f"trial-{trial.seed}"
         folder.mkdir(parents=True)
-        run, mount = folder / "run", None
-        if trial.fault == "disk-full":
-            mount = folder / "disk"
-            mount.mkdir()
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount)], check=True, timeout=60)
-            run = mount / "run"
-        try:
-            return self._trial(trial, folder, run)
-        finally:
-            self.server.release.set()
-            self.server.down.clear()
-            self.server.missing.clear()
-            if mount is not None:
-                subprocess.run(["umount", str(mount)], check=False, timeout=60)
+        with contextlib.ExitStack() as disk:
+            run = folder / "run"
+            if trial.fault == "disk-full":
+                run = disk.enter_context(tmpfs(folder / "disk", "128m")) / "run"
+            try:
+                return self._trial(trial, folder, run)
+            finally:
+                self.server.release.set()
+                self.server.down.clear()
+                self.server.missing.clear()
 
     def _trial(self, trial: Trial, folder: Path, run: Path) -> tuple[str, str]:
         server, cache, events = self.server, folder / "cache", []  # a count per trial: the count is a phase
@@ -401,7 +399,7 @@ def _eval_step(run: Path) -> int:
 
 def _one_line_and_intact(code: int, output: Path, run: Path) -> str | None:
     """A full run folder: exit 2, one ``run folder error:`` line and no traceback, the newest checkpoint intact."""
-    from alignclip.training.checkpoint import find_latest, verify_manifest
+    from alignclip.checkpoints import find_latest, verify_manifest
 
     if code == 0:
         return None  # finished before it needed the disk

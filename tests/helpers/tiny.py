@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -107,3 +107,41 @@ def scalar_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     out = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags["scalars"]}
     out.update({tag: [(e.step, 0.0) for e in acc.Histograms(tag)] for tag in tags["histograms"]})
     return out
+
+
+def perturbed_model(config_name: str, overrides: Sequence[str] = ()):
+    """(model, config) built from a shipped config (``model/clip_tiny``, ``experiment/embedded_default`` ...), every
+    weight moved off its initial value (often zero or one): a trained model's stand-in where the architecture and
+    the weight maps are what a test checks."""
+    import torch
+
+    from alignclip.config import load_config
+    from alignclip.models import build_model
+
+    config = load_config(config_name, list(overrides))
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, config
+
+
+def zero0_checkpoint(root: Path, model, config) -> Path:
+    """A ZeRO-0 checkpoint of ``model`` as the engine lays it out (``root/config.yaml``,
+    ``root/checkpoints/step_00000001/`` with its model states, trainer state and manifest): what export reads."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from alignclip import checkpoints
+    from alignclip.config import save_config
+
+    step = root / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, step / "mp_rank_00_model_states.pt")
+    (step / checkpoints.STATE_FILE).write_text(json.dumps(asdict(checkpoints.TrainerState(step=1))))
+    checkpoints.write_manifest(step)  # tools verify what they read, as resume does
+    save_config(config, root)
+    return step

@@ -22,4 +22,5 @@ def tmpfs(point: Path, size: str) -> Iterator[Path]:
     try:
         yield point
     finally:
-        subprocess.run(["umount", str(point)], check=False, timeout=30)
+        # lazily: a file a test still holds open (a logger's) must not keep the mount alive
+        subprocess.run(["umount", "--lazy", str(point)], check=False, timeout=30)
