@@ -177,3 +177,10 @@ def test_the_gap_report_states_the_pairs_it_measured_and_what_it_skipped_and_why
     assert figures["num_pairs"] == 16 and figures["pairs_skipped"] == {"undecodable_caption": 16}
     report = (tmp_path / "gap" / "gap_report.md").read_text()
     assert "16 pairs measured, skipped: 16 undecodable_caption" in report
+    # and every result JSON of alignclip-eval on the same data (was: no count at all)
+    from alignclip.commands.evaluate import main as evaluate
+
+    assert evaluate(["--model", str(model), "--data", str(held_out), "--out", str(tmp_path / "eval")]) == 0
+    records = [json.loads(path.read_text()) for path in sorted((tmp_path / "eval").glob("*.json"))]
+    assert records and all(r["images_measured"] == 16 and r["captions_measured"] == 16
+                           and r["pairs_skipped"] == {"undecodable_caption": 16} for r in records), records

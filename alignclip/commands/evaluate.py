@@ -151,7 +151,11 @@ def _run_sets(args) -> list[Path]:
         train = train.mapped(aligner.map_image, aligner.map_text, name) if train is not None else None
     dataset = args.dataset or (args.data if not args.folder else Path(args.folder).name)
     results = evaluate_set(es, lam=args.lam, seed=args.seed, train=train)
-    paths = write_results(results, args.out, dataset, name, pretrained=str(args.model), lam=args.lam)
+    # what the figures rest on, in every result: the pairs measured, and those the shards' reading left out, by
+    # reason ("unknown" for a source that does not count them)
+    counts = {"images_measured": len(es.image), "captions_measured": len(es.text),
+              "pairs_skipped": es.meta.get("pairs_skipped", "unknown")}
+    paths = write_results(results, args.out, dataset, name, pretrained=str(args.model), lam=args.lam, **counts)
     if args.simat_relevance:
         if es.arithmetic is None:
             raise ValueError("--simat-relevance needs arithmetic queries (a tasks JSON with 'arithmetic')")

@@ -14,9 +14,10 @@ periodic evaluation passes ``should_stop`` (its preemption flag, read locally): 
 and of texts, it ends the evaluation with ``EvaluationStopped`` and no figures, so the checkpoint is written
 promptly. The standalone tool has no handler: SIGTERM ends it, and its workers die with it (PDEATHSIG).
 
-Unreadable images (``alignclip.eval.datasets.Unreadable``) are dropped from their batch, named in a warning and
-counted: the task's metrics gain ``images_skipped`` (and the linear probe ``train_images_skipped``) when any was,
-so a figure computed on fewer images says so, in the JSON and in TensorBoard.
+Unreadable images (``alignclip.eval.datasets.Unreadable``: the one reason an image is left out) are dropped from
+their batch, named in a warning and counted: every task's metrics state ``images_measured`` and ``images_skipped``
+(the linear probe also ``train_images_measured`` / ``train_images_skipped``, retrieval ``captions_measured``), so a
+figure says what it rests on, in the JSON and in TensorBoard.
 """
 
 from __future__ import annotations
@@ -114,8 +115,10 @@ def encode_images_and_labels(model, dataset, device: str, batch_size: int, worke
     return torch.cat(images).numpy(), targets, skipped
 
 
-def _with_skipped(metrics: dict[str, float], skipped: list, key: str = "images_skipped") -> dict[str, float]:
-    return {**metrics, key: len(skipped)} if skipped else metrics  # a count: 2 in the JSON and tables, not 2.0000
+def _with_counts(metrics: dict[str, float], measured: int, skipped: list, prefix: str = "") -> dict[str, float]:
+    """The figures and the images they rest on: ``images_measured``, and ``images_skipped`` (images that do not
+    decode, each named in a warning), always stated; ints, so 2 in the JSON and tables, not 2.0000."""
+    return {**metrics, f"{prefix}images_measured": measured, f"{prefix}images_skipped": len(skipped)}
 
 
 def _encode_texts(model, tokenizer, texts: Sequence[str], device: str, should_stop: StopCheck = None,
@@ -143,12 +146,13 @@ def evaluate_classification(model, tokenizer, data: ClassificationData, device: 
         data.classnames, data.templates)
     image, labels, skipped = encode_images_and_labels(model, data.dataset, device, batch_size, workers,
                                                       should_stop=should_stop)
-    results = {"zeroshot_classification": _with_skipped(zero_shot_classification(image, labels, weights), skipped)}
+    results = {"zeroshot_classification": _with_counts(zero_shot_classification(image, labels, weights),
+                                                       len(image), skipped)}
     if train is not None:
         train_image, train_labels, train_skipped = encode_images_and_labels(
             model, train.dataset, device, batch_size, workers, should_stop=should_stop)
-        probe = _with_skipped(linear_probe(train_image, train_labels, image, labels), skipped)
-        results["linear_probe"] = _with_skipped(probe, train_skipped, "train_images_skipped")
+        probe = _with_counts(linear_probe(train_image, train_labels, image, labels), len(image), skipped)
+        results["linear_probe"] = _with_counts(probe, len(train_image), train_skipped, "train_")
     return results
 
 
@@ -159,7 +163,8 @@ def evaluate_retrieval(model, tokenizer, data: RetrievalData, device: str = "cpu
                                                         _captions_collate, should_stop)
     owner = np.array([i for i, caps in enumerate(captions) for _ in caps], dtype=np.int64)
     text = _encode_texts(model, tokenizer, [c for caps in captions for c in caps], device, should_stop, "captions")
-    return {"zeroshot_retrieval": _with_skipped(retrieval_metrics(image, text, owner, ks=ks), skipped)}
+    metrics = _with_counts(retrieval_metrics(image, text, owner, ks=ks), len(image), skipped)
+    return {"zeroshot_retrieval": {**metrics, "captions_measured": len(text)}}
 
 
 def _first(names: Sequence[str], n: int = 4) -> str:
