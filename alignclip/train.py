@@ -83,10 +83,10 @@ def quiet_unwritable_in_writer_threads() -> None:
     Every other error of a thread prints as before."""
     default = threading.excepthook
 
-    def hook(args) -> None:
-        if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in UNWRITABLE_ERRNOS
-                and type(args.thread).__module__.startswith("tensorboard.")):
-            default(args)
+    def hook(failure) -> None:
+        if not (isinstance(failure.exc_value, OSError) and failure.exc_value.errno in UNWRITABLE_ERRNOS
+                and type(failure.thread).__module__.startswith("tensorboard.")):
+            default(failure)
 
     threading.excepthook = hook
 

@@ -13,7 +13,7 @@ import pytest
 from alignclip.config import ConfigError, load_config
 from alignclip.data import build_train_loader
 from alignclip.data.shards import StreamPolicy, count_samples, shard_identity
-from tests.helpers.processes import child_env, launch, wait_all, wait_for
+from tests.helpers.processes import child_env, default_signals, launch, wait_all, wait_for
 from tests.helpers.shard_server import serve
 from tests.helpers.tiny import tiny_overrides, write_toy_shards
 
@@ -112,7 +112,8 @@ def test_a_preemption_signal_ends_a_count_stalled_on_a_dead_server_with_exit_124
     base, _, httpd = server
     shards = [f"{base}/stall/00000.tar", *_urls(base)]
     proc = subprocess.Popen([sys.executable, "-c", _COUNT_SCRIPT, str(tmp_path / "counts"), *shards],
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_signals)
     try:
         wait_for(httpd.stalled.is_set, [proc], timeout=300, poll=0.05)
         proc.send_signal(sig)

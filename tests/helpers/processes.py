@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,14 @@ def child_env(**extra) -> dict[str, str]:
     return env
 
 
+def default_signals() -> None:
+    """``preexec_fn`` for a child the test will signal: the preemption signals at their default disposition. A
+    suite started in the background (``&`` ignores SIGINT) or under ``nohup`` (SIGHUP) passes the ignoring on, and
+    the code under test rightly leaves an ignored signal ignored: the test would wait for a stop that never comes."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def launch(overrides: list[str], world_size: int = 1, log_dir: Path | None = None) -> list[subprocess.Popen]:
     """``python -m alignclip.train`` once per rank, with the torchrun variables set as srun's tasks would have."""
     port = free_port()
@@ -33,7 +42,8 @@ def launch(overrides: list[str], world_size: int = 1, log_dir: Path | None = Non
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         out = open(log_dir / f"rank{rank}.out", "ab") if log_dir else subprocess.DEVNULL
         procs.append(subprocess.Popen([sys.executable, "-m", "alignclip.train", *overrides], env=env,
-                                      stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
+                                      stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                      preexec_fn=default_signals))
     return procs
 
 
