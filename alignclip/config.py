@@ -34,9 +34,12 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    # patch: CLIP's one patch_size x patch_size conv (OpenCLIP / Hugging Face exportable). conv: a stack of 3x3
-    # stride-2 convolutions down to the same grid (Xiao et al. 2021, arXiv:2106.14881), which a tiny ViT needs to
-    # learn shapes within a few hundred steps; patch_size must then be a power of two.
+    # patch: CLIP's one patch_size x patch_size conv. hybrid: the ResNet-v2 root of the hybrid ViT (Dosovitskiy
+    # et al. 2021, arXiv:2010.11929, section 3.1: a 7x7 stride-2 conv, GroupNorm, ReLU, max pool) and a
+    # (patch_size / 4)-px patch conv; patch_size a multiple of 4. conv: 3x3 stride-2 convolutions down to the same
+    # grid (Xiao et al. 2021, arXiv:2106.14881); patch_size a power of two. A tiny ViT needs either convolutional
+    # stem to learn shapes within a few hundred steps (docs/study.md). All three export to OpenCLIP's and Hugging
+    # Face's layouts but conv to OpenCLIP's (alignclip.models.stems).
     stem: str = "patch"
     stem_channels: int = 0  # conv stem: channels of its last 3x3 conv (halving towards the image); 0 = width
 
@@ -309,7 +312,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ("clip", "sharedclip"),
-    "model.vision.stem": ("patch", "conv"),
+    "model.vision.stem": ("patch", "hybrid", "conv"),
     "model.act": ("gelu", "quick_gelu"),
     "loss.impl": ("dense", "chunked", "triton", "auto"),
     "loss.imsep_sides": ("image", "text", "both"),
@@ -568,6 +571,12 @@ def validate(config: Config, source: str = "config") -> None:
     if m.vision.stem == "conv" and (m.vision.patch_size < 2 or m.vision.patch_size & (m.vision.patch_size - 1)):
         raise ConfigError(f"{source}: key 'model.vision.patch_size' ({m.vision.patch_size}) must be a power of two "
                           f"when 'model.vision.stem' is 'conv' (one stride-2 convolution per halving)")
+    if m.vision.stem == "hybrid" and m.vision.patch_size % 4:
+        raise ConfigError(f"{source}: key 'model.vision.patch_size' ({m.vision.patch_size}) must be a multiple of 4 "
+                          f"when 'model.vision.stem' is 'hybrid' (its ResNet root reduces the image 4x)")
+    if m.vision.stem != "conv" and m.vision.stem_channels:
+        raise ConfigError(f"{source}: key 'model.vision.stem_channels' ({m.vision.stem_channels}) applies to the "
+                          f"'conv' stem only; 'model.vision.stem' is {m.vision.stem!r}")
     if config.eval.every_steps and not (config.eval.dataset and config.eval.root):
         raise ConfigError(f"{source}: key 'eval.every_steps' is {config.eval.every_steps} but 'eval.dataset' and "
                           f"'eval.root' are not both set")

@@ -31,6 +31,7 @@ FORMAT_VERSION = "1"
 FORMATS = ("safetensors", "openclip", "hf")
 META_CONFIG, META_FORMAT, META_SOURCE = "alignclip_config", "alignclip_format", "alignclip_source"
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+TIMM_TOWER_DIR = "timm_image_tower"  # an OpenCLIP folder's timm image tower (hybrid stem), a timm local-dir model
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -122,7 +123,7 @@ def export_checkpoint(checkpoint: str | Path, out_path: str | Path, config: Conf
     check_output(out_path, overwrite)
     model, config, step_dir = checkpoint_model(checkpoint, config)
     if format != "safetensors":
-        _export_eps(config, allow_inexact)  # an ExportError here leaves the old output in place
+        _export_eps(config, allow_inexact, format)  # an ExportError here leaves the old output in place
     remove_output(out_path)
     if format == "safetensors":
         return save_exported(model, config, out_path, source=str(step_dir))
@@ -230,10 +231,10 @@ class ModelCard:
         return "\n".join(lines) + "\n"
 
 
-def _export_eps(config: Config, allow_inexact: bool) -> tuple[float, str]:
-    from alignclip.models.convert import ExportError, exact_norm_eps, require_patch_stem
+def _export_eps(config: Config, allow_inexact: bool, library: str) -> tuple[float, str]:
+    from alignclip.models.convert import ExportError, check_exportable, exact_norm_eps
 
-    require_patch_stem(config.model)
+    check_exportable(config.model, library)
     try:
         eps = exact_norm_eps(config.model)
         return eps, f"LayerNorm eps {eps:g} everywhere"
@@ -247,25 +248,37 @@ def _export_eps(config: Config, allow_inexact: bool) -> tuple[float, str]:
 
 def save_openclip(model: nn.Module, config: Config, out_dir: str | Path, card: ModelCard | None = None,
                   allow_inexact: bool = False) -> Path:
-    """A ``local-dir:`` folder for OpenCLIP: open_clip_config.json + open_clip_model.safetensors + README.md."""
+    """A ``local-dir:`` folder for OpenCLIP: open_clip_config.json + open_clip_model.safetensors + README.md. With
+    the hybrid stem the image tower is OpenCLIP's timm tower, built from ``timm_image_tower/config.json`` (timm's
+    ``local-dir:`` model, named by its absolute path: export again after moving the folder)."""
     import json
 
     from safetensors.torch import save_file
 
-    from alignclip.models.convert import openclip_config, to_openclip
+    from alignclip.models.convert import openclip_config, timm_config, to_openclip
 
-    eps, eps_note = _export_eps(config, allow_inexact)
+    eps, eps_note = _export_eps(config, allow_inexact, "openclip")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    timm_tower = ""
+    if config.model.vision.stem == "hybrid":
+        tower = out / TIMM_TOWER_DIR
+        tower.mkdir(exist_ok=True)
+        (tower / "config.json").write_text(json.dumps(timm_config(config.model, CLIP_MEAN, CLIP_STD), indent=2)
+                                           + "\n")
+        timm_tower = str(tower.resolve())
     state = to_openclip(model.state_dict(), config.model)
     save_file({k: v.float() for k, v in state.items()}, str(out / "open_clip_model.safetensors"),
               metadata={"format": "pt"})
     preprocess = {"image_size": config.model.vision.image_size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
                   "interpolation": "bicubic", "resize_mode": "shortest"}
     (out / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": openclip_config(config.model, eps), "preprocess_cfg": preprocess}, indent=2) + "\n")
+        {"model_cfg": openclip_config(config.model, eps, timm_tower), "preprocess_cfg": preprocess}, indent=2) + "\n")
     loading = (f'import open_clip\nmodel, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")'
                f'\ntokenizer = open_clip.get_tokenizer("local-dir:{out}")')
+    if timm_tower:
+        loading += (f"\n# the image tower is timm's hybrid ViT, configured in {timm_tower}/config.json (named by "
+                    f"that absolute path in open_clip_config.json: edit timm_model_name after moving the folder)")
     (out / "README.md").write_text((card or ModelCard(config)).render("OpenCLIP", loading, eps_note))
     log.info("exported OpenCLIP folder %s", out)
     return out
@@ -277,17 +290,31 @@ def save_hf(model: nn.Module, config: Config, out_dir: str | Path, card: ModelCa
     model.safetensors, preprocessor and tokenizer files, README.md."""
     import json
 
+    import shutil
+
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from alignclip.models.convert import hf_config_kwargs, to_hf
+    from alignclip.models.convert import HF_REMOTE_CLASS, hf_config_kwargs, to_hf
     from alignclip.tokenizer import get_tokenizer
 
-    eps, eps_note = _export_eps(config, allow_inexact)
+    eps, eps_note = _export_eps(config, allow_inexact, "hf")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model = CLIPModel(CLIPConfig(**hf_config_kwargs(config.model, eps)))
+    hf_config = CLIPConfig(**hf_config_kwargs(config.model, eps))
+    remote = config.model.vision.stem != "patch"
+    if remote:  # our stem in CLIP's place: transformers runs the modeling file shipped in the folder
+        import alignclip.models.hf_remote as hf_remote
+        import alignclip.models.stems as stems
+
+        hf_config.auto_map = {"AutoModel": HF_REMOTE_CLASS, "AutoModelForZeroShotImageClassification": HF_REMOTE_CLASS}
+        hf_model = hf_remote.AlignCLIPModel(hf_config)
+    else:
+        hf_model = CLIPModel(hf_config)
     hf_model.load_state_dict(to_hf(model.state_dict(), config.model), strict=True)
     hf_model.save_pretrained(str(out))
+    if remote:
+        shutil.copyfile(hf_remote.__file__, out / "modeling_alignclip.py")
+        shutil.copyfile(stems.__file__, out / "stems.py")
     ours = get_tokenizer(config.model.text.context_length)
     vocab, merges = ours.vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -299,8 +326,13 @@ def save_hf(model: nn.Module, config: Config, out_dir: str | Path, card: ModelCa
                                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(out))
     images.save_pretrained(str(out))  # preprocessor_config.json: what AutoImageProcessor (and transformers 4) read
-    loading = (f'from transformers import CLIPModel, CLIPProcessor\nmodel = CLIPModel.from_pretrained("{out}")\n'
-               f'processor = CLIPProcessor.from_pretrained("{out}")')
+    if remote:
+        loading = (f'from transformers import AutoModel, CLIPProcessor\n# its image stem is not CLIP\'s patch conv: '
+                   f'modeling_alignclip.py (in this folder) builds it\nmodel = AutoModel.from_pretrained("{out}", '
+                   f'trust_remote_code=True)\nprocessor = CLIPProcessor.from_pretrained("{out}")')
+    else:
+        loading = (f'from transformers import CLIPModel, CLIPProcessor\nmodel = CLIPModel.from_pretrained("{out}")\n'
+                   f'processor = CLIPProcessor.from_pretrained("{out}")')
     (out / "README.md").write_text((card or ModelCard(config)).render("Hugging Face transformers", loading, eps_note))
     log.info("exported Hugging Face folder %s", out)
     return out

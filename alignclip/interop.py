@@ -200,17 +200,16 @@ def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
     if type(model) is not open_clip.CLIP:
         _refuse(spec, f"it is an open_clip {type(model).__name__} (only the two-transformer CLIP is supported)")
     visual = model.visual
+    if type(visual) is open_clip.timm_model.TimmModel:
+        return _with_timm_hybrid_tower(spec, model)
     if type(visual) is not VisionTransformer:
         _refuse(spec, f"its image tower is a {type(visual).__name__}, not a ViT")
     checks = {
         "attentional pooling": visual.attn_pool is not None,
         f"image pooling {visual.pool_type!r}": visual.pool_type != "tok",
-        f"text pooling {model.text_pool_type!r}": model.text_pool_type != "argmax",
         "no pre-norm (no_ln_pre)": isinstance(visual.ln_pre, nn.Identity),
-        "no causal text mask": model.attn_mask is None,
-        "a logit bias (SigLIP)": getattr(model, "logit_bias", None) is not None,
-        "a text projection with bias or none": not isinstance(model.text_projection, nn.Parameter),
         "no image projection": visual.proj is None,
+        **_text_checks(model),
     }
     blocks = [*visual.transformer.resblocks, *model.transformer.resblocks]
     checks["custom or layer-scaled blocks"] = any(type(b) is not ResidualAttentionBlock
@@ -235,6 +234,79 @@ def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
                         mlp_ratio=tb.mlp.c_fc.out_features / text_width))
 
 
+def _text_checks(model: nn.Module) -> dict[str, bool]:
+    return {f"text pooling {model.text_pool_type!r}": model.text_pool_type != "argmax",
+            "no causal text mask": model.attn_mask is None,
+            "a logit bias (SigLIP)": getattr(model, "logit_bias", None) is not None,
+            "a text projection with bias or none": not isinstance(model.text_projection, nn.Parameter)}
+
+
+def _with_timm_hybrid_tower(spec: str, model: nn.Module) -> ModelConfig:
+    """Our ModelConfig (model.vision.stem=hybrid) for an open_clip CLIP whose image tower is timm's hybrid ViT with
+    the ResNet-v2 root alone (how alignclip-export writes the hybrid stem), refusing every other timm tower."""
+    from open_clip.transformer import ResidualAttentionBlock
+    from timm.layers import GELU, QuickGELU
+    from timm.layers.hybrid_embed import HybridEmbed
+    from timm.models.vision_transformer import Block, VisionTransformer as TimmViT
+
+    from alignclip.models.stems import HYBRID_CHANNELS, HYBRID_GROUPS, HYBRID_REDUCTION
+
+    visual = model.visual
+    trunk, head = visual.trunk, visual.head
+    if type(trunk) is not TimmViT or type(trunk.patch_embed) is not HybridEmbed:
+        _refuse(spec, f"its image tower is timm's {type(trunk).__name__} (only the hybrid ViT with a ResNet-v2 root "
+                      f"is supported)")
+    root = list(trunk.patch_embed.backbone.children())
+    names = [type(m).__name__ for m in root]
+    conv, norm, pool = root if len(root) == 3 else (None, None, None)
+    checks = {
+        f"a hybrid backbone of {names} (not the ResNet-v2 root: StdConv2dSame, GroupNormAct, MaxPool2dSame)":
+            names != ["StdConv2dSame", "GroupNormAct", "MaxPool2dSame"],
+        "another ResNet-v2 root than 7x7 stride 2 to 64 channels, 32 groups, ReLU, 3x3 stride-2 pool":
+            names == ["StdConv2dSame", "GroupNormAct", "MaxPool2dSame"] and (
+                conv.kernel_size, conv.stride, conv.out_channels, conv.eps, norm.num_groups, type(norm.act),
+                pool.kernel_size, pool.stride) != ((7, 7), (2, 2), HYBRID_CHANNELS, 1e-8, HYBRID_GROUPS, nn.ReLU,
+                                                   (3, 3), (2, 2)),
+        "a patch projection with bias": trunk.patch_embed.proj.bias is not None,
+        "no class token, or register tokens": not trunk.has_class_token or trunk.num_prefix_tokens != 1,
+        "positions without the class token": trunk.no_embed_class,
+        "no pre-norm": not isinstance(trunk.norm_pre, nn.LayerNorm),
+        f"image pooling {trunk.global_pool!r}": trunk.global_pool != "token" or not isinstance(trunk.fc_norm,
+                                                                                               nn.Identity),
+        "an image head other than one bias-free linear projection": [n for n, m in head.named_children()
+                                                                     if not isinstance(m, nn.Dropout)] != ["proj"]
+            or head.proj.bias is not None,
+        "custom, layer-scaled or extra-normed blocks": any(
+            type(b) is not Block or not all(isinstance(m, nn.Identity) for m in (b.ls1, b.ls2, b.attn.q_norm,
+                                                                                 b.attn.norm, b.mlp.norm))
+            for b in trunk.blocks)
+            or any(type(b) is not ResidualAttentionBlock or not isinstance(b.ls_1, nn.Identity)
+                   for b in model.transformer.resblocks),
+        **_text_checks(model),
+    }
+    for what, bad in checks.items():
+        if bad:
+            _refuse(spec, f"it has {what}")
+    image_acts = {"gelu" if type(b.mlp.act) in (GELU, nn.GELU) else "quick_gelu" if type(b.mlp.act) is QuickGELU
+                  else type(b.mlp.act).__name__ for b in trunk.blocks}
+    act = _act(spec, [block.mlp.gelu for block in model.transformer.resblocks])
+    if image_acts != {act}:
+        _refuse(spec, f"its image MLPs use {sorted(image_acts)} and its text MLPs {act}")
+    eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
+    size, patch = trunk.patch_embed.img_size, trunk.patch_embed.proj.kernel_size[0] * HYBRID_REDUCTION
+    if size[0] != size[1] or size[0] != trunk.patch_embed.grid_size[0] * patch:
+        _refuse(spec, f"its images are not square or not a whole number of patches ({size})")
+    width, text_width = trunk.embed_dim, model.token_embedding.embedding_dim
+    vb, tb = trunk.blocks[0], model.transformer.resblocks[0]
+    return ModelConfig(
+        arch="clip", embed_dim=head.proj.out_features, norm_eps=eps, act=act,
+        vision=VisionConfig(image_size=size[0], patch_size=patch, width=width, layers=len(trunk.blocks),
+                            heads=vb.attn.num_heads, mlp_ratio=vb.mlp.fc1.out_features / width, stem="hybrid"),
+        text=TextConfig(context_length=model.positional_embedding.shape[0], vocab_size=model.vocab_size,
+                        width=text_width, layers=len(model.transformer.resblocks), heads=tb.attn.num_heads,
+                        mlp_ratio=tb.mlp.c_fc.out_features / text_width))
+
+
 def _state_of(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
     from alignclip.models.convert import from_hf, from_openclip
 
@@ -250,6 +322,9 @@ def hf_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     config = json.loads((Path(spec) / "config.json").read_text())
     if config.get("model_type") != "clip":
         _refuse(spec, f"its config.json says model_type {config.get('model_type')!r}, not a CLIPModel 'clip'")
+    stem = config.get("vision_config", {}).get("alignclip_stem")
+    if stem is not None:  # one of our stems (an export's modeling_alignclip.py): built by our own copy of that code
+        from alignclip.models.hf_remote import AlignCLIPModel as CLIPModel
     try:
         model = CLIPModel.from_pretrained(spec)
     except OSError as err:
@@ -279,11 +354,19 @@ def hf_model_config(model: nn.Module, spec: str) -> ModelConfig:
     if t.eos_token_id not in (2, EOT_ID):  # 2: transformers' legacy argmax pooling; EOT_ID: the largest id, same
         _refuse(spec, f"its text pools at token id {t.eos_token_id}, not at end-of-text ({EOT_ID})")
     eps = _one_eps(spec, [m for m in model.modules() if isinstance(m, nn.LayerNorm)])
+    stem, stem_channels = getattr(v, "alignclip_stem", "patch"), 0
+    if stem == "conv":
+        from alignclip.models.layers import conv_stem_channels
+
+        channels = list(getattr(v, "alignclip_stem_channels", []))
+        stem_channels = channels[-1] if channels else 0
+        if not channels or conv_stem_channels(v.patch_size, stem_channels) != channels:
+            _refuse(spec, f"its conv stem has channels {channels}, which model.vision.stem_channels cannot express")
     return ModelConfig(
         arch="clip", embed_dim=model.config.projection_dim, norm_eps=eps, act=v.hidden_act,
         vision=VisionConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
                             layers=v.num_hidden_layers, heads=v.num_attention_heads,
-                            mlp_ratio=v.intermediate_size / v.hidden_size, stem="patch"),
+                            mlp_ratio=v.intermediate_size / v.hidden_size, stem=stem, stem_channels=stem_channels),
         text=TextConfig(context_length=t.max_position_embeddings, vocab_size=t.vocab_size, width=t.hidden_size,
                         layers=t.num_hidden_layers, heads=t.num_attention_heads,
                         mlp_ratio=t.intermediate_size / t.hidden_size))

@@ -19,6 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# trust_remote_code copies an export's modeling file here, not into ~/.cache/huggingface
+os.environ.setdefault("HF_MODULES_CACHE", str(REPO_ROOT / ".cache" / "hf_modules"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

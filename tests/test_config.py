@@ -158,8 +158,17 @@ def test_conv_stem_needs_a_power_of_two_patch_and_an_unknown_stem_is_named():
     with pytest.raises(ConfigError, match="'model.vision.patch_size' .* power of two .*'model.vision.stem'"):
         load_config("model/clip_tiny", ["model.vision.stem=conv", "model.vision.image_size=60",
                                          "model.vision.patch_size=6"])
-    with pytest.raises(ConfigError, match="key 'model.vision.stem' is 'hybrid'"):
-        load_config("model/clip_tiny", ["model.vision.stem=hybrid"])
+    with pytest.raises(ConfigError, match="key 'model.vision.stem' is 'resnet'"):
+        load_config("model/clip_tiny", ["model.vision.stem=resnet"])
+
+
+def test_hybrid_stem_needs_a_patch_of_a_multiple_of_4_and_no_stem_channels():
+    assert load_config("model/clip_tiny", ["model.vision.stem=hybrid"]).model.vision.stem == "hybrid"
+    with pytest.raises(ConfigError, match="'model.vision.patch_size' .* multiple of 4 .*'model.vision.stem'"):
+        load_config("model/clip_tiny", ["model.vision.stem=hybrid", "model.vision.image_size=60",
+                                         "model.vision.patch_size=6"])
+    with pytest.raises(ConfigError, match="'model.vision.stem_channels' .* 'conv' stem only"):
+        load_config("model/clip_tiny", ["model.vision.stem=hybrid", "model.vision.stem_channels=128"])
 
 
 def test_out_of_range_value_exits_2_before_anything_is_built(tmp_path):

@@ -101,14 +101,14 @@ def worst_through_own_preprocess(model, oc_dir, hf_dir, size: int, cases) -> dic
     HF exports loaded by their libraries, each through its own preprocess (HF's PIL backend; where its floored crop
     offset moves the crop, our model is run on HF's pixels: that is HF's crop, not the export, differing)."""
     import open_clip
-    from transformers import AutoImageProcessor, CLIPModel
+    from transformers import AutoImageProcessor, AutoModel
 
     from alignclip.data.images import to_rgb
     from alignclip.data.transforms import ImageTransform
 
     oc_model, _, oc_preprocess = open_clip.create_model_and_transforms(f"local-dir:{oc_dir}")
     oc_model.eval()
-    hf_model = CLIPModel.from_pretrained(str(hf_dir)).eval()
+    hf_model = AutoModel.from_pretrained(str(hf_dir), trust_remote_code=True).eval()  # CLIP, or ours
     hf_pil = AutoImageProcessor.from_pretrained(str(hf_dir), backend="pil")
     ours = ImageTransform(size)
     worst = {"openclip pixels": 0.0, "hf pixels": 0.0, "openclip embeddings": 0.0, "hf embeddings": 0.0}

@@ -211,6 +211,44 @@ def test_encoders_follow_openclip_normalize_false_and_one_layernorm_eps():
     assert {mod.eps for mod in model.modules() if isinstance(mod, torch.nn.LayerNorm)} == {m.norm_eps} == {1e-5}
 
 
+@pytest.mark.parametrize("side", [64, 63, 50, 17])
+def test_hybrid_stem_is_timms_hybrid_vit_root_to_the_bit(side):
+    """model.vision.stem: hybrid, written in plain torch (it also runs inside Hugging Face exports), equals timm's
+    own modules of the hybrid ViT's ResNet-v2 root (weight-standardised 7x7 "same" conv, GroupNormAct, "same" max
+    pool) and HybridEmbed's bias-free projection, the ones OpenCLIP's timm tower builds, on odd sizes too (the
+    "same" padding puts the odd pixel after)."""
+    from timm.models.vision_transformer_hybrid import _resnetv2
+
+    from alignclip.models.stems import hybrid_stem
+
+    torch.manual_seed(side)
+    ours = hybrid_stem(8, 48)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    theirs = torch.nn.Sequential()
+    theirs.add_module("backbone", _resnetv2(layers=()))
+    theirs.add_module("proj", torch.nn.Conv2d(64, 48, 2, stride=2, bias=False))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 3, side, side)
+    assert torch.equal(ours(x), theirs(x))
+    assert ours.weight is ours.backbone.conv.weight  # what transformers' CLIP reads its input dtype from
+
+
+def test_hybrid_stem_gives_the_patch_grid_per_image_and_every_parameter_a_gradient():
+    config = load_config("model/clip_tiny", ["model.vision.stem=hybrid"])
+    model = build_model(config.model)
+    images = torch.randn(2, 3, 64, 64, requires_grad=True)
+    tokens = model.image_stem(images)
+    assert tokens.shape == (2, 65, 64)
+    (tokens[0, 1 + 9] * torch.linspace(-1, 1, 64)).sum().backward()
+    assert images.grad[0].abs().sum() > 0 and images.grad[1].abs().sum() == 0  # GroupNorm: no batch statistics
+    model.zero_grad()
+    out = model(torch.randn(2, 3, 64, 64), torch.randint(1, 400, (2, config.model.text.context_length)))
+    (out["image_embeds"].sum() + out["text_embeds"].sum()).backward()
+    assert all(p.grad is not None for n, p in model.image_stem.named_parameters() if n != "class_token")
+
+
 def test_conv_stem_gives_the_patch_grid_from_strided_convolutions_and_every_parameter_a_gradient():
     """model.vision.stem: conv (Xiao et al. 2021): 3x3 stride-2 convs 3 -> 16 -> 32 -> 64 then a 1x1 projection,
     the same 8 x 8 grid as 8 px patches; the per-channel GroupNorm keeps each image's tokens its own."""

@@ -36,7 +36,8 @@ def _model_counts(config):
 
 
 @pytest.mark.parametrize("name,overrides", [("clip_tiny", []), ("sharedclip_tiny", []),
-                                            ("clip_tiny", ["model.vision.stem=conv"])])
+                                            ("clip_tiny", ["model.vision.stem=conv"]),
+                                            ("clip_tiny", ["model.vision.stem=hybrid"])])
 def test_model_flops_match_torch_flop_counter_forward_and_backward(name, overrides):
     config = load_config(f"configs/model/{name}.yaml", overrides)
     fwd, bwd = _model_counts(config)

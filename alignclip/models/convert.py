@@ -10,6 +10,11 @@ names and layout: OpenCLIP's projections are ``x @ W`` ([in, out], ours nn.Linea
 qkv into q/k/v and stores positions as an nn.Embedding. SharedCLIP's one trunk is written into both towers.
 One LayerNorm eps for the whole model (``model.norm_eps``) maps onto OpenCLIP's ``norm_kwargs`` and HF's
 ``layer_norm_eps``; a model without one (checkpoints saved before that key) cannot be expressed exactly.
+
+Other image stems (alignclip.models.stems): HF takes them in place of its patch conv under the same name, through
+the modeling file an export ships (alignclip.models.hf_remote). OpenCLIP takes the hybrid stem as its timm tower:
+timm's hybrid ViT at our shape, whose modules are ours one for one (``_TIMM_PREFIXES``), with timm's LayerNorm eps
+1e-6; it has no place for the conv stem (``check_exportable``).
 """
 
 from __future__ import annotations
@@ -32,13 +37,29 @@ class ExportError(ValueError):
     """A model that the requested format cannot represent exactly."""
 
 
-def require_patch_stem(cfg: ModelConfig) -> None:
-    """OpenCLIP's and Hugging Face's ViTs embed patches with one conv; a convolutional stem has no place there."""
-    if cfg.vision.stem != "patch":
-        raise ExportError(f"this model's image stem is {cfg.vision.stem!r} (model.vision.stem); OpenCLIP and "
-                          f"Hugging Face CLIP have only the one-conv patch stem, so it cannot be exported to them. "
-                          f"Its safetensors export (alignclip-export, the default format) loads with "
-                          f"alignclip.load")
+TIMM_EPS = 1e-6  # timm's ViT builds its LayerNorms with eps 1e-6 and OpenCLIP's timm tower cannot change it
+TIMM_HYBRID_ARCH = "vit_tiny_r_s16_p8_224"  # timm's hybrid ViT whose stem is the ResNet-v2 root alone
+
+
+def check_exportable(cfg: ModelConfig, library: str) -> None:
+    """Raise ExportError unless ``library`` ('openclip' | 'hf') can hold ``cfg``'s image stem exactly.
+
+    The patch stem is both libraries' own ViT. Hugging Face takes the conv and hybrid stems through
+    ``trust_remote_code`` (alignclip.models.hf_remote). OpenCLIP builds other stems only through timm: the hybrid
+    stem is timm's hybrid ViT (whose LayerNorms have eps 1e-6), and timm has no conv stem with per-image GroupNorm.
+    """
+    stem = cfg.vision.stem
+    if library != "openclip" or stem == "patch":
+        return
+    if stem == "conv":
+        raise ExportError("this model's image stem is 'conv' (model.vision.stem): OpenCLIP runs non-patch stems "
+                          "through timm, which has no conv stem with per-image GroupNorm. Export it with --format hf "
+                          "(it loads with trust_remote_code), or train with model.vision.stem=hybrid, which both "
+                          "libraries load")
+    if cfg.norm_eps != TIMM_EPS:
+        raise ExportError(f"this model's LayerNorms have eps {cfg.norm_eps} (model.norm_eps); OpenCLIP runs its "
+                          f"hybrid stem (model.vision.stem=hybrid) through timm's ViT, whose eps is {TIMM_EPS}. "
+                          f"Export it with --format hf, or train with model.norm_eps={TIMM_EPS}")
 
 
 def exact_norm_eps(cfg: ModelConfig) -> float:
@@ -65,6 +86,11 @@ def _blocks(state: dict[str, torch.Tensor], trunk: str) -> dict[int, dict[str, t
     return out
 
 
+def _renamed_prefix(state: dict[str, torch.Tensor], prefix: str, to: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, under ``to`` instead."""
+    return {to + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _renamed(name: str, table: dict[str, str]) -> str:
     for ours, theirs in table.items():
         if name == ours or name.startswith(ours + "."):
@@ -72,23 +98,78 @@ def _renamed(name: str, table: dict[str, str]) -> str:
     raise KeyError(f"no counterpart known for block parameter {name!r}")
 
 
-def openclip_config(cfg: ModelConfig, eps: float) -> dict:
-    """``model_cfg`` of open_clip_config.json: OpenCLIP's CLIP with our shape, activation and eps."""
+def openclip_config(cfg: ModelConfig, eps: float, timm_tower: str = "") -> dict:
+    """``model_cfg`` of open_clip_config.json: OpenCLIP's CLIP with our shape, activation and eps. A hybrid stem
+    makes the image tower OpenCLIP's timm tower, built from ``timm_tower`` (a folder holding ``timm_config``)."""
     v, t = cfg.vision, cfg.text
+    if cfg.vision.stem == "hybrid":
+        vision = {"image_size": v.image_size, "timm_model_name": f"local-dir:{timm_tower}",
+                  "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": "linear",
+                  "timm_proj_bias": False}
+    else:
+        vision = {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
+                  "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio, "norm_kwargs": {"eps": eps}}
     return {
         "embed_dim": cfg.embed_dim,
         "quick_gelu": cfg.act == "quick_gelu",
-        "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
-                       "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio, "norm_kwargs": {"eps": eps}},
+        "vision_cfg": vision,
         "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
                      "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio, "norm_kwargs": {"eps": eps}},
     }
 
 
-# Every parameter outside the blocks: ours ({image} / {text}: that tower's trunk), OpenCLIP's, HF's. OpenCLIP keeps
-# the projections as x @ W ([in, out]), so they are transposed for it; both store logit_scale as a 0-d tensor.
+def timm_config(cfg: ModelConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """The config.json of a timm ``local-dir:`` model: timm's hybrid ViT (TIMM_HYBRID_ARCH) at our image tower's
+    shape, its root alone before a (patch / 4)-px patch conv, with CLIP's pre-norm, class-token pooling, no head."""
+    from alignclip.models.stems import HYBRID_REDUCTION
+
+    v = cfg.vision
+    return {"architecture": TIMM_HYBRID_ARCH, "num_classes": 0,
+            "model_args": {"img_size": v.image_size, "patch_size": v.patch_size // HYBRID_REDUCTION,
+                           "embed_dim": v.width, "depth": v.layers, "num_heads": v.heads, "mlp_ratio": v.mlp_ratio,
+                           "qkv_bias": True, "class_token": True, "pre_norm": True, "global_pool": "token",
+                           "act_layer": cfg.act},
+            "pretrained_cfg": {"input_size": [3, v.image_size, v.image_size], "interpolation": "bicubic",
+                               "crop_pct": 1.0, "crop_mode": "center", "mean": list(mean),
+                               "std": list(std), "num_classes": 0, "fixed_input_size": True}}
+
+
+# Our image tower in OpenCLIP's timm tower (``visual.trunk`` is timm's VisionTransformer, whose blocks are the timm
+# Block ours are; ``visual.head.proj`` an nn.Linear): prefix renames, then the two tokens timm keeps as [1, n, w].
+_TIMM_PREFIXES = [("image_stem.patch_embed.", "visual.trunk.patch_embed."),
+                  ("image_stem.norm_pre.", "visual.trunk.norm_pre."),
+                  ("{image}.blocks.", "visual.trunk.blocks."), ("{image}.norm.", "visual.trunk.norm."),
+                  ("{image}.proj.", "visual.head.proj.")]
+_TIMM_TOKENS = [("image_stem.class_token", "visual.trunk.cls_token"),
+                ("image_stem.pos_embed", "visual.trunk.pos_embed")]
+
+
+def _to_timm_tower(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    image, _ = _trunk_prefixes(cfg)
+    out = {}
+    for ours, theirs in _TIMM_PREFIXES:
+        out.update(_renamed_prefix(state, ours.format(image=image), theirs))
+    for ours, theirs in _TIMM_TOKENS:
+        out[theirs] = state[ours].reshape(1, -1, state[ours].shape[-1])
+    return out
+
+
+def _from_timm_tower(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, theirs in _TIMM_PREFIXES:
+        out.update(_renamed_prefix(state, theirs, ours.format(image="image_trunk")))
+    for ours, theirs in _TIMM_TOKENS:
+        out[ours] = state[theirs].reshape(-1, state[theirs].shape[-1]) if ours.endswith("pos_embed") \
+            else state[theirs].reshape(-1)
+    return out
+
+
+# The image stem's parameters, by prefix: ours, OpenCLIP's ViT (patch stem), HF's (any stem: hf_remote puts ours in
+# place of the patch conv under the same name).
+_STEM = ("image_stem.patch_embed.", "visual.conv1.", "vision_model.embeddings.patch_embedding.")
+# Every other parameter outside the blocks: ours ({image} / {text}: that tower's trunk), OpenCLIP's, HF's. OpenCLIP
+# keeps the projections as x @ W ([in, out]), so they are transposed for it; both store logit_scale as a 0-d tensor.
 _OUTER = [
-    ("image_stem.patch_embed.weight", "visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
     ("image_stem.class_token", "visual.class_embedding", "vision_model.embeddings.class_embedding"),
     ("image_stem.pos_embed", "visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
     ("image_stem.norm_pre.weight", "visual.ln_pre.weight", "vision_model.pre_layrnorm.weight"),  # sic: HF's name
@@ -108,7 +189,7 @@ _OUTER = [
 def _outer(state: dict[str, torch.Tensor], cfg: ModelConfig, library: int) -> dict[str, torch.Tensor]:
     """The non-block parameters under OpenCLIP's (library 0) or HF's (1) names."""
     image, text = _trunk_prefixes(cfg)
-    out = {}
+    out = _renamed_prefix(state, _STEM[0], _STEM[1 + library])
     for ours, *theirs in _OUTER:
         value = state[ours.format(image=image, text=text)]
         if ours == "logit_scale":
@@ -122,7 +203,11 @@ def _outer(state: dict[str, torch.Tensor], cfg: ModelConfig, library: int) -> di
 def to_openclip(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> OpenCLIP ``CLIP``'s (every key it has, none it lacks)."""
     out = _outer(state, cfg, library=0)
-    for trunk, tower in zip(_trunk_prefixes(cfg), ("visual.transformer", "transformer")):
+    towers = zip(_trunk_prefixes(cfg), ("visual.transformer", "transformer"))
+    if cfg.vision.stem == "hybrid":  # the image tower is timm's
+        out = {k: v for k, v in out.items() if not k.startswith("visual.")} | _to_timm_tower(state, cfg)
+        towers = list(towers)[1:]
+    for trunk, tower in towers:
         for index, params in _blocks(state, trunk).items():
             for name, value in params.items():
                 out[f"{tower}.resblocks.{index}.{_renamed(name, _OPENCLIP_BLOCK)}"] = value
@@ -143,8 +228,25 @@ def hf_config_kwargs(cfg: ModelConfig, eps: float) -> dict:
         "vision_config": {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
                           "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,
                           "patch_size": v.patch_size, "num_channels": 3, "hidden_act": cfg.act,
-                          "layer_norm_eps": eps, "projection_dim": cfg.embed_dim},
+                          "layer_norm_eps": eps, "projection_dim": cfg.embed_dim, **hf_stem_keys(cfg)},
     }
+
+
+HF_REMOTE_CLASS = "modeling_alignclip.AlignCLIPModel"
+
+
+def hf_stem_keys(cfg: ModelConfig) -> dict:
+    """vision_config keys that make alignclip.models.hf_remote put our stem in place of the patch conv (none for
+    the patch stem, which is CLIP's own)."""
+    from alignclip.models.layers import conv_stem_channels
+
+    v = cfg.vision
+    if v.stem == "patch":
+        return {}
+    keys = {"alignclip_stem": v.stem}
+    if v.stem == "conv":
+        keys["alignclip_stem_channels"] = conv_stem_channels(v.patch_size, v.stem_channels or v.width)
+    return keys
 
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -164,10 +266,13 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
 
 
 # ------------------------------------------------------------------------------ their layouts -> ours (two towers)
-def _from_outer(state: dict[str, torch.Tensor], library: int) -> dict[str, torch.Tensor]:
-    """The inverse of ``_outer`` into a two-tower (CLIP) state dict."""
-    out = {}
+def _from_outer(state: dict[str, torch.Tensor], library: int, image: bool = True) -> dict[str, torch.Tensor]:
+    """The inverse of ``_outer`` into a two-tower (CLIP) state dict (without the image tower's rows: ``image``
+    False)."""
+    out = _renamed_prefix(state, _STEM[1 + library], _STEM[0]) if image else {}
     for ours, *theirs in _OUTER:
+        if not image and ours.startswith(("image_stem.", "{image}.")):
+            continue
         value = state[theirs[library]]
         if ours == "logit_scale":
             value = value.reshape(1)
@@ -188,10 +293,17 @@ def _tower_blocks(state: dict[str, torch.Tensor], prefix: str) -> dict[int, dict
 
 
 def from_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP ``CLIP``'s state dict -> ours as a two-tower CLIP (``to_openclip``'s inverse)."""
-    out = _from_outer(state, library=0)
+    """OpenCLIP ``CLIP``'s state dict -> ours as a two-tower CLIP (``to_openclip``'s inverse; a timm image tower is
+    the hybrid stem's)."""
+    timm = "visual.trunk.cls_token" in state
+    out = _from_outer(state, library=0, image=not timm)
+    towers = [("transformer", "text_trunk")]
+    if timm:
+        out.update(_from_timm_tower(state))
+    else:
+        towers.append(("visual.transformer", "image_trunk"))
     back = {theirs: ours for ours, theirs in _OPENCLIP_BLOCK.items()}
-    for tower, trunk in (("visual.transformer", "image_trunk"), ("transformer", "text_trunk")):
+    for tower, trunk in towers:
         for index, params in _tower_blocks(state, f"{tower}.resblocks.").items():
             for name, value in params.items():
                 out[f"{trunk}.blocks.{index}.{_renamed(name, back)}"] = value

@@ -18,31 +18,20 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from alignclip.models.stems import build_stem
+
 
 def conv_stem_channels(patch_size: int, last: int) -> list[int]:
-    """Channels of the convolutional stem from the image's 3 up: one 3x3 stride-2 conv per halving (patch 8: three)
-    ending at ``last`` and halving backwards, at least 8 (last 128: 3 -> 32 -> 64 -> 128)."""
+    """Channels of the convolutional stem (alignclip.models.stems.conv_stem) from the image's 3 up: one 3x3
+    stride-2 conv per halving (patch 8: three) ending at ``last`` and halving backwards, at least 8 (last 128:
+    3 -> 32 -> 64 -> 128)."""
     halvings = patch_size.bit_length() - 1
     return [3] + [max(8, last >> (halvings - 1 - i)) for i in range(halvings)]
 
 
-def conv_stem(patch_size: int, width: int, last_channels: int = 0) -> nn.Sequential:
-    """Xiao et al. (2021, "Early convolutions help transformers see better", arXiv:2106.14881): 3x3 stride-2
-    convolutions, one per halving of the image down to the patch grid, channels doubling up to ``last_channels``
-    (0: ``width``), then a 1x1 projection to ``width``. Each conv is followed by a per-channel GroupNorm (per image,
-    so no batch statistics to synchronise across ranks or to freeze for evaluation) and a GELU. Same token grid as
-    a patch_size conv."""
-    channels = conv_stem_channels(patch_size, last_channels or width)
-    layers: list[nn.Module] = []
-    for c_in, c_out in zip(channels, channels[1:]):
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(c_out, c_out), nn.GELU()]
-    layers.append(nn.Conv2d(channels[-1], width, 1))
-    return nn.Sequential(*layers)
-
-
 class ImageStem(nn.Module):
-    """Patch embedding (a bias-free conv, as CLIP, or a convolutional stem), class token, positional embedding and
-    CLIP's pre-norm."""
+    """Patch embedding (a bias-free conv, as CLIP, or one of alignclip.models.stems), class token, positional
+    embedding and CLIP's pre-norm."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, eps: float = 1e-5, stem: str = "patch",
                  stem_channels: int = 0):
@@ -50,11 +39,14 @@ class ImageStem(nn.Module):
         self.patch_size = patch_size
         self.grid = image_size // patch_size
         if stem == "conv":
-            self.patch_embed = conv_stem(patch_size, width, stem_channels)
+            self.patch_embed = build_stem(stem, patch_size, width,
+                                          conv_stem_channels(patch_size, stem_channels or width))
+        elif stem == "hybrid":
+            self.patch_embed = build_stem(stem, patch_size, width)
         elif stem == "patch":
             self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         else:
-            raise ValueError(f"model.vision.stem must be 'patch' or 'conv', got {stem!r}")
+            raise ValueError(f"model.vision.stem must be 'patch', 'conv' or 'hybrid', got {stem!r}")
         self.class_token = nn.Parameter(torch.zeros(width))
         self.pos_embed = nn.Parameter(torch.zeros(self.grid * self.grid + 1, width))
         self.norm_pre = nn.LayerNorm(width, eps=eps)

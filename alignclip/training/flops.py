@@ -18,7 +18,9 @@ L layers, joint width e, global batch N, embedding width d = e, sentence-embeddi
     with model.pooled_last_block (the default) the last block runs at the pooled row only: its keys and values
     still cost 4 T w^2, its query, out-proj and MLP 2 w (2 w + 2 m), its attention 4 T w
     patch embedding         2 (p^2 3) w (T_i - 1); a convolutional stem (model.vision.stem: conv): per 3x3 stride-2
-                            conv 2 (9 c_in c_out) s^2 at its output side s, then the 1x1 projection 2 c w (T_i - 1)
+                            conv 2 (9 c_in c_out) s^2 at its output side s, then the 1x1 projection 2 c w (T_i - 1);
+                            the hybrid stem (model.vision.stem: hybrid): its 7x7 conv 2 (49 3 64) (image / 2)^2,
+                            then the (p / 4)^2 patch conv 2 ((p / 4)^2 64) w (T_i - 1)
     head (pooled token)     2 w e                     (the projection; the final norm is elementwise)
     loss, dense             cross-modal 4 N d fwd / 8 N d bwd; IMSep per side 2 N d + 2 N k fwd / 4 N d bwd;
                             uniformity 4 N d / 8 N d, cross-uniformity 2 N d / 4 N d (alignment is elementwise)
@@ -111,11 +113,19 @@ def image_tokens(model: ModelConfig) -> int:
 
 
 def stem_part(v, patches: int) -> Part:
-    """The image stem's products: the patch conv (backward: its weight gradient only, images need none), or the
-    convolutional stem's 3x3 stride-2 convs and 1x1 projection (backward 2x but for the first conv's 1x)."""
+    """The image stem's products: the patch conv (backward: its weight gradient only, images need none), the
+    convolutional stem's 3x3 stride-2 convs and 1x1 projection, or the hybrid stem's 7x7 conv and patch conv
+    (backward 2x but for the first conv's 1x)."""
     if v.stem == "patch":
         patch = 2.0 * (v.patch_size ** 2 * 3) * v.width * patches
         return Part("image/patch_embed", patch, patch)
+    if v.stem == "hybrid":
+        from alignclip.models.stems import HYBRID_CHANNELS, HYBRID_REDUCTION
+
+        side = -(-v.image_size // 2)  # "same" padding, stride 2
+        root = 2.0 * 49 * 3 * HYBRID_CHANNELS * side * side
+        project = 2.0 * (v.patch_size // HYBRID_REDUCTION) ** 2 * HYBRID_CHANNELS * v.width * patches
+        return Part("image/hybrid_stem", root + project, root + 2 * project)
     from alignclip.models.layers import conv_stem_channels
 
     channels, side = conv_stem_channels(v.patch_size, v.stem_channels or v.width), v.image_size
