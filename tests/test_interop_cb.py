@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_interop_preprocess import perturbed_tiny_clip, photo
+from tests.helpers.tiny import perturbed_model
+from tests.test_interop_preprocess import photo
 
 CLASSES = ["red", "green", "blue", "yellow", "cyan", "magenta"]
 TEMPLATES = ["a photo of a {c} thing.", "it is {c}."]
@@ -42,11 +43,12 @@ def _write(root, kind: str, count: int, shards: int, fields) -> None:
         (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A perturbed tiny CLIP exported as OpenCLIP folder and as ours; a classification wds whose labels are the
-    model's own prediction for every other image (so accuracies are far from 0 and 1), and a retrieval wds with
-    two captions per image, 2 of 3 of the first ones duplicates."""
+@pytest.fixture(scope="module", params=["model/clip_tiny", "experiment/embedded_default"])
+def setup(request, tmp_path_factory):
+    """A perturbed tiny CLIP (patch stem) or `make run`'s AlignCLIP (hybrid stem: OpenCLIP's timm tower) exported as
+    OpenCLIP folder and as ours; a classification wds whose labels are the model's own prediction for every other
+    image (so accuracies are far from 0 and 1), and a retrieval wds with two captions per image, 2 of 3 of the first
+    ones duplicates."""
     from PIL import Image
 
     from alignclip.data.transforms import ImageTransform
@@ -56,13 +58,14 @@ def setup(tmp_path_factory):
     from alignclip.tokenizer import get_tokenizer
 
     root = tmp_path_factory.mktemp("cb")
-    model, config = perturbed_tiny_clip()
+    model, config = perturbed_model(request.param)
     save_exported(model, config, root / "ours.safetensors")
     save_openclip(model, config, root / "oc")
     count = 60
     with torch.no_grad():
         pixels = ImageTransform(64)([Image.open(io.BytesIO(_jpeg(n))) for n in range(count)])
-        weights = build_classifier(lambda t: encode_texts(model, get_tokenizer(32), t), CLASSES, TEMPLATES)
+        tokenizer = get_tokenizer(config.model.text.context_length)
+        weights = build_classifier(lambda t: encode_texts(model, tokenizer, t), CLASSES, TEMPLATES)
         predicted = (model.encode_image(pixels, normalize=True).numpy() @ weights.T).argmax(1)
     labels = [int(p) if n % 2 else int(p + 1) % len(CLASSES) for n, p in enumerate(predicted)]
     _write(root / "wds_cls", "classification", count, 2, lambda n: {"cls": str(labels[n])})
