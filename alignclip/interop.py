@@ -31,6 +31,7 @@ from torch import nn
 
 from alignclip.config import Config, ConfigError, ModelConfig, TextConfig, VisionConfig
 from alignclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from alignclip.export import TIMM_TOWER_DIR
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,11 @@ def openclip_source(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     try:
         model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
     except (RuntimeError, OSError) as err:  # a tag whose weights are not cached, a folder without weights
-        raise FileNotFoundError(f"{spec}: open_clip could not load it ({str(err).splitlines()[0]})") from None
+        hint = ""
+        if TIMM_TOWER_DIR in str(err):  # an export with the hybrid stem, moved since: its tower is named by path
+            hint = (f"; its image tower is named by absolute path in open_clip_config.json (vision_cfg."
+                    f"timm_model_name): point it at this folder's {TIMM_TOWER_DIR}, or export again")
+        raise FileNotFoundError(f"{spec}: open_clip could not load it ({str(err).splitlines()[0]}){hint}") from None
     pp = getattr(model.visual, "preprocess_cfg", {})  # what open_clip's own preprocess would run
     size = pp.get("size", model.visual.image_size)
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

@@ -144,6 +144,21 @@ def test_a_timm_tower_we_cannot_express_is_refused_naming_what_differs(exported,
         open_model(str(folder))
 
 
+def test_a_moved_openclip_folder_is_refused_saying_which_path_to_fix(exported, tmp_path):
+    import json
+    import shutil
+
+    from alignclip.interop import open_model
+
+    _, _, oc_dir, _ = exported
+    folder = shutil.copytree(oc_dir, tmp_path / "moved")
+    cfg = json.loads((folder / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["vision_cfg"]["timm_model_name"] = f"local-dir:{tmp_path / 'gone' / 'timm_image_tower'}"
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))  # as if exported to tmp_path/gone and moved
+    with pytest.raises(FileNotFoundError, match="timm_model_name.*timm_image_tower, or export again"):
+        open_model(str(folder))
+
+
 @pytest.mark.heavy
 def test_the_conv_stem_goes_to_hugging_face_and_openclip_refuses_it_by_name(tmp_path, capsys):
     from transformers import AutoModel
