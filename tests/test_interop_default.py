@@ -45,6 +45,22 @@ def test_make_runs_models_share_the_architecture_and_context():
     assert (clip.vision.stem, clip.norm_eps, alignclip.norm_eps) == ("hybrid", 1e-6, 1e-6)
 
 
+def test_every_shipped_model_config_exports_to_both_libraries():
+    """Every model a shipped recipe trains (configs/model, configs/experiment) can leave: OpenCLIP and HF take it."""
+    from alignclip.config import load_config
+    from alignclip.models.convert import check_exportable, exact_norm_eps
+    from alignclip.paths import CONFIG_DIR
+
+    names = [f"{kind}/{p.stem}" for kind in ("model", "experiment")
+             for p in sorted((CONFIG_DIR / kind).glob("*.yaml"))]
+    assert len(names) >= 10 and "experiment/embedded_default" in names
+    for name in names:
+        model = load_config(name).model
+        exact_norm_eps(model)
+        for library in ("openclip", "hf"):
+            check_exportable(model, library)
+
+
 # Run in a fresh interpreter with alignclip unimportable: what an OpenCLIP or transformers user without alignclip
 # gets from the two folders.
 WITHOUT_ALIGNCLIP = """
