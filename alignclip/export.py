@@ -9,8 +9,8 @@
 ``<file>.yaml`` repeats the config for people. ``openclip`` / ``hf``: a folder in that library's layout
 (alignclip.models.convert maps the weights) with a model card README.md. ZeRO checkpoints are consolidated with
 DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights, whatever the training precision); a ZeRO-0
-checkpoint's module states are read directly. Exporting reads the training checkpoint, which torch pickles: export only checkpoints you
-wrote. Loading an exported file never unpickles anything.
+checkpoint's module states are read directly. Exporting reads the training checkpoint, which torch pickles: export
+only checkpoints you wrote. Loading an exported file never unpickles anything.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ are handed out first, so the workers end together instead of one finishing with 
 from __future__ import annotations
 
 import os
+import sys
 
 from tests.helpers import REPO_ROOT
 
@@ -19,8 +20,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# trust_remote_code copies an export's modeling file here, not into ~/.cache/huggingface
-os.environ.setdefault("HF_MODULES_CACHE", str(REPO_ROOT / ".cache" / "hf_modules"))
+# trust_remote_code copies an export's modeling file here, not into ~/.cache/huggingface (per xdist worker: below)
+os.environ.setdefault("HF_MODULES_CACHE", str(REPO_ROOT / ".cache" / "hf_modules" / "main"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -40,3 +41,11 @@ def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (rank.get(item.path.stem, len(rank)), order[id(item)]))
+
+
+def pytest_configure(config):
+    """Each xdist worker its own HF_MODULES_CACHE (transformers reads it when first imported, which no worker has
+    done yet here), so that two workers never write one module file at once."""
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker is not None and "transformers" not in sys.modules:
+        os.environ["HF_MODULES_CACHE"] = str(REPO_ROOT / ".cache" / "hf_modules" / worker)
