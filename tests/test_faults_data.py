@@ -62,7 +62,8 @@ def _finish(proc: subprocess.Popen) -> str:
     return output
 
 
-def _assert_saved_and_requeued(proc: subprocess.Popen, output: str, run: Path, cause: str) -> int:
+def _assert_saved_and_requeued(proc: subprocess.Popen, output: str, run: Path, cause: str, first: int = 2) -> int:
+    """Exit 124 with the last step saved, ``first`` or later (the step the fault was made after)."""
     assert proc.returncode == 124, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     log = (run / "train.log").read_text()
@@ -70,7 +71,7 @@ def _assert_saved_and_requeued(proc: subprocess.Popen, output: str, run: Path, c
                       rf"(\d+); exiting with 124", log)
     assert saved, log[-3000:]
     step = int(saved.group(2))
-    assert 2 <= step < STEPS and trainer_state(run)["step"] == step
+    assert first <= step < STEPS and trainer_state(run)["step"] == step
     assert not list((run / "checkpoints").glob("*.tmp"))
     return step
 
@@ -135,7 +136,8 @@ def test_a_sigkilled_loader_worker_saves_the_last_step_exits_124_and_resumes_exa
     for child in children:
         os.kill(int(child), signal.SIGKILL)
     output = _finish(proc)
-    _assert_saved_and_requeued(proc, output, run, "exited unexpectedly|killed by signal|worker died")
+    # The trainer may notice at its very next batch (saving step 1) or after the batches already handed over.
+    _assert_saved_and_requeued(proc, output, run, "exited unexpectedly|killed by signal|worker died", first=1)
     _resume_matches(overrides, run, uninterrupted(**{"data.workers": 2}))
 
 
