@@ -9,7 +9,8 @@ Steps: render the generated shards if absent (under ``$ALIGNCLIP_CACHE/generated
 ``~/.cache/alignclip/generated``; generator v3, whose captions name one object of each scene by its shape, so a
 modality gap opens as with real image-text pairs: Schrodi et al. 2025, arXiv:2404.07983); for AlignCLIP encode every
 caption once with the offline MiniLM into sidecar files next to the shards (the precomputed path, so the training
-step never runs SBERT); train each model (resuming if its run directory has a checkpoint); export it, encode the
+step never runs SBERT); train each model (resuming if its run directory has a checkpoint of the same model and
+recipe; one of another, e.g. an earlier embedded default, is renamed aside and the model trained anew); export it, encode the
 held-out split and the train split (the linear probes fit on it) once, and print the gap metrics (Eslami & de
 Melo 2025, arXiv:2406.17639, Table 1), zero-shot per task, retrieval and linear probes side by side, with the paths
 of the plots.
@@ -98,12 +99,32 @@ def side_by_side(names: list[str], figures: dict[str, dict], sets: dict, walls: 
     return "\n".join(lines)
 
 
+def set_aside_if_other(run_dir: Path, config: Config) -> Optional[Path]:
+    """A run directory that another model or recipe trained (an earlier embedded default, other overrides) is
+    renamed to ``<name>.earlier-<time>`` and the path returned, so that this command trains anew instead of
+    refusing the resume; nothing is deleted. None when there is nothing to resume or the same run continues."""
+    from alignclip.config import from_yaml_text
+    from alignclip.training.plan import CONFIG_FILE, config_changes
+
+    saved = run_dir / CONFIG_FILE
+    if not saved.is_file():
+        return None
+    changed = [c for c in config_changes(from_yaml_text(saved.read_text()), config) if c.kind != "free"]
+    if not changed:
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    print(f"{run_dir} was trained with other values ({'; '.join(c.describe() for c in changed[:4])}"
+          f"{'; ...' if len(changed) > 4 else ''}): kept as {aside}, training anew", flush=True)
+    return aside
+
+
 def run_one(config_path: Path, overrides: list[str], run_dir: Path) -> tuple[object, Config]:
     from alignclip.study.prepare import prepare_data
     from alignclip.training.trainer import train
 
-    config = load_config(config_path, overrides + [f"run_dir={run_dir}"])
-    config = prepare_data(config)
+    config = prepare_data(load_config(config_path, overrides + [f"run_dir={run_dir}"]))
+    set_aside_if_other(run_dir, config)  # compared as resolved, the data's real paths included
     return train(config), config
 
 

@@ -57,3 +57,27 @@ def test_run_default_config_error_exits_2_before_training(tmp_path):
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "train.lrr" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_folder_of_another_model_is_set_aside_and_the_same_run_resumes(tmp_path, capsys):
+    """`make run` after the embedded default changed (the conv stem's runs/embedded): the old run folder is kept
+    under another name and the model trained anew, where a resume would refuse the changed model (exit 2)."""
+    from dataclasses import replace
+
+    from alignclip.config import load_config, save_config
+    from alignclip.run_default import set_aside_if_other
+
+    run_dir = tmp_path / "embedded" / "clip"
+    earlier = load_config("experiment/embedded_clip", ["model.vision.stem=conv", "model.vision.stem_channels=128",
+                                                       f"run_dir={run_dir}"])
+    save_config(earlier, run_dir)
+    (run_dir / "checkpoints").mkdir()
+    assert set_aside_if_other(run_dir, earlier) is None  # the same run: resumed as before
+    assert set_aside_if_other(run_dir, replace(earlier, logging=replace(earlier.logging, log_every_steps=3))) is None
+    now = load_config("experiment/embedded_clip", [f"run_dir={run_dir}"])
+    aside = set_aside_if_other(run_dir, now)
+    assert aside is not None and aside.name.startswith("clip.earlier-") and not run_dir.exists()
+    assert (aside / "config.yaml").is_file() and (aside / "checkpoints").is_dir()  # nothing lost
+    out = capsys.readouterr().out
+    assert "model.vision.stem: 'conv' -> 'hybrid'" in out and str(aside) in out
+    assert set_aside_if_other(run_dir, now) is None  # nothing left to resume
