@@ -31,6 +31,11 @@ FORMAT_VERSION = "1"
 FORMATS = ("safetensors", "openclip", "hf")
 META_CONFIG, META_FORMAT, META_SOURCE = "alignclip_config", "alignclip_format", "alignclip_source"
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+# What a model card says of an image stem other than CLIP's patch conv (alignclip.models.stems)
+STEM_NOTES = {"hybrid": " embedded by the hybrid ViT's ResNet-v2 root (7x7 conv, GroupNorm, ReLU, max pool) and a "
+                        "patch conv (Dosovitskiy et al. 2021, arXiv:2010.11929)",
+              "conv": " embedded by 3x3 stride-2 convolutions with per-image GroupNorm (Xiao et al. 2021, "
+                      "arXiv:2106.14881)"}
 TIMM_TOWER_DIR = "timm_image_tower"  # an OpenCLIP folder's timm image tower (hybrid stem), a timm local-dir model
 
 
@@ -204,7 +209,8 @@ class ModelCard:
             f"Exported by alignclip from `{self.source or 'a model'}`.", "",
             "## Load it", "", "```python", loading, "```", "",
             "## Architecture", "",
-            f"- `{m.arch}`: image {m.vision.image_size} px in {m.vision.patch_size} px patches; vision width "
+            f"- `{m.arch}`: image {m.vision.image_size} px in {m.vision.patch_size} px patches"
+            f"{STEM_NOTES.get(m.vision.stem, '')}; vision width "
             f"{m.vision.width}, {m.vision.layers} layers, {m.vision.heads} heads; text width {m.text.width}, "
             f"{m.text.layers} layers, {m.text.heads} heads, context {m.text.context_length}; embedding "
             f"{m.embed_dim}; {'QuickGELU' if m.act == 'quick_gelu' else 'exact GELU (not QuickGELU)'}; {eps_note}.",

@@ -91,6 +91,9 @@ def test_both_exports_load_and_agree_without_alignclip_installed(exported, tmp_p
     model, config, oc_dir, hf_dir = exported
     assert (oc_dir / "timm_image_tower" / "config.json").is_file()
     assert {"modeling_alignclip.py", "stems.py"} <= {p.name for p in hf_dir.iterdir()}
+    oc_card, hf_card = ((d / "README.md").read_text() for d in (oc_dir, hf_dir))
+    assert "hybrid ViT's ResNet-v2 root" in oc_card and "timm_model_name" in oc_card
+    assert "trust_remote_code=True" in hf_card  # the card says how to load it
     torch.manual_seed(1)
     x = torch.randn(5, 3, 64, 64)
     torch.save(x, tmp_path / "x.pt")
