@@ -68,3 +68,16 @@ def publish_dir(tmp: str | Path, final: str | Path) -> Path:
     tmp.rename(final)
     fsync_path(final.parent)
     return final
+
+
+def move_durably(src: str | Path, dst: str | Path) -> Path:
+    """Rename the file or folder ``src`` to ``dst`` (which must not exist; the same filesystem), fsyncing the
+    folders on both sides, so that the move survives a crash."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists")
+    src.rename(dst)
+    fsync_path(dst.parent)
+    if src.parent != dst.parent:
+        fsync_path(src.parent)
+    return dst

@@ -104,6 +104,7 @@ def set_aside_if_other(run_dir: Path, config: Config) -> Optional[Path]:
     renamed to ``<name>.earlier-<time>`` and the path returned, so that this command trains anew instead of
     refusing the resume; nothing is deleted. None when there is nothing to resume or the same run continues."""
     from alignclip.config import from_yaml_text
+    from alignclip.fs import move_durably
     from alignclip.training.plan import CONFIG_FILE, config_changes
 
     saved = run_dir / CONFIG_FILE
@@ -112,8 +113,7 @@ def set_aside_if_other(run_dir: Path, config: Config) -> Optional[Path]:
     changed = [c for c in config_changes(from_yaml_text(saved.read_text()), config) if c.kind != "free"]
     if not changed:
         return None
-    aside = run_dir.with_name(f"{run_dir.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(aside)
+    aside = move_durably(run_dir, run_dir.with_name(f"{run_dir.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"))
     print(f"{run_dir} was trained with other values ({'; '.join(c.describe() for c in changed[:4])}"
           f"{'; ...' if len(changed) > 4 else ''}): kept as {aside}, training anew", flush=True)
     return aside
