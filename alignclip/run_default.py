@@ -113,7 +113,12 @@ def set_aside_if_other(run_dir: Path, config: Config) -> Optional[Path]:
     changed = [c for c in config_changes(from_yaml_text(saved.read_text()), config) if c.kind != "free"]
     if not changed:
         return None
-    aside = move_durably(run_dir, run_dir.with_name(f"{run_dir.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"))
+    stamp = f"{run_dir.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = run_dir.with_name(stamp), 1
+    while aside.exists():  # set aside twice within a second
+        n += 1
+        aside = run_dir.with_name(f"{stamp}-{n}")
+    aside = move_durably(run_dir, aside)
     print(f"{run_dir} was trained with other values ({'; '.join(c.describe() for c in changed[:4])}"
           f"{'; ...' if len(changed) > 4 else ''}): kept as {aside}, training anew", flush=True)
     return aside

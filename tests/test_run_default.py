@@ -81,3 +81,6 @@ def test_a_run_folder_of_another_model_is_set_aside_and_the_same_run_resumes(tmp
     out = capsys.readouterr().out
     assert "model.vision.stem: 'conv' -> 'hybrid'" in out and str(aside) in out
     assert set_aside_if_other(run_dir, now) is None  # nothing left to resume
+    save_config(earlier, run_dir)  # and again within the same second: another name, nothing overwritten
+    again = set_aside_if_other(run_dir, now)
+    assert again is not None and again != aside and aside.is_dir() and (again / "config.yaml").is_file()
