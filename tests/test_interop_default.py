@@ -110,8 +110,13 @@ def test_both_exports_load_and_agree_without_alignclip_installed(exported, tmp_p
 
 
 @pytest.mark.heavy
-def test_our_tools_read_both_exports_back_as_the_hybrid_model(exported):
-    from alignclip.interop import open_model
+def test_our_tools_read_both_exports_back_and_training_starts_from_them(exported):
+    """open_model (alignclip-eval, -gap, -distill, alignclip.load) reads both folders as the hybrid model, and
+    model.init_from on either builds the config they came from with the same embeddings at step 0."""
+    from dataclasses import replace
+
+    from alignclip.interop import init_weights, open_model
+    from alignclip.models import build_model
 
     model, config, oc_dir, hf_dir = exported
     torch.manual_seed(2)
@@ -121,27 +126,35 @@ def test_our_tools_read_both_exports_back_as_the_hybrid_model(exported):
         for folder in (oc_dir, hf_dir):
             opened = open_model(str(folder))
             assert opened.config.model.vision.stem == "hybrid" and opened.config.model.norm_eps == 1e-6
-            assert float((opened.model.encode_image(x) - ours).abs().max()) <= 1e-6, folder
-
-
-@pytest.mark.heavy
-def test_training_starts_from_either_export_with_our_embeddings(exported):
-    """model.init_from with make run's own exports: the config they came from, step 0, the same embeddings."""
-    from dataclasses import replace
-
-    from alignclip.interop import init_weights
-    from alignclip.models import build_model
-
-    model, config, oc_dir, hf_dir = exported
-    torch.manual_seed(4)
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        ours = model.encode_image(x)
-        for folder in (oc_dir, hf_dir):
             cfg = replace(config.model, init_from=str(folder))
             fresh = build_model(cfg).eval()
             assert "(exact)" in init_weights(fresh, cfg)
-            assert float((fresh.encode_image(x) - ours).abs().max()) <= 1e-6, folder
+            for built in (opened.model, fresh):
+                assert float((built.encode_image(x) - ours).abs().max()) <= 1e-6, folder
+
+
+def test_exports_under_a_path_with_spaces_and_non_ascii_load_and_the_hf_folder_travels(tmp_path):
+    """A folder name with a space and a non-ASCII letter (timm's local-dir: name carries it), and the HF folder
+    copied elsewhere: it carries its own modeling code."""
+    import shutil
+
+    import open_clip
+    from transformers import AutoModel
+
+    root = tmp_path / "my runs ü"
+    model, _, oc_dir, hf_dir = export_both(root, "embedded_clip")
+    copied = shutil.copytree(hf_dir, tmp_path / "elsewhere" / "hf")
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.encode_image(x)
+        oc = open_clip.create_model(f"local-dir:{oc_dir}").eval()
+        hf = AutoModel.from_pretrained(str(copied), trust_remote_code=True).eval()
+        theirs = hf.get_image_features(pixel_values=x)
+        theirs = getattr(theirs, "pooler_output", theirs)
+        oc_embeds = oc.encode_image(x)
+    assert float((oc_embeds - ours).abs().max()) <= 1e-5
+    assert float((theirs - ours).abs().max()) <= 1e-5
 
 
 @pytest.mark.heavy
