@@ -186,12 +186,20 @@ _OUTER = [
 ]
 
 
-def _outer(state: dict[str, torch.Tensor], cfg: ModelConfig, library: int) -> dict[str, torch.Tensor]:
-    """The non-block parameters under OpenCLIP's (library 0) or HF's (1) names."""
-    image, text = _trunk_prefixes(cfg)
-    out = _renamed_prefix(state, _STEM[0], _STEM[1 + library])
+def _is_image_row(ours: str) -> bool:
+    return ours.startswith(("image_stem.", "{image}."))
+
+
+def _outer(state: dict[str, torch.Tensor], cfg: ModelConfig, library: int, image: bool = True
+           ) -> dict[str, torch.Tensor]:
+    """The non-block parameters under OpenCLIP's (library 0) or HF's (1) names (without the image tower's:
+    ``image`` False)."""
+    image_trunk, text = _trunk_prefixes(cfg)
+    out = _renamed_prefix(state, _STEM[0], _STEM[1 + library]) if image else {}
     for ours, *theirs in _OUTER:
-        value = state[ours.format(image=image, text=text)]
+        if not image and _is_image_row(ours):
+            continue
+        value = state[ours.format(image=image_trunk, text=text)]
         if ours == "logit_scale":
             value = value.reshape(())
         elif library == 0 and ours.endswith("proj.weight"):
@@ -202,11 +210,12 @@ def _outer(state: dict[str, torch.Tensor], cfg: ModelConfig, library: int) -> di
 
 def to_openclip(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> OpenCLIP ``CLIP``'s (every key it has, none it lacks)."""
-    out = _outer(state, cfg, library=0)
-    towers = zip(_trunk_prefixes(cfg), ("visual.transformer", "transformer"))
-    if cfg.vision.stem == "hybrid":  # the image tower is timm's
-        out = {k: v for k, v in out.items() if not k.startswith("visual.")} | _to_timm_tower(state, cfg)
-        towers = list(towers)[1:]
+    timm = cfg.vision.stem == "hybrid"  # the image tower is timm's
+    out = _outer(state, cfg, library=0, image=not timm)
+    towers = list(zip(_trunk_prefixes(cfg), ("visual.transformer", "transformer")))
+    if timm:
+        out.update(_to_timm_tower(state, cfg))
+        towers = towers[1:]
     for trunk, tower in towers:
         for index, params in _blocks(state, trunk).items():
             for name, value in params.items():
@@ -271,7 +280,7 @@ def _from_outer(state: dict[str, torch.Tensor], library: int, image: bool = True
     False)."""
     out = _renamed_prefix(state, _STEM[1 + library], _STEM[0]) if image else {}
     for ours, *theirs in _OUTER:
-        if not image and ours.startswith(("image_stem.", "{image}.")):
+        if not image and _is_image_row(ours):
             continue
         value = state[theirs[library]]
         if ours == "logit_scale":
