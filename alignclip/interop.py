@@ -227,16 +227,21 @@ def openclip_model_config(model: nn.Module, spec: str) -> ModelConfig:
     size = visual.image_size
     if size[0] != size[1]:
         _refuse(spec, f"its images are not square ({size})")
-    width, text_width = visual.conv1.out_channels, model.token_embedding.embedding_dim
-    vb, tb = visual.transformer.resblocks[0], model.transformer.resblocks[0]
+    width, vb = visual.conv1.out_channels, visual.transformer.resblocks[0]
     return ModelConfig(
         arch="clip", embed_dim=visual.proj.shape[1], norm_eps=eps, act=act,
         vision=VisionConfig(image_size=size[0], patch_size=visual.conv1.kernel_size[0], width=width,
                             layers=len(visual.transformer.resblocks), heads=vb.attn.num_heads,
                             mlp_ratio=vb.mlp.c_fc.out_features / width, stem="patch"),
-        text=TextConfig(context_length=model.positional_embedding.shape[0], vocab_size=model.vocab_size,
-                        width=text_width, layers=len(model.transformer.resblocks), heads=tb.attn.num_heads,
-                        mlp_ratio=tb.mlp.c_fc.out_features / text_width))
+        text=_openclip_text_config(model))
+
+
+def _openclip_text_config(model: nn.Module) -> TextConfig:
+    """Our TextConfig for an open_clip CLIP's text transformer."""
+    width, block = model.token_embedding.embedding_dim, model.transformer.resblocks[0]
+    return TextConfig(context_length=model.positional_embedding.shape[0], vocab_size=model.vocab_size, width=width,
+                      layers=len(model.transformer.resblocks), heads=block.attn.num_heads,
+                      mlp_ratio=block.mlp.c_fc.out_features / width)
 
 
 def _text_checks(model: nn.Module) -> dict[str, bool]:
@@ -301,15 +306,12 @@ def _with_timm_hybrid_tower(spec: str, model: nn.Module) -> ModelConfig:
     size, patch = trunk.patch_embed.img_size, trunk.patch_embed.proj.kernel_size[0] * HYBRID_REDUCTION
     if size[0] != size[1] or size[0] != trunk.patch_embed.grid_size[0] * patch:
         _refuse(spec, f"its images are not square or not a whole number of patches ({size})")
-    width, text_width = trunk.embed_dim, model.token_embedding.embedding_dim
-    vb, tb = trunk.blocks[0], model.transformer.resblocks[0]
+    width, vb = trunk.embed_dim, trunk.blocks[0]
     return ModelConfig(
         arch="clip", embed_dim=head.proj.out_features, norm_eps=eps, act=act,
         vision=VisionConfig(image_size=size[0], patch_size=patch, width=width, layers=len(trunk.blocks),
                             heads=vb.attn.num_heads, mlp_ratio=vb.mlp.fc1.out_features / width, stem="hybrid"),
-        text=TextConfig(context_length=model.positional_embedding.shape[0], vocab_size=model.vocab_size,
-                        width=text_width, layers=len(model.transformer.resblocks), heads=tb.attn.num_heads,
-                        mlp_ratio=tb.mlp.c_fc.out_features / text_width))
+        text=_openclip_text_config(model))
 
 
 def _state_of(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
